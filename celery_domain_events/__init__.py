@@ -1,0 +1,47 @@
+"""Typed domain events over a RabbitMQ topic exchange, each delivery handled as a Celery task."""
+
+from .events import DomainEvent, GenericEvent
+from .exceptions import (
+    NON_RETRYABLE,
+    ConfigurationError,
+    DomainEventsError,
+    EventDecodeError,
+    EventValidationError,
+    InvalidRoutingPattern,
+    NoActiveScope,
+    PublishError,
+    RegistrationError,
+    RejectEvent,
+    UnknownEventError,
+)
+from .extension import DomainEvents
+from .handlers import Handler, domain_event_handler
+from .publisher import buffered, discard, emit, transmit
+from .retry import RetryPolicy
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "NON_RETRYABLE",
+    "ConfigurationError",
+    "DomainEvent",
+    "DomainEvents",
+    "DomainEventsError",
+    "EventDecodeError",
+    "EventValidationError",
+    "GenericEvent",
+    "Handler",
+    "InvalidRoutingPattern",
+    "NoActiveScope",
+    "PublishError",
+    "RegistrationError",
+    "RejectEvent",
+    "RetryPolicy",
+    "UnknownEventError",
+    "__version__",
+    "buffered",
+    "discard",
+    "domain_event_handler",
+    "emit",
+    "transmit",
+]

@@ -1,0 +1,152 @@
+"""The worker side: a consumer bootstep that declares the topology and feeds Celery's pool.
+
+::
+
+    celery worker ── Consumer blueprint ── Connection ─ ... ─ Tasks ─ DomainEventsStep
+                                                                        │ declare exchange,
+                                                                        │ queues, bindings, DLQs
+                                                                        ▼
+      <service>.<handler> ─► kombu Consumer (Celery's task channel, its prefetch/QoS)
+                               │ raw event ─► bridge.to_task_message ─► Celery task handler
+                               │ retry (a task message for this handler) ─► task handler as is
+                               └ poison (not JSON, foreign task) ─► <queue>.dlq, then ack
+
+Consumers share the channel of Celery's own task consumer, so the worker's prefetch limit,
+ETA bookkeeping and connection recovery apply to events exactly as to tasks. On a reconnect
+Celery restarts the blueprint and this step declares and consumes again.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from celery import bootsteps
+from kombu import Consumer
+from kombu.common import ignore_errors
+from kombu.message import Message
+
+from . import deadletter
+from .bridge import to_task_message
+from .deadletter import FailureReason
+from .exceptions import EventDecodeError
+from .registry import HandlerSpec
+
+if TYPE_CHECKING:
+    from .extension import DomainEvents
+
+__all__ = ["DomainEventsStep"]
+
+log = logging.getLogger(__name__)
+
+
+class _Dispatch:
+    """The ``on_message`` callback of one handler queue (runs in the worker's main thread)."""
+
+    def __init__(
+        self,
+        ext: DomainEvents,
+        spec: HandlerSpec,
+        queue: str,
+        on_task_received: Callable[[Message], Any],
+    ) -> None:
+        self.ext = ext
+        self.spec = spec
+        self.queue = queue
+        self.on_task_received = on_task_received
+
+    def __call__(self, message: Message) -> None:
+        task = (message.headers or {}).get("task")
+        if task == self.spec.task_name:
+            # A retry Celery published to this queue: already a task message.
+            self.on_task_received(message)
+            return
+        try:
+            if task is not None:
+                # Never run another task because a message on an event queue names it.
+                raise EventDecodeError(f"task message for {task!r} on event queue {self.queue!r}")
+            task_message = to_task_message(message, self.spec, self.queue)
+        except EventDecodeError as exc:
+            self.dead_letter(message, exc)
+            return
+        self.on_task_received(task_message)
+
+    def dead_letter(self, message: Message, exc: EventDecodeError) -> None:
+        delivery_info = message.delivery_info or {}
+        body = message.body if isinstance(message.body, bytes) else str(message.body).encode()
+        record = deadletter.dead_letter_message(
+            body=body,
+            queue=self.queue,
+            handler=self.spec.name,
+            reason=FailureReason.POISON,
+            exc=exc,
+            traceback="".join(traceback.format_exception(exc)),
+            exchange=delivery_info.get("exchange", ""),
+            routing_key=delivery_info.get("routing_key", ""),
+            content_type=message.content_type,
+            properties={
+                k: v
+                for k, v in (message.properties or {}).items()
+                if k in ("message_id", "type", "app_id", "correlation_id")
+            },
+            headers=message.headers,
+        )
+        try:
+            deadletter.send(self.ext, record)
+        except Exception:
+            log.exception(
+                "Could not dead-letter a poison message from %s; requeueing it", self.queue
+            )
+            message.reject(requeue=True)
+            return
+        message.ack()
+        log.error("Poison message on %s dead-lettered: %s", self.queue, exc)
+
+
+class DomainEventsStep(bootsteps.StartStopStep):
+    """Declare the domain-events topology and consume every handler queue."""
+
+    label = "DomainEvents"
+    #: After Celery's task consumer, whose channel and task handler are reused.
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        self.consumers: list[Consumer] = []
+        super().__init__(parent, **kwargs)
+
+    def start(self, parent: Any) -> None:
+        """Declare exchange, queues, bindings and DLQs, then consume the handler queues."""
+        from .extension import DomainEvents  # noqa: PLC0415 (extension installs this step)
+
+        ext = DomainEvents.of(parent.app)
+        channel = parent.task_consumer.channel
+        ext.declare(channel)
+        on_task_received = parent.create_task_handler()
+        for spec in ext.handlers:
+            queue = ext.handler_queue(spec)
+            consumer = Consumer(
+                channel,
+                queues=[queue],
+                on_message=_Dispatch(ext, spec, queue.name, on_task_received),
+                auto_declare=False,
+                no_ack=False,
+            )
+            consumer.consume()
+            self.consumers.append(consumer)
+        log.info(
+            "Domain events: consuming %d handler queue(s) of service %r on exchange %r: %s",
+            len(self.consumers),
+            ext.settings.service,
+            ext.settings.exchange,
+            ", ".join(ext.handler_queue_name(s) for s in ext.handlers),
+        )
+
+    def stop(self, parent: Any) -> None:
+        """Cancel the handler consumers (the channel belongs to Celery's task consumer)."""
+        for consumer in self.consumers:
+            ignore_errors(parent.connection, consumer.cancel)
+        self.consumers = []
+
+    shutdown = stop

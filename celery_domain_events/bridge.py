@@ -1,0 +1,142 @@
+"""Turn a raw event delivery into a Celery task message, in the worker, without a broker hop.
+
+Events arrive on a handler queue as plain CloudEvents JSON, with no Celery headers. The worker
+wraps each one into a protocol-2 task message for that handler's task and hands it to Celery's
+own task handler (``Consumer.create_task_handler``). The wrapper shares the delivery's channel and
+delivery tag, so acking the task acks the event: one message on the wire, one ack.
+
+The task id is ``uuid5(event id, handler)``: the same event and handler always give the same
+id, which handlers can use as an idempotency key (redeliveries keep it; Celery retries too).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import datetime
+from typing import Any
+
+from kombu.message import Message
+
+from .exceptions import EventDecodeError
+from .registry import HandlerSpec
+from .serialization import JSON_CONTENT_TYPES
+
+__all__ = ["TASK_ID_NAMESPACE", "task_id_for", "to_task_message"]
+
+#: Namespace of the deterministic handler task ids.
+TASK_ID_NAMESPACE = uuid.UUID("6f1c1f0e-5a2b-4c69-9d51-6b8cf1f2a0de")
+_EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+_KEPT_PROPERTIES = ("message_id", "type", "timestamp", "app_id", "correlation_id", "priority")
+
+
+def task_id_for(event_id: str, handler: str) -> str:
+    """Return the task id of ``handler`` running event ``event_id``."""
+    return str(uuid.uuid5(TASK_ID_NAMESPACE, f"{event_id}/{handler}"))
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return int(value.timestamp())
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value).decode("utf-8", "replace")
+    return value
+
+
+def _peek_event_id(text: str) -> str:
+    # Publishers other than ours may leave message_id unset; the envelope always has an id.
+    try:
+        raw = json.loads(text)
+    except ValueError as exc:
+        raise EventDecodeError(f"body is not valid JSON: {exc}") from exc
+    event_id = raw.get("id") if isinstance(raw, dict) else None
+    if not isinstance(event_id, str) or not event_id:
+        raise EventDecodeError("the envelope has no 'id'")
+    return event_id
+
+
+def event_text(message: Message) -> str:
+    """Return the body of an event delivery as text.
+
+    Raises:
+        EventDecodeError: the content type is not JSON (pickle is never decoded) or the body
+            is not UTF-8.
+    """
+    content_type = message.content_type
+    if content_type not in JSON_CONTENT_TYPES:
+        raise EventDecodeError(
+            f"content type {content_type!r} is not accepted; events are JSON "
+            f"({', '.join(sorted(JSON_CONTENT_TYPES))})"
+        )
+    body: Any = message.body
+    if isinstance(body, str):
+        return body
+    try:
+        return bytes(body or b"").decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise EventDecodeError(f"body is not UTF-8: {exc}") from exc
+
+
+def to_task_message(message: Message, spec: HandlerSpec, queue: str) -> Message:
+    """Wrap an event delivery on ``queue`` into a task message for ``spec``'s task.
+
+    Raises:
+        EventDecodeError: the delivery cannot be an event (see :func:`event_text`).
+    """
+    text = event_text(message)
+    properties = message.properties or {}
+    delivery_info = message.delivery_info or {}
+    event_id = properties.get("message_id") or _peek_event_id(text)
+    routing_key = delivery_info.get("routing_key", "")
+    task_id = task_id_for(str(event_id), spec.name)
+    headers = dict(message.headers or {})
+    meta = {
+        "queue": queue,
+        "exchange": delivery_info.get("exchange", ""),
+        "routing_key": routing_key,
+        "content_type": message.content_type,
+        "properties": {k: _json_safe(properties[k]) for k in _KEPT_PROPERTIES if k in properties},
+        "headers": {str(k): _json_safe(v) for k, v in headers.items()},
+    }
+    source = properties.get("app_id") or "?"
+    summary = (
+        f"{{'event': {routing_key!r}, 'version': {headers.get('eventversion', 1)!r}, "
+        f"'id': {str(event_id)!r}, 'source': {source!r}}}"
+    )
+    task_headers: dict[str, Any] = {
+        "lang": "py",
+        "task": spec.task_name,
+        "id": task_id,
+        "shadow": None,
+        "eta": None,
+        "expires": None,
+        "group": None,
+        "group_index": None,
+        "retries": 0,
+        "timelimit": [None, None],
+        "root_id": task_id,
+        "parent_id": None,
+        "argsrepr": "()",
+        "kwargsrepr": summary,
+        "origin": source,
+        "ignore_result": True,
+        "replaced_task_nesting": 0,
+        "stamped_headers": None,
+        "stamps": {},
+    }
+    body = json.dumps([[], {"raw_event": text, "meta": meta}, _EMBED], default=str)
+    return Message(
+        body=body.encode(),  # type: ignore[arg-type]  # the stubs say str; transports give bytes
+        delivery_tag=message.delivery_tag,
+        content_type="application/json",
+        content_encoding="utf-8",
+        delivery_info=delivery_info,
+        properties={
+            "correlation_id": task_id,
+            "reply_to": "",
+            **({"priority": properties["priority"]} if "priority" in properties else {}),
+        },
+        headers=task_headers,
+        channel=message.channel,
+        accept={"application/json"},
+    )

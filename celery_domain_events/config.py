@@ -1,0 +1,116 @@
+"""Settings, parsed once from the ``domain_events_*`` keys of a Celery app's configuration.
+
+``DomainEvents(app, service="billing")`` reads ``app.conf.domain_events_exchange`` and friends;
+keyword arguments win over ``app.conf``. An unknown ``domain_events_*`` key is an error, so a typo
+cannot silently fall back to a default. Every field is listed in the README's settings table.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .exceptions import ConfigurationError
+from .routing import validate_event_name
+
+__all__ = ["PREFIX", "PublishRetryPolicy", "QueueType", "Settings"]
+
+#: Prefix of every app.conf key this library reads.
+PREFIX = "domain_events_"
+
+
+@enum.unique
+class QueueType(str, enum.Enum):
+    """RabbitMQ queue type of the handler queues."""
+
+    #: Classic durable queues (the RabbitMQ default).
+    CLASSIC = "classic"
+    #: Replicated quorum queues; supports ``delivery_limit`` for crash loops.
+    QUORUM = "quorum"
+
+
+class PublishRetryPolicy(BaseModel):
+    """How long ``transmit()`` keeps reconnecting before it raises ``PublishError``.
+
+    The defaults wait about 85 s in total, which outlasts a RabbitMQ restart.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    #: Reconnection attempts after the first failure.
+    max_retries: int = Field(default=20, ge=0)
+    #: Seconds before the first retry.
+    interval_start: float = Field(default=0.0, ge=0)
+    #: Seconds added to the interval after each retry.
+    interval_step: float = Field(default=1.0, ge=0)
+    #: Longest interval between two retries, in seconds.
+    interval_max: float = Field(default=5.0, ge=0)
+
+    def intervals(self) -> list[float]:
+        """Return the sleep before each retry, in order."""
+        return [
+            min(self.interval_start + i * self.interval_step, self.interval_max)
+            for i in range(self.max_retries)
+        ]
+
+
+class Settings(BaseModel):
+    """Validated settings of one app; see the README for each key."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    #: Name of this service: CloudEvents ``source`` and the prefix of its handler queues.
+    service: str
+    #: The durable topic exchange events are published to.
+    exchange: str = "domain_events"
+    #: Queue kept for events no handler is bound to (via an alternate exchange); None: drop them.
+    unrouted_queue: str | None = "domain_events.unrouted"
+    #: Type of the handler queues.
+    queue_type: QueueType = QueueType.CLASSIC
+    #: Quorum queues only: deliveries before RabbitMQ dead-letters a message (crash loops).
+    delivery_limit: int | None = Field(default=None, ge=1)
+    #: Seconds ``transmit()`` waits for the broker's publisher confirms.
+    confirm_timeout: float = Field(default=30.0, gt=0)
+    #: Reconnection policy of ``transmit()``.
+    publish_retry_policy: PublishRetryPolicy = PublishRetryPolicy()
+
+    @field_validator("service")
+    @classmethod
+    def _service_is_a_word(cls, value: str) -> str:
+        return validate_event_name(value)
+
+    @field_validator("exchange")
+    @classmethod
+    def _exchange_named(cls, value: str) -> str:
+        if not value:
+            raise ValueError("the exchange needs a name (the default exchange cannot route topics)")
+        return value
+
+    @classmethod
+    def from_conf(cls, conf: Mapping[str, Any], **overrides: Any) -> Settings:
+        """Build settings from ``conf``'s ``domain_events_*`` keys, then ``overrides``.
+
+        Raises:
+            ConfigurationError: a key is unknown or a value is invalid.
+        """
+        values: dict[str, Any] = {}
+        for key in list(conf.keys()):
+            if isinstance(key, str) and key.startswith(PREFIX):
+                name = key[len(PREFIX) :]
+                if name not in cls.model_fields:
+                    raise ConfigurationError(
+                        f"unknown setting {key!r}; known: "
+                        + ", ".join(PREFIX + f for f in cls.model_fields)
+                    )
+                values[name] = conf[key]
+        for name in overrides:
+            if name not in cls.model_fields:
+                raise ConfigurationError(f"unknown DomainEvents option {name!r}")
+        values.update(overrides)
+        try:
+            return cls.model_validate(values)
+        except ValidationError as exc:
+            raise ConfigurationError(f"invalid domain events settings: {exc}") from exc

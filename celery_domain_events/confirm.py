@@ -1,0 +1,226 @@
+"""Publish a batch of messages on one channel and wait for RabbitMQ's publisher confirms.
+
+Confirming each message costs a round trip (about 1k msg/s here); publishing the whole batch and
+then waiting for the acks is about 8x faster and just as safe. A failed batch is retried on a
+fresh connection (per :class:`~celery_domain_events.config.PublishRetryPolicy`) and only the
+messages not yet confirmed are sent again, so a broker restart costs duplicates at worst, never
+losses. Transports without confirms (kombu's ``memory://``) publish without waiting.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from kombu import Connection
+from kombu.utils.url import maybe_sanitize_url
+
+from .config import PublishRetryPolicy
+from .exceptions import PublishError
+
+__all__ = ["OutboundMessage", "publish_confirmed"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class OutboundMessage:
+    """One message to publish: body, destination and AMQP properties."""
+
+    body: bytes
+    exchange: str
+    routing_key: str
+    content_type: str
+    properties: dict[str, Any] = field(default_factory=dict)
+    headers: dict[str, Any] = field(default_factory=dict)
+    mandatory: bool = False
+    #: What the caller gets back in ``PublishError.events`` if this message is not confirmed.
+    source: Any = None
+
+
+class _ConfirmChannel:
+    """A confirm-mode channel with the bookkeeping of outstanding delivery tags."""
+
+    def __init__(self, channel: Any) -> None:
+        self.channel = channel
+        self.supports_confirms = hasattr(channel, "confirm_select")
+        self.next_tag = 1
+        self.acked: list[OutboundMessage] = []
+        self.nacked: list[OutboundMessage] = []
+        self.outstanding: dict[int, OutboundMessage] = {}
+        self.returned: list[tuple[str, str]] = []
+        #: (kind, name) of the entities declared through this channel.
+        self.declared: set[tuple[str, str]] = set()
+        if self.supports_confirms:
+            channel.confirm_select()
+            channel.events["basic_ack"].add(self._on_ack)
+            channel.events["basic_nack"].add(self._on_nack)
+            channel.events["basic_return"].add(self._on_return)
+
+    def _settle(self, into: list[OutboundMessage], tag: int, multiple: bool) -> None:
+        tags = [t for t in self.outstanding if t <= tag] if multiple else [tag]
+        for t in tags:
+            msg = self.outstanding.pop(t, None)
+            if msg is not None:
+                into.append(msg)
+
+    def _on_ack(self, tag: int, multiple: bool) -> None:
+        self._settle(self.acked, tag, multiple)
+
+    def _on_nack(self, tag: int, multiple: bool) -> None:
+        self._settle(self.nacked, tag, multiple)
+
+    def _on_return(self, exc: Any, exchange: str, routing_key: str, message: Any) -> None:
+        self.returned.append((exchange, routing_key))
+
+    def publish(self, msg: OutboundMessage) -> int:
+        amqp_message = self.channel.prepare_message(
+            msg.body,
+            content_type=msg.content_type,
+            content_encoding="utf-8",
+            headers=msg.headers,
+            properties={"delivery_mode": 2, **msg.properties},
+        )
+        # Bypass basic_publish_confirm (installed when the connection has confirm_publish):
+        # it would wait for each ack in turn, and we wait for the whole batch below.
+        publish = getattr(self.channel, "_basic_publish", self.channel.basic_publish)
+        publish(
+            amqp_message,
+            exchange=msg.exchange,
+            routing_key=msg.routing_key,
+            mandatory=msg.mandatory,
+        )
+        tag = self.next_tag
+        self.next_tag += 1
+        if self.supports_confirms:
+            self.outstanding[tag] = msg
+        return tag
+
+
+# One confirm channel per pooled connection, reused across batches.
+_channels: weakref.WeakKeyDictionary[Any, _ConfirmChannel] = weakref.WeakKeyDictionary()
+
+
+def _confirm_channel(conn: Connection, declare: Sequence[Any]) -> _ConfirmChannel:
+    if not conn.connected:
+        conn.connect()  # raises if the broker is unreachable
+    transport_conn = conn.connection
+    cached = _channels.get(transport_conn)
+    if cached is None or not getattr(cached.channel, "is_open", True):
+        cached = _ConfirmChannel(conn.channel())
+        _channels[transport_conn] = cached
+    for entity in declare:
+        key = (type(entity).__name__, entity.name)
+        if key not in cached.declared:
+            entity.declare(channel=cached.channel)
+            cached.declared.add(key)
+    return cached
+
+
+def _publish_once(
+    conn: Connection,
+    batch: Sequence[OutboundMessage],
+    timeout: float,
+    confirmed: set[int],
+    declare: Sequence[Any],
+) -> list[OutboundMessage]:
+    """Publish ``batch``; return the messages the broker nacked (empty when all are confirmed).
+
+    ``confirmed`` receives the ``id()`` of each message as its ack arrives, so that after a
+    failure half-way the caller re-sends only what the broker has not confirmed.
+    """
+    cc = _confirm_channel(conn, declare)
+    cc.acked.clear()
+    cc.nacked.clear()
+    cc.returned.clear()
+    cc.outstanding.clear()
+    try:
+        for msg in batch:
+            cc.publish(msg)
+        if not cc.supports_confirms:
+            cc.acked.extend(batch)
+            return []
+        deadline = time.monotonic() + timeout
+        while cc.outstanding:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"no publisher confirm within {timeout:g} s")
+            try:
+                conn.drain_events(timeout=min(remaining, 1.0))
+            except TimeoutError:
+                continue
+    finally:
+        confirmed.update(id(m) for m in cc.acked)
+    for exchange, routing_key in cc.returned:
+        log.warning(
+            "Event %r was unroutable on exchange %r and was dropped by the broker",
+            routing_key,
+            exchange,
+        )
+    return list(cc.nacked)
+
+
+def publish_confirmed(
+    acquire: Callable[[], Any],
+    batch: Sequence[OutboundMessage],
+    *,
+    timeout: float,
+    policy: PublishRetryPolicy,
+    declare: Sequence[Any] = (),
+) -> None:
+    """Publish ``batch`` and return once RabbitMQ has confirmed every message.
+
+    Args:
+        acquire: returns a context manager yielding a kombu Connection (``app.pool.acquire``).
+        batch: the messages, published in order on one channel.
+        timeout: seconds to wait for the confirms of one attempt.
+        policy: how often and how long to retry after a connection failure or a nack.
+        declare: kombu entities (exchanges, queues) to declare on each new channel first.
+
+    Raises:
+        PublishError: some messages were still unconfirmed when the policy ran out; their
+            ``source`` objects are in ``PublishError.events``.
+    """
+    pending = list(batch)
+    confirmed: set[int] = set()
+    intervals = iter(policy.intervals())
+    url = "<broker>"
+    while True:
+        try:
+            with acquire() as conn:
+                url = maybe_sanitize_url(conn.as_uri())
+                try:
+                    pending = _publish_once(conn, pending, timeout, confirmed, declare)
+                except (*conn.connection_errors, *conn.channel_errors, TimeoutError, OSError):
+                    # The channel and maybe the connection are unusable: drop them so the
+                    # pool hands out a fresh one, and re-send everything not yet confirmed.
+                    _channels.pop(getattr(conn, "_connection", None), None)
+                    conn.collect()
+                    raise
+        except Exception as exc:  # every failure is retried, then reported
+            error: BaseException | None = exc
+            pending = [m for m in pending if id(m) not in confirmed]
+        else:
+            if not pending:
+                return
+            error = None
+        try:
+            delay = next(intervals)
+        except StopIteration:
+            reason = f"{error!r}" if error else f"{len(pending)} message(s) nacked by the broker"
+            raise PublishError(
+                f"could not publish {len(pending)} message(s) to {url}: {reason}",
+                [m.source if m.source is not None else m for m in pending],
+            ) from error
+        log.warning(
+            "Publishing to %s failed (%r); retrying %d message(s) in %.1f s",
+            url,
+            error or "nack",
+            len(pending),
+            delay,
+        )
+        time.sleep(delay)

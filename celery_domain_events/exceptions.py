@@ -1,0 +1,92 @@
+"""Errors raised by celery-domain-events.
+
+Every error derives from :class:`DomainEventsError`::
+
+    DomainEventsError(Exception)
+    ├── ConfigurationError(DomainEventsError, ValueError)     bad setting or broker URL
+    │   └── InvalidRoutingPattern                             not dotted words / * / #
+    ├── RegistrationError(DomainEventsError)                  duplicate event or handler
+    ├── PublishError(DomainEventsError)                       unreachable or unconfirmed publish
+    │   └── NoActiveScope                                     emit() with no open scope
+    ├── EventDecodeError(DomainEventsError)                   malformed JSON or envelope (poison)
+    │   ├── UnknownEventError(EventDecodeError, LookupError)  unregistered event version
+    │   └── EventValidationError                              payload fails the event's schema
+    └── RejectEvent(DomainEventsError)                        raised by a handler: dead-letter now
+
+Each class passes all of its arguments to ``super().__init__`` so that Celery can pickle it
+between pool processes (celery/celery#6990).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = [
+    "NON_RETRYABLE",
+    "ConfigurationError",
+    "DomainEventsError",
+    "EventDecodeError",
+    "EventValidationError",
+    "InvalidRoutingPattern",
+    "NoActiveScope",
+    "PublishError",
+    "RegistrationError",
+    "RejectEvent",
+    "UnknownEventError",
+]
+
+
+class DomainEventsError(Exception):
+    """Base class of every error raised by this library."""
+
+
+class ConfigurationError(DomainEventsError, ValueError):
+    """A setting, broker URL or handler option is invalid."""
+
+
+class InvalidRoutingPattern(ConfigurationError):
+    """A routing key or binding pattern is not made of dotted words, ``*`` and ``#``."""
+
+
+class RegistrationError(DomainEventsError):
+    """An event type or handler is registered twice under the same name."""
+
+
+class PublishError(DomainEventsError):
+    """Events could not be published and confirmed by the broker.
+
+    Attributes:
+        events: the events that were not confirmed; nothing else was lost.
+    """
+
+    def __init__(self, message: str, events: Sequence[Any] = ()) -> None:
+        super().__init__(message, tuple(events))
+        self.events = tuple(events)
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class NoActiveScope(PublishError):
+    """``emit()`` was called where a scope is required and none is open."""
+
+
+class EventDecodeError(DomainEventsError):
+    """A message is not a valid event envelope; it is dead-lettered, never retried."""
+
+
+class UnknownEventError(EventDecodeError, LookupError):
+    """The event's name is known but not the version it was published with."""
+
+
+class EventValidationError(EventDecodeError):
+    """The event's data does not validate against its model (the cause is chained)."""
+
+
+class RejectEvent(DomainEventsError):
+    """Raise from a handler to dead-letter the event at once, without retries."""
+
+
+#: Errors that are never retried: the event goes straight to the dead-letter queue.
+NON_RETRYABLE: tuple[type[DomainEventsError], ...] = (EventDecodeError, RejectEvent)

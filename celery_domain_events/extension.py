@@ -1,0 +1,160 @@
+"""``DomainEvents(app, service=...)``: the one entry point that touches a Celery app."""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Iterable
+from functools import cached_property
+from typing import Any
+
+from celery import Celery
+from kombu import Exchange, Queue
+
+from . import topology
+from .bootstep import DomainEventsStep
+from .config import Settings
+from .exceptions import ConfigurationError
+from .registry import EventRegistry, HandlerRegistry, HandlerSpec, default_events, default_handlers
+
+__all__ = ["DomainEvents"]
+
+_installed: weakref.WeakKeyDictionary[Celery, DomainEvents] = weakref.WeakKeyDictionary()
+_lock = threading.Lock()
+
+
+def _confirm_worker_publishes(sender: Celery, **_: Any) -> None:
+    # Retries and dead letters are published from the worker; unconfirmed, they could be lost
+    # between the publish and the ack of the delivery they replace. An explicit
+    # confirm_publish=False in broker_transport_options is respected.
+    options = dict(sender.conf.broker_transport_options or {})
+    options.setdefault("confirm_publish", True)
+    sender.conf.broker_transport_options = options
+
+
+class DomainEvents:
+    """Install domain events on a Celery app.
+
+    ::
+
+        app = Celery("billing", broker="amqp://guest:guest@127.0.0.1:5672//")
+        DomainEvents(app, service="billing")
+
+    Settings come from ``app.conf`` (``domain_events_*`` keys) and are read when first needed, so
+    ``app.config_from_object(...)`` may come before or after; keyword arguments win. The worker
+    bootstep is added to ``app.steps["consumer"]``, and handler tasks ack late, so the
+    worker's own settings (prefetch, pool, time limits) apply to handlers unchanged.
+
+    Args:
+        app: the Celery app.
+        handlers: restrict this app to these handler names or ``Handler`` objects (default:
+            every registered handler).
+        events: the event registry (default: the one ``DomainEvent`` subclasses fill).
+        handler_registry: the handler registry (default: the one the decorator fills).
+        overrides: settings, as keyword arguments (``service="billing"``).
+
+    Raises:
+        ConfigurationError: an override is not a known setting.
+    """
+
+    def __init__(
+        self,
+        app: Celery,
+        *,
+        handlers: Iterable[Any] | None = None,
+        events: EventRegistry = default_events,
+        handler_registry: HandlerRegistry = default_handlers,
+        **overrides: Any,
+    ) -> None:
+        unknown = set(overrides) - set(Settings.model_fields)
+        if unknown:
+            raise ConfigurationError(
+                f"unknown DomainEvents option(s): {', '.join(sorted(unknown))}"
+            )
+        self.app = app
+        self.events = events
+        self._handler_registry = handler_registry
+        self._handler_names = (
+            None if handlers is None else [getattr(h, "name", h) for h in handlers]
+        )
+        self._overrides = overrides
+        with _lock:
+            _installed[app] = self
+        app.steps["consumer"].add(DomainEventsStep)
+        if app.configured:  # type: ignore[attr-defined]  # missing from celery-types
+            _confirm_worker_publishes(app)
+        else:
+            app.on_after_configure.connect(_confirm_worker_publishes, sender=app, weak=False)
+
+    @classmethod
+    def of(cls, app: Celery) -> DomainEvents:
+        """Return the ``DomainEvents`` installed on ``app``.
+
+        Raises:
+            ConfigurationError: none is installed.
+        """
+        try:
+            return _installed[app]
+        except KeyError:
+            raise ConfigurationError(
+                f"no DomainEvents installed on Celery app {app.main!r}; "
+                "call DomainEvents(app, service=...) where the app is created"
+            ) from None
+
+    @cached_property
+    def settings(self) -> Settings:
+        """The validated settings (read from ``app.conf`` on first access)."""
+        return Settings.from_conf(self.app.conf, **self._overrides)
+
+    @property
+    def handlers(self) -> list[HandlerSpec]:
+        """The handlers this app's workers consume, ordered by name.
+
+        Raises:
+            ConfigurationError: a name given in ``handlers=`` is not registered.
+        """
+        specs = self._handler_registry.all()
+        if self._handler_names is None:
+            return specs
+        known = {s.name: s for s in specs}
+        missing = [n for n in self._handler_names if n not in known]
+        if missing:
+            raise ConfigurationError(f"unknown handler(s): {', '.join(missing)}")
+        return [known[n] for n in sorted(set(self._handler_names))]
+
+    def handler_for_queue(self, queue: str) -> HandlerSpec | None:
+        """Return the handler whose queue is ``queue``, or None."""
+        for spec in self.handlers:
+            if self.handler_queue_name(spec) == queue:
+                return spec
+        return None
+
+    # Topology, bound to this app's settings.
+    def exchange(self) -> Exchange:
+        """The topic exchange."""
+        return topology.exchange(self.settings)
+
+    def handler_queue_name(self, spec: HandlerSpec) -> str:
+        """``<service>.<handler>``."""
+        return topology.handler_queue_name(spec, self.settings)
+
+    def handler_queue(self, spec: HandlerSpec) -> Queue:
+        """The handler's durable queue with its bindings."""
+        return topology.handler_queue(spec, self.settings)
+
+    def dead_letter_queue(self, spec: HandlerSpec) -> Queue:
+        """The handler's dead-letter queue."""
+        return topology.dead_letter_queue(spec, self.settings)
+
+    def publisher_entities(self) -> list[Any]:
+        """What a publisher declares: the exchange and, if enabled, the unrouted queue."""
+        unrouted = topology.unrouted_queue(self.settings)
+        return [self.exchange(), *([unrouted] if unrouted is not None else [])]
+
+    def declare(self, channel: Any) -> None:
+        """Declare the exchange, every handler queue with its bindings, and every DLQ."""
+        for entity in self.publisher_entities():
+            entity.declare(channel=channel)
+        for spec in self.handlers:
+            self.dead_letter_queue(spec).declare(channel=channel)
+            self.handler_queue(spec).declare(channel=channel)

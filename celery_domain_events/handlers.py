@@ -1,0 +1,170 @@
+"""``@domain_event_handler``: declare a function as the handler of matching events.
+
+::
+
+    @domain_event_handler("user.*", retry=RetryPolicy(max_retries=5), time_limit=30)
+    def send_welcome_email(event: UserCreated) -> None:
+        ...
+
+Each handler becomes one Celery task, ``domain_events.<module>.<name>``, registered on every
+Celery app the way ``@shared_task`` is (no app needs to exist when the decorator runs), and gets
+its own durable queue ``<service>.<name>`` bound by its patterns when a worker starts.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any, Generic, ParamSpec, TypeVar
+
+from celery import Celery, Task
+from celery import _state as celery_state
+from celery import current_app as _current_app
+
+from .exceptions import ConfigurationError
+from .registry import HandlerRegistry, HandlerSpec, default_handlers
+from .retry import RetryPolicy
+from .routing import validate_event_name, validate_pattern
+from .task import DomainEventTask
+
+__all__ = ["TASK_OPTIONS", "Handler", "domain_event_handler"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+#: Celery task options a handler may set; anything else is rejected when the decorator runs.
+TASK_OPTIONS = frozenset(
+    {
+        "time_limit",
+        "soft_time_limit",
+        "rate_limit",
+        "track_started",
+        "acks_on_failure_or_timeout",
+        "priority",
+    }
+)
+
+_DEFAULT_RETRY = RetryPolicy()
+
+
+class Handler(Generic[P, R]):
+    """What ``@domain_event_handler`` returns: the function, still callable, plus its spec."""
+
+    def __init__(self, spec: HandlerSpec) -> None:
+        self.spec = spec
+        self.__wrapped__ = spec.fn
+        self.__doc__ = spec.fn.__doc__
+        self.__name__ = spec.fn.__name__
+        self.__module__ = spec.fn.__module__
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Call the handler function directly (no broker involved)."""
+        result: R = self.spec.fn(*args, **kwargs)
+        return result
+
+    @property
+    def name(self) -> str:
+        """The handler's unique name."""
+        return self.spec.name
+
+    @property
+    def patterns(self) -> tuple[str, ...]:
+        """The routing patterns the handler's queue is bound by."""
+        return self.spec.patterns
+
+    def task_for(self, app: Celery | None = None) -> Task[Any, Any]:
+        """Return the Celery task of this handler in ``app`` (default: the current app)."""
+        app = app or _current_app
+        return app.tasks[self.spec.task_name]
+
+    def __repr__(self) -> str:
+        return f"<Handler {self.spec.name} {' '.join(self.spec.patterns)}>"
+
+
+def domain_event_handler(
+    *patterns: str,
+    name: str | None = None,
+    retry: RetryPolicy | None = _DEFAULT_RETRY,
+    registry: HandlerRegistry = default_handlers,
+    **task_options: Any,
+) -> Callable[[Callable[P, R]], Handler[P, R]]:
+    """Declare the decorated function as the handler of events matching ``patterns``.
+
+    Args:
+        patterns: AMQP topic patterns (``user.created``, ``user.*``, ``#``); at least one.
+        name: handler name, unique per service; defaults to the function's name. It names the
+            queue (``<service>.<name>``), so renaming a handler means a new queue.
+        retry: the retry policy; ``None`` dead-letters on the first failure.
+        registry: where to register (tests pass an isolated one).
+        task_options: Celery task options from :data:`TASK_OPTIONS` (``time_limit``, ...).
+
+    Raises:
+        InvalidRoutingPattern: a pattern is malformed.
+        ConfigurationError: no pattern, an unknown option or an ``async def`` function.
+        RegistrationError: another function already has this handler name.
+    """
+    if not patterns:
+        raise ConfigurationError("domain_event_handler() needs at least one routing pattern")
+    for pattern in patterns:
+        validate_pattern(pattern)
+    unknown = set(task_options) - TASK_OPTIONS
+    if unknown:
+        raise ConfigurationError(
+            f"unknown handler option(s) {', '.join(sorted(unknown))}; "
+            f"allowed: {', '.join(sorted(TASK_OPTIONS))}"
+        )
+
+    def decorate(fn: Callable[P, R]) -> Handler[P, R]:
+        if isinstance(fn, Handler):
+            raise ConfigurationError(f"{fn!r} is already a domain event handler")
+        if inspect.iscoroutinefunction(fn):
+            raise ConfigurationError("Celery runs handlers synchronously; use a plain function")
+        handler_name = name or fn.__name__
+        validate_event_name(handler_name)  # it becomes part of a queue name
+        spec = HandlerSpec(
+            name=handler_name,
+            patterns=tuple(dict.fromkeys(patterns)),
+            fn=fn,
+            retry=retry,
+            task_options=dict(task_options),
+        )
+        registry.register(spec)
+        _register_task_on_apps(spec)
+        return Handler(spec)
+
+    return decorate
+
+
+def _register_task_on_apps(spec: HandlerSpec) -> None:
+    # Same mechanism as @shared_task: apps finalized later pick the task up on finalize,
+    # apps finalized already get it now.
+    celery_state.connect_on_app_finalize(lambda app: bind_task(app, spec))
+    for app in celery_state._get_active_apps():  # type: ignore[attr-defined]
+        if app.finalized:
+            with app._finalize_mutex:
+                bind_task(app, spec)
+
+
+def bind_task(app: Celery, spec: HandlerSpec) -> Task[Any, Any]:
+    """Create (or return, if it exists) the Celery task that runs ``spec`` in ``app``."""
+
+    def run(self: DomainEventTask, raw_event: str, meta: dict[str, Any] | None = None) -> Any:
+        return self.deliver(raw_event)
+
+    run.__name__ = run.__qualname__ = spec.name
+    run.__module__ = spec.fn.__module__
+    run.__doc__ = spec.fn.__doc__
+    retry_options = (
+        spec.retry.task_options()
+        if spec.retry is not None
+        else RetryPolicy(max_retries=0).task_options()
+    )
+    task: Task[Any, Any] = app._task_from_fun(
+        run,
+        name=spec.task_name,
+        base=DomainEventTask,
+        bind=True,
+        handler_spec=spec,
+        **{**retry_options, **spec.task_options},
+    )
+    return task

@@ -1,0 +1,154 @@
+"""emit(), transmit() and discard(): a context-local buffer of events, sent after commit.
+
+::
+
+    emit(UserCreated(user_id=1))     # buffered in this context (thread / asyncio task)
+    emit("user.disabled", {"user_id": 2})
+    db.commit()
+    transmit()                       # one channel, batched publisher confirms
+    # or, on rollback:
+    discard()
+
+``transmit()`` returns only when RabbitMQ has confirmed every event. If it cannot, it raises
+:class:`~celery_domain_events.exceptions.PublishError` with the unconfirmed events attached and
+leaves them in the buffer, so the caller can retry or store them: nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from celery import Celery
+from celery import current_app as _current_app
+
+from . import serialization
+from .confirm import OutboundMessage, publish_confirmed
+from .events import AnyEvent, DomainEvent, GenericEvent
+from .routing import validate_event_name
+
+if TYPE_CHECKING:
+    from .extension import DomainEvents
+
+__all__ = ["buffered", "discard", "emit", "transmit"]
+
+log = logging.getLogger(__name__)
+
+# A fresh list per context: the default must not be a shared mutable object.
+_buffer: contextvars.ContextVar[list[AnyEvent] | None] = contextvars.ContextVar(
+    "celery_domain_events_buffer", default=None
+)
+
+
+def emit(
+    event: AnyEvent | str,
+    data: Mapping[str, Any] | None = None,
+    *,
+    version: int = 1,
+) -> AnyEvent:
+    """Buffer an event until :func:`transmit`.
+
+    Args:
+        event: a :class:`DomainEvent` instance, or an event name for an untyped event.
+        data: the payload of an untyped event.
+        version: the version of an untyped event.
+
+    Returns:
+        The buffered event (a ``GenericEvent`` for untyped ones).
+
+    Raises:
+        InvalidRoutingPattern: an untyped event name is not dotted words.
+        TypeError: ``data`` was given with a typed event.
+    """
+    if isinstance(event, str):
+        event = GenericEvent(
+            event_name=validate_event_name(event), event_version=version, data=dict(data or {})
+        )
+    elif data is not None:
+        raise TypeError("data= is only for untyped events: emit('name', {...})")
+    elif not isinstance(event, DomainEvent | GenericEvent):
+        raise TypeError(f"emit() takes a DomainEvent or an event name, not {type(event).__name__}")
+    pending = _buffer.get()
+    if pending is None:
+        pending = []
+        _buffer.set(pending)
+    pending.append(event)
+    return event
+
+
+def buffered() -> list[AnyEvent]:
+    """Return a copy of the events emitted in this context and not yet transmitted."""
+    return list(_buffer.get() or ())
+
+
+def discard() -> list[AnyEvent]:
+    """Drop the buffered events (on rollback) and return them."""
+    pending = _buffer.get() or []
+    _buffer.set(None)
+    return list(pending)
+
+
+def transmit(app: Celery | None = None) -> list[AnyEvent]:
+    """Publish the buffered events and wait for the broker to confirm them.
+
+    Args:
+        app: the Celery app whose ``DomainEvents`` settings and broker to use
+            (default: the current app).
+
+    Returns:
+        The events published, in emit order.
+
+    Raises:
+        PublishError: the broker stayed unreachable or did not confirm; the unconfirmed events
+            stay buffered and are attached to the error.
+        ConfigurationError: the app has no ``DomainEvents``.
+    """
+    pending = _buffer.get()
+    if not pending:
+        return []
+    from .extension import DomainEvents  # noqa: PLC0415 (extension imports this module)
+
+    ext = DomainEvents.of(app or _current_app)
+    batch = list(pending)
+    publish_events(ext, batch)
+    # Keep whatever was emitted meanwhile (by a callback during the wait, say).
+    del pending[: len(batch)]
+    return batch
+
+
+def publish_events(ext: DomainEvents, events: list[AnyEvent]) -> None:
+    """Publish ``events`` through ``ext``'s exchange with batched publisher confirms.
+
+    Raises:
+        PublishError: as for :func:`transmit`.
+    """
+    settings = ext.settings
+    messages = [
+        OutboundMessage(
+            body=serialization.encode(event, settings.service),
+            exchange=settings.exchange,
+            routing_key=event.event_name,
+            content_type=serialization.CONTENT_TYPE,
+            properties={
+                "message_id": str(event.event_id),
+                "type": event.event_name,
+                "timestamp": int(event.occurred_at.timestamp()),
+                "app_id": settings.service,
+            },
+            headers={"eventversion": event.event_version},
+            mandatory=settings.unrouted_queue is None,
+            source=event,
+        )
+        for event in events
+    ]
+    publish_confirmed(
+        lambda: ext.app.pool.acquire(block=True),
+        messages,
+        timeout=settings.confirm_timeout,
+        policy=settings.publish_retry_policy,
+        declare=ext.publisher_entities(),
+    )
+    for event in events:
+        log.debug("Published %s v%d id=%s", event.event_name, event.event_version, event.event_id)

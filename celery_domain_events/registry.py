@@ -1,0 +1,160 @@
+"""Registries of event types and handlers.
+
+The defaults (:data:`default_events`, :data:`default_handlers`) are filled at import time by
+``DomainEvent`` subclasses and ``@domain_event_handler``; tests reset them with
+:meth:`~EventRegistry.isolated` / :meth:`~HandlerRegistry.isolated`.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .exceptions import RegistrationError
+from .routing import matches
+
+if TYPE_CHECKING:
+    from .events import DomainEvent
+    from .retry import RetryPolicy
+
+__all__ = ["EventRegistry", "HandlerRegistry", "HandlerSpec", "default_events", "default_handlers"]
+
+
+class EventRegistry:
+    """Maps ``(event_name, event_version)`` to the ``DomainEvent`` model that parses it."""
+
+    def __init__(self) -> None:
+        self._models: dict[tuple[str, int], type[DomainEvent]] = {}
+        self._lock = threading.Lock()
+
+    def register(self, model: type[DomainEvent]) -> None:
+        """Register ``model``; re-registering the same class (a module reload) is allowed.
+
+        Raises:
+            RegistrationError: another class already claims the same name and version.
+        """
+        key = (model.event_name, model.event_version)
+        with self._lock:
+            existing = self._models.get(key)
+            if existing is not None and _qualified(existing) != _qualified(model):
+                raise RegistrationError(
+                    f"event {key[0]!r} v{key[1]} is declared by both "
+                    f"{_qualified(existing)} and {_qualified(model)}"
+                )
+            self._models[key] = model
+
+    def get(self, name: str, version: int) -> type[DomainEvent] | None:
+        """Return the model for ``name`` and ``version``, or None."""
+        return self._models.get((name, version))
+
+    def versions(self, name: str) -> list[int]:
+        """Return the registered versions of ``name``, ascending."""
+        return sorted(v for (n, v) in self._models if n == name)
+
+    def all(self) -> list[type[DomainEvent]]:
+        """Return every registered model, ordered by name and version."""
+        return [self._models[k] for k in sorted(self._models)]
+
+    def clear(self) -> None:
+        """Forget every model."""
+        with self._lock:
+            self._models.clear()
+
+    @contextmanager
+    def isolated(self) -> Iterator[EventRegistry]:
+        """Run a block with an empty registry and restore the previous content afterwards."""
+        saved = dict(self._models)
+        self.clear()
+        try:
+            yield self
+        finally:
+            with self._lock:
+                self._models = saved
+
+
+@dataclass(frozen=True)
+class HandlerSpec:
+    """Everything known about one handler before an app binds it.
+
+    Attributes:
+        name: unique handler name; the queue is ``<service>.<name>``.
+        patterns: binding patterns (``user.*``, ``#``).
+        fn: the user's function, called with the typed event.
+        retry: the retry policy (None: never retried).
+        task_options: extra Celery task options (time limits, rate limit, ...).
+    """
+
+    name: str
+    patterns: tuple[str, ...]
+    fn: Callable[..., Any] = field(compare=False)
+    retry: RetryPolicy | None = None
+    task_options: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def task_name(self) -> str:
+        """The Celery task name, as shown in Flower: ``domain_events.<module>.<name>``."""
+        return f"domain_events.{self.fn.__module__}.{self.name}"
+
+    def accepts(self, routing_key: str) -> bool:
+        """Tell whether an event with ``routing_key`` is bound to this handler."""
+        return any(matches(p, routing_key) for p in self.patterns)
+
+
+class HandlerRegistry:
+    """The handlers declared with ``@domain_event_handler``, by name."""
+
+    def __init__(self) -> None:
+        self._specs: dict[str, HandlerSpec] = {}
+        self._lock = threading.Lock()
+
+    def register(self, spec: HandlerSpec) -> None:
+        """Register ``spec``.
+
+        Raises:
+            RegistrationError: another function already uses the same handler name.
+        """
+        with self._lock:
+            existing = self._specs.get(spec.name)
+            if existing is not None and _qualified(existing.fn) != _qualified(spec.fn):
+                raise RegistrationError(
+                    f"handler name {spec.name!r} is used by both {_qualified(existing.fn)} and "
+                    f"{_qualified(spec.fn)}; pass name= to one of them"
+                )
+            self._specs[spec.name] = spec
+
+    def get(self, name: str) -> HandlerSpec | None:
+        """Return the handler called ``name``, or None."""
+        return self._specs.get(name)
+
+    def all(self) -> list[HandlerSpec]:
+        """Return every handler, ordered by name."""
+        return [self._specs[k] for k in sorted(self._specs)]
+
+    def clear(self) -> None:
+        """Forget every handler."""
+        with self._lock:
+            self._specs.clear()
+
+    @contextmanager
+    def isolated(self) -> Iterator[HandlerRegistry]:
+        """Run a block with an empty registry and restore the previous content afterwards."""
+        saved = dict(self._specs)
+        self.clear()
+        try:
+            yield self
+        finally:
+            with self._lock:
+                self._specs = saved
+
+
+def _qualified(obj: Any) -> str:
+    return f"{obj.__module__}.{obj.__qualname__}"
+
+
+#: The registry ``DomainEvent`` subclasses add themselves to.
+default_events = EventRegistry()
+#: The registry ``@domain_event_handler`` adds handlers to.
+default_handlers = HandlerRegistry()

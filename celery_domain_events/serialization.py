@@ -1,0 +1,141 @@
+"""The wire format: CloudEvents 1.0 structured JSON.
+
+A message body is one JSON object (``application/cloudevents+json``)::
+
+    {"specversion": "1.0", "id": "<uuid>", "source": "billing", "type": "user.created",
+     "time": "2026-11-23T20:00:00+00:00", "datacontenttype": "application/json",
+     "eventversion": 1, "data": {"user_id": 1}}
+
+Any AMQP client can publish or consume it. Decoding never executes anything: bodies are JSON or
+they are rejected as poison (:class:`~celery_domain_events.exceptions.EventDecodeError`).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .events import AnyEvent, DomainEvent, GenericEvent
+from .exceptions import EventDecodeError, EventValidationError, UnknownEventError
+from .registry import EventRegistry, default_events
+from .routing import validate_event_name
+
+__all__ = [
+    "CONTENT_TYPE",
+    "JSON_CONTENT_TYPES",
+    "Envelope",
+    "decode",
+    "encode",
+    "to_event",
+]
+
+#: The content type of a structured CloudEvent.
+CONTENT_TYPE = "application/cloudevents+json"
+#: Content types a worker accepts; anything else (pickle, yaml, ...) is poison.
+JSON_CONTENT_TYPES = frozenset({CONTENT_TYPE, "application/json"})
+
+
+class Envelope(BaseModel):
+    """A decoded CloudEvents envelope; unknown extension attributes are kept."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    specversion: str = "1.0"
+    id: str = Field(min_length=1)
+    source: str = Field(min_length=1)
+    type: str = Field(min_length=1)
+    time: datetime | None = None
+    datacontenttype: str = "application/json"
+    eventversion: int = Field(default=1, ge=1)
+    traceparent: str | None = None
+    data: dict[str, Any] | None = None
+
+
+def encode(event: AnyEvent, source: str, **extensions: Any) -> bytes:
+    """Serialize ``event`` as a CloudEvents JSON body published by service ``source``."""
+    envelope: dict[str, Any] = {
+        "specversion": "1.0",
+        "id": str(event.event_id),
+        "source": source,
+        "type": event.event_name,
+        "time": event.occurred_at.isoformat(),
+        "datacontenttype": "application/json",
+        "eventversion": event.event_version,
+        **{k: v for k, v in extensions.items() if v is not None},
+        "data": event.event_data(),
+    }
+    return json.dumps(envelope, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def decode(body: bytes | str) -> Envelope:
+    """Parse a message body into an :class:`Envelope`.
+
+    Raises:
+        EventDecodeError: the body is not UTF-8 JSON or not a CloudEvents envelope.
+    """
+    try:
+        raw = json.loads(body)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise EventDecodeError(f"body is not valid UTF-8 JSON: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise EventDecodeError(f"body must be a JSON object, got {type(raw).__name__}")
+    try:
+        envelope = Envelope.model_validate(raw)
+    except ValidationError as exc:
+        raise EventDecodeError(f"not a CloudEvents envelope: {_summary(exc)}") from exc
+    if not envelope.specversion.startswith("1."):
+        raise EventDecodeError(f"unsupported CloudEvents specversion {envelope.specversion!r}")
+    try:
+        validate_event_name(envelope.type)
+    except ValueError as exc:
+        raise EventDecodeError(str(exc)) from exc
+    return envelope
+
+
+def to_event(envelope: Envelope, registry: EventRegistry = default_events) -> AnyEvent:
+    """Build the typed event an envelope carries.
+
+    Raises:
+        UnknownEventError: models exist for the name, but none for this version.
+        EventValidationError: the data does not validate against the model.
+    """
+    metadata: dict[str, Any] = {"event_id": envelope.id}
+    if envelope.time is not None:
+        metadata["occurred_at"] = envelope.time
+    model = registry.get(envelope.type, envelope.eventversion)
+    if model is None:
+        known = registry.versions(envelope.type)
+        if known:
+            raise UnknownEventError(
+                f"{envelope.type!r} v{envelope.eventversion} is unknown here "
+                f"(known versions: {', '.join(map(str, known))})"
+            )
+        return _validated(
+            GenericEvent,
+            {
+                **metadata,
+                "event_name": envelope.type,
+                "event_version": envelope.eventversion,
+                "data": envelope.data or {},
+            },
+            envelope,
+        )
+    return _validated(model, {**(envelope.data or {}), **metadata}, envelope)
+
+
+def _validated(model: type[DomainEvent] | type[GenericEvent], data: Any, env: Envelope) -> AnyEvent:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise EventValidationError(
+            f"{env.type!r} v{env.eventversion} (id {env.id}) fails validation: {_summary(exc)}"
+        ) from exc
+
+
+def _summary(exc: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}" for e in exc.errors()[:5]
+    )

@@ -1,0 +1,121 @@
+"""The broker topology, as pure kombu entity builders (no I/O here).
+
+::
+
+    emit("user.created") ──► [domain_events]  topic exchange, durable
+                               │ user.*            │ #                │ (no binding matches)
+                               ▼                   ▼                  ▼
+                   billing.on_user_created   audit.record_all   [domain_events.unrouted] fanout
+                               │ retries: default exchange,        │   (alternate exchange)
+                               │ routing key = queue name          ▼
+                               ▼ retries spent / poison     domain_events.unrouted
+                   billing.on_user_created.dlq
+
+Each handler owns one durable queue, ``<service>.<handler>``, bound by its patterns, and one
+dead-letter queue ``<queue>.dlq`` that has no TTL: nothing expires unseen. Handler queues name
+their DLQ as ``x-dead-letter-*`` too, so a message the broker itself rejects (a quorum
+``x-delivery-limit`` reached, a task Celery refuses) lands there as well.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kombu import Exchange, Queue, binding
+
+from .config import QueueType, Settings
+from .registry import HandlerSpec
+
+__all__ = [
+    "DLQ_SUFFIX",
+    "dead_letter_queue",
+    "dead_letter_queue_name",
+    "exchange",
+    "handler_queue",
+    "handler_queue_name",
+    "queue_arguments",
+    "unrouted_exchange",
+    "unrouted_queue",
+]
+
+#: Suffix of every dead-letter queue.
+DLQ_SUFFIX = ".dlq"
+
+
+def unrouted_exchange(settings: Settings) -> Exchange | None:
+    """Return the fanout alternate exchange that keeps unroutable events, if enabled."""
+    if settings.unrouted_queue is None:
+        return None
+    return Exchange(settings.unrouted_queue, type="fanout", durable=True, auto_delete=False)
+
+
+def unrouted_queue(settings: Settings) -> Queue | None:
+    """Return the queue that keeps events no handler was bound to, if enabled."""
+    ae = unrouted_exchange(settings)
+    if ae is None:
+        return None
+    return Queue(ae.name, ae, durable=True, auto_delete=False)
+
+
+def exchange(settings: Settings) -> Exchange:
+    """Return the durable topic exchange events are published to."""
+    ae = unrouted_exchange(settings)
+    return Exchange(
+        settings.exchange,
+        type="topic",
+        durable=True,
+        auto_delete=False,
+        delivery_mode=Exchange.PERSISTENT_DELIVERY_MODE,
+        arguments={"alternate-exchange": ae.name} if ae is not None else None,
+    )
+
+
+def handler_queue_name(spec: HandlerSpec, settings: Settings) -> str:
+    """Return ``<service>.<handler>``."""
+    return f"{settings.service}.{spec.name}"
+
+
+def dead_letter_queue_name(queue_name: str) -> str:
+    """Return the dead-letter queue name of a handler queue."""
+    return queue_name + DLQ_SUFFIX
+
+
+def queue_arguments(spec: HandlerSpec, settings: Settings) -> dict[str, Any]:
+    """Return the ``x-*`` arguments of a handler queue."""
+    args: dict[str, Any] = {
+        "x-queue-type": settings.queue_type.value,
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": dead_letter_queue_name(handler_queue_name(spec, settings)),
+    }
+    if settings.queue_type is QueueType.QUORUM and settings.delivery_limit is not None:
+        args["x-delivery-limit"] = settings.delivery_limit
+    return args
+
+
+def handler_queue(spec: HandlerSpec, settings: Settings) -> Queue:
+    """Return the durable queue of one handler, bound to the exchange by each of its patterns.
+
+    kombu leaves ``Queue.exchange`` unset when ``bindings`` are given; the bindings themselves
+    declare the exchange, so ``Queue.declare()`` creates exchange, queue and every binding.
+    """
+    ex = exchange(settings)
+    return Queue(
+        handler_queue_name(spec, settings),
+        bindings=[binding(ex, routing_key=pattern) for pattern in spec.patterns],
+        durable=True,
+        auto_delete=False,
+        queue_arguments=queue_arguments(spec, settings),
+    )
+
+
+def dead_letter_queue(spec: HandlerSpec, settings: Settings) -> Queue:
+    """Return the dead-letter queue of one handler (reached through the default exchange)."""
+    name = dead_letter_queue_name(handler_queue_name(spec, settings))
+    return Queue(
+        name,
+        exchange=Exchange(""),
+        routing_key=name,
+        durable=True,
+        auto_delete=False,
+        queue_arguments={"x-queue-type": settings.queue_type.value},
+    )

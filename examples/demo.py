@@ -1,0 +1,93 @@
+"""End-to-end demo: a real `celery worker` runs the shop's handlers while we publish events.
+
+Run it with ``./scripts/demo`` (which installs everything first) or ``python -m examples.demo``.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+from .shop import publish
+
+#: user.created -> send_welcome_email + audit_trail, order.paid -> book_revenue + audit_trail,
+#: user.disabled -> audit_trail.
+EXPECTED_HANDLED = 5
+
+
+def start_worker() -> tuple[subprocess.Popen[str], queue.Queue[str]]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "examples.shop.app",
+        "worker",
+        "--pool",
+        "prefork",
+        "--concurrency",
+        "2",
+        "--loglevel",
+        "INFO",
+        "--without-mingle",
+        "--without-gossip",
+        "--hostname",
+        f"demo-{os.getpid()}@%h",
+    ]
+    print("$", " ".join(cmd[2:]), flush=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: queue.Queue[str] = queue.Queue()
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.put(line.rstrip())
+
+    threading.Thread(target=pump, daemon=True).start()
+    return proc, lines
+
+
+def wait_for_lines(lines: queue.Queue[str], stop: str | None, count: int, timeout: float) -> int:
+    seen = 0
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            line = lines.get(timeout=0.2)
+        except queue.Empty:
+            continue
+        if "Domain events:" in line or "HANDLED" in line or "ERROR" in line:
+            print("  worker |", line.split("] ", 1)[-1], flush=True)
+        if stop is not None and stop in line:
+            return 1
+        if "HANDLED" in line:
+            seen += 1
+            if seen >= count:
+                return seen
+    return seen
+
+
+def main() -> int:
+    proc, lines = start_worker()
+    try:
+        if not wait_for_lines(lines, " ready.", 1, timeout=60):
+            print("the worker did not start; is RabbitMQ running?", file=sys.stderr)
+            return 1
+        publish.main()
+        handled = wait_for_lines(lines, None, EXPECTED_HANDLED, timeout=60)
+        print(f"{handled} of {EXPECTED_HANDLED} handler runs seen", flush=True)
+        return 0 if handled >= EXPECTED_HANDLED else 1
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""Fixtures for tests against the real RabbitMQ and real Celery workers."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+from urllib.parse import urlparse
+
+import pytest
+from celery import Celery
+from celery.contrib.testing.worker import start_worker
+from kombu import Connection
+
+from celery_domain_events import DomainEvents
+
+BROKER_URL = os.environ.get("DOMAIN_EVENTS_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
+
+
+def _broker_reachable(url: str) -> bool:
+    parsed = urlparse(url)
+    try:
+        with socket.create_connection((parsed.hostname or "127.0.0.1", parsed.port or 5672), 2):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def broker_url() -> str:
+    if not _broker_reachable(BROKER_URL):
+        message = f"RabbitMQ is not reachable at {BROKER_URL.split('@')[-1]}"
+        if os.environ.get("CI"):
+            pytest.fail(message)  # CI must never skip the real-broker tests
+        pytest.skip(message)
+    return BROKER_URL
+
+
+class Recorder:
+    """What handlers saw, by handler name; handlers running in any thread append here."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.calls: dict[str, list[Any]] = defaultdict(list)
+
+    def record(self, handler: str, value: Any) -> None:
+        with self._lock:
+            self.calls[handler].append(value)
+
+    def get(self, handler: str) -> list[Any]:
+        with self._lock:
+            return list(self.calls.get(handler, []))
+
+    def clear(self) -> None:
+        with self._lock:
+            self.calls.clear()
+
+
+#: Shared by the handlers in tests/handlers.py.
+RECORDER = Recorder()
+
+
+@pytest.fixture
+def recorder() -> Iterator[Recorder]:
+    RECORDER.clear()
+    yield RECORDER
+    RECORDER.clear()
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 15.0, interval: float = 0.05) -> None:
+    """Poll ``predicate`` until it is true; fail the test with a clear message otherwise."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout} s")
+
+
+class Topology:
+    """Per-test names, and the cleanup of every entity a test declared."""
+
+    def __init__(self, broker_url: str) -> None:
+        self.broker_url = broker_url
+        self.uid = uuid.uuid4().hex[:10]
+        self.exchange = f"test.{self.uid}.events"
+        self.unrouted = f"test.{self.uid}.unrouted"
+        self.apps: list[Celery] = []
+
+    def service(self, name: str = "svc") -> str:
+        return f"t{self.uid}-{name}"
+
+    def app(self, service: str = "svc", handlers: list[Any] | None = None, **conf: Any) -> Celery:
+        app = Celery(f"test-{service}", broker=self.broker_url, set_as_current=False)
+        app.conf.update(
+            broker_heartbeat=None,
+            broker_connection_retry_on_startup=True,
+            worker_hijack_root_logger=False,
+            domain_events_exchange=self.exchange,
+            domain_events_unrouted_queue=self.unrouted,
+            **conf,
+        )
+        DomainEvents(app, service=self.service(service), handlers=handlers or [])
+        self.apps.append(app)
+        return app
+
+    def queue_depth(self, name: str) -> int:
+        with Connection(self.broker_url) as conn:
+            _, count, _ = conn.default_channel.queue_declare(name, passive=True)
+            return int(count)
+
+    def cleanup(self) -> None:
+        with Connection(self.broker_url) as conn:
+            for app in self.apps:
+                ext = DomainEvents.of(app)
+                for spec in ext.handlers:
+                    for queue in (
+                        ext.handler_queue_name(spec),
+                        ext.handler_queue_name(spec) + ".dlq",
+                    ):
+                        _ignore(conn, lambda q=queue: conn.default_channel.queue_delete(q))
+            _ignore(conn, lambda: conn.default_channel.queue_delete(self.unrouted))
+            _ignore(conn, lambda: conn.default_channel.exchange_delete(self.exchange))
+            _ignore(conn, lambda: conn.default_channel.exchange_delete(self.unrouted))
+
+
+def _ignore(conn: Connection, fn: Callable[[], Any]) -> None:
+    try:
+        fn()
+    except conn.channel_errors:
+        conn.close()  # the channel is closed by the broker on a failed delete; start afresh
+        conn.connect()
+
+
+@pytest.fixture
+def topology(broker_url: str) -> Iterator[Topology]:
+    topo = Topology(broker_url)
+    yield topo
+    topo.cleanup()
+
+
+@contextmanager
+def running_worker(app: Celery, **kwargs: Any) -> Iterator[Any]:
+    """A real Celery worker (solo pool, in a thread) consuming the app's handler queues."""
+    kwargs.setdefault("pool", "solo")
+    kwargs.setdefault("perform_ping_check", False)
+    kwargs.setdefault("shutdown_timeout", 30)
+    kwargs.setdefault("loglevel", "WARNING")
+    with start_worker(app, **kwargs) as worker:
+        yield worker

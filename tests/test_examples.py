@@ -1,0 +1,47 @@
+"""The README's demo, run as users run it: a real `celery worker` subprocess (prefork pool)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from kombu import Connection
+
+from .conftest import Topology
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = [pytest.mark.rabbitmq, pytest.mark.worker]
+
+
+def test_demo_runs_every_handler_in_a_prefork_worker(topology: Topology) -> None:
+    service = topology.service("shop")
+    env = {
+        **os.environ,
+        "DOMAIN_EVENTS_EXCHANGE": topology.exchange,
+        "DOMAIN_EVENTS_SERVICE": service,
+        "DOMAIN_EVENTS_BROKER_URL": topology.broker_url,
+    }
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "examples.demo"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=150,
+            check=False,
+        )
+    finally:
+        with Connection(topology.broker_url) as conn:
+            for handler in ("audit_trail", "book_revenue", "send_welcome_email"):
+                for name in (f"{service}.{handler}", f"{service}.{handler}.dlq"):
+                    conn.default_channel.queue_delete(name)
+    assert result.returncode == 0, result.stdout + result.stderr
+    handled = [line for line in result.stdout.splitlines() if "HANDLED" in line]
+    assert len(handled) == 5, result.stdout
+    assert any("welcome mail to ada@example.com" in line for line in handled)
+    assert sum("audit_trail" in line for line in handled) == 3

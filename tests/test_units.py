@@ -1,0 +1,231 @@
+"""Pure functions and value objects: routing, wire format, settings, errors, public API."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+import uuid
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+
+import celery_domain_events as cde
+from celery_domain_events import exceptions, serialization
+from celery_domain_events.config import Settings
+from celery_domain_events.events import DomainEvent, GenericEvent
+from celery_domain_events.registry import EventRegistry, default_events
+from celery_domain_events.routing import matches, validate_event_name, validate_pattern
+
+
+@pytest.fixture(autouse=True)
+def _isolated_events() -> Iterator[None]:
+    # Defining a DomainEvent subclass registers it in the default registry.
+    with default_events.isolated():
+        yield
+
+
+@pytest.mark.parametrize(
+    ("pattern", "key", "expected"),
+    [
+        ("user.created", "user.created", True),
+        ("user.created", "user.deleted", False),
+        ("user.*", "user.created", True),
+        ("user.*", "user", False),
+        ("user.*", "user.a.b", False),
+        ("user.#", "user", True),
+        ("user.#", "user.a.b", True),
+        ("#.created", "created", True),
+        ("#.created", "a.b.created", True),
+        ("#", "anything.at.all", True),
+        ("*.*", "a.b", True),
+        ("*.*", "a", False),
+        ("user.#.done", "user.done", True),
+        ("user.#.done", "user.x.y.done", True),
+        ("user.#.done", "user.x.y", False),
+        ("*.#.*", "a", False),
+        ("*.#.*", "a.b", True),
+        ("#.#", "a", True),
+    ],
+)
+def test_matches_is_amqp_exact(pattern: str, key: str, expected: bool) -> None:
+    assert matches(pattern, key) is expected
+
+
+@pytest.mark.parametrize("bad", ["", "user..created", "user.cre ated", "user.*x", "a" * 256])
+def test_invalid_patterns_are_rejected(bad: str) -> None:
+    with pytest.raises(cde.InvalidRoutingPattern):
+        validate_pattern(bad)
+
+
+@pytest.mark.parametrize("bad", ["user.*", "user.#", "", ".user"])
+def test_event_names_have_no_wildcards(bad: str) -> None:
+    with pytest.raises(cde.InvalidRoutingPattern):
+        validate_event_name(bad)
+
+
+def test_envelope_round_trip_into_the_typed_model() -> None:
+    registry = EventRegistry()
+
+    class Paid(DomainEvent):
+        event_name: ClassVar[str] = "unit.paid"
+        event_version: ClassVar[int] = 2
+        amount: int
+
+    registry.register(Paid)
+    event = Paid(amount=3)
+    body = serialization.encode(event, "billing", traceparent="00-abc-def-01")
+    raw = json.loads(body)
+    assert raw["eventversion"] == 2
+    assert raw["traceparent"] == "00-abc-def-01"
+    assert raw["data"] == {"amount": 3}
+    back = serialization.to_event(serialization.decode(body), registry)
+    assert back == event
+    assert isinstance(back, Paid)
+
+
+def test_unregistered_name_gives_a_generic_event() -> None:
+    event = GenericEvent(event_name="unit.other", data={"a": 1})
+    back = serialization.to_event(
+        serialization.decode(serialization.encode(event, "s")), EventRegistry()
+    )
+    assert isinstance(back, GenericEvent)
+    assert back == event
+
+
+def test_unknown_version_and_invalid_payload_are_poison() -> None:
+    registry = EventRegistry()
+
+    class V1(DomainEvent):
+        event_name: ClassVar[str] = "unit.versioned"
+        n: int
+
+    registry.register(V1)
+    envelope = {
+        "specversion": "1.0",
+        "id": str(uuid.uuid4()),
+        "source": "s",
+        "type": "unit.versioned",
+        "eventversion": 9,
+        "data": {"n": 1},
+    }
+    with pytest.raises(cde.UnknownEventError, match="known versions: 1"):
+        serialization.to_event(serialization.decode(json.dumps(envelope)), registry)
+    envelope |= {"eventversion": 1, "data": {"n": "not a number"}}
+    with pytest.raises(cde.EventValidationError, match="n: Input should be a valid integer"):
+        serialization.to_event(serialization.decode(json.dumps(envelope)), registry)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"{not json",
+        b"\xff\xfe",
+        b"[1, 2]",
+        b'{"id": "x"}',
+        b'{"specversion": "1.0", "id": "x", "source": "s", "type": "a.*"}',
+    ],
+)
+def test_malformed_bodies_raise_event_decode_error(body: bytes) -> None:
+    with pytest.raises(cde.EventDecodeError):
+        serialization.decode(body)
+
+
+def test_duplicate_event_declarations_are_rejected() -> None:
+    class A(DomainEvent):
+        event_name: ClassVar[str] = "unit.dup"
+
+    with pytest.raises(cde.RegistrationError, match="declared by both"):
+
+        class B(DomainEvent):
+            event_name: ClassVar[str] = "unit.dup"
+
+
+def test_settings_reject_unknown_keys_and_bad_values() -> None:
+    with pytest.raises(cde.ConfigurationError, match="domain_events_exchnage"):
+        Settings.from_conf({"domain_events_exchnage": "x"}, service="s")
+    with pytest.raises(cde.ConfigurationError, match="service"):
+        Settings.from_conf({})
+    with pytest.raises(cde.ConfigurationError):
+        Settings.from_conf({"domain_events_queue_type": "lazy"}, service="s")
+    settings = Settings.from_conf({"domain_events_exchange": "ev"}, service="billing")
+    assert settings.exchange == "ev"
+    assert (
+        Settings.from_conf({"domain_events_exchange": "ev"}, service="b", exchange="o").exchange
+        == "o"
+    )
+
+
+def test_every_error_derives_from_the_root_and_pickles() -> None:
+    errors = [
+        exceptions.ConfigurationError("bad"),
+        exceptions.InvalidRoutingPattern("bad"),
+        exceptions.RegistrationError("dup"),
+        exceptions.PublishError("down", [GenericEvent(event_name="a.b")]),
+        exceptions.NoActiveScope("none"),
+        exceptions.EventDecodeError("json"),
+        exceptions.UnknownEventError("v9"),
+        exceptions.EventValidationError("schema"),
+        exceptions.RejectEvent("nope"),
+    ]
+    for error in errors:
+        assert isinstance(error, cde.DomainEventsError)
+        clone = pickle.loads(pickle.dumps(error))
+        assert type(clone) is type(error)
+        assert str(clone) == str(error)
+    assert pickle.loads(pickle.dumps(errors[3])).events == errors[3].events
+    assert issubclass(cde.ConfigurationError, ValueError)
+    assert issubclass(cde.UnknownEventError, LookupError)
+
+
+def test_public_api_is_exported_and_sorted() -> None:
+    public = sorted(
+        (
+            n
+            for n in vars(cde)
+            if not n.startswith("_")
+            and n not in {"annotations"}
+            and not isinstance(getattr(cde, n), type(cde))
+        ),
+        key=str,
+    )
+
+    # ruff's RUF022 order: CONSTANTS, Classes, functions.
+    def isort_key(name: str) -> tuple[int, str]:
+        return (0 if name.isupper() else 1 if name[0].isupper() else 2, name)
+
+    assert cde.__all__ == sorted(cde.__all__, key=isort_key)
+    assert set(public) <= set(cde.__all__)
+    for name in cde.__all__:
+        assert hasattr(cde, name)
+
+
+def test_domain_event_metadata_defaults_and_freezing() -> None:
+    class E(DomainEvent):
+        event_name: ClassVar[str] = "unit.frozen"
+        n: int
+
+    e = E(n=1)
+    assert isinstance(e.event_id, uuid.UUID)
+    assert e.occurred_at.tzinfo is not None
+    assert e.occurred_at <= datetime.now(timezone.utc)
+    with pytest.raises(ValueError, match="frozen"):
+        e.n = 2  # type: ignore[misc]
+
+
+def test_handler_options_are_checked_when_decorating() -> None:
+    with pytest.raises(cde.ConfigurationError, match="unknown handler option"):
+        cde.domain_event_handler("a.b", tiem_limit=3)
+    with pytest.raises(cde.ConfigurationError, match="at least one"):
+        cde.domain_event_handler()
+    with pytest.raises(cde.InvalidRoutingPattern):
+        cde.domain_event_handler("a..b")
+
+
+def test_every_setting_is_documented_in_the_readme() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    documented = set(re.findall(r"^\| `domain_events_(\w+)` \|", readme, flags=re.MULTILINE))
+    assert documented == set(Settings.model_fields)
