@@ -27,9 +27,15 @@ from celery import bootsteps
 from kombu import Consumer
 from kombu.common import ignore_errors
 from kombu.message import Message
+from kombu.transport.native_delayed_delivery import (
+    bind_queue_to_native_delayed_delivery_exchange,
+    declare_native_delayed_delivery_exchanges_and_queues,
+)
+from kombu.utils.url import maybe_sanitize_url
 
 from . import deadletter
 from .bridge import to_task_message
+from .config import QueueType
 from .deadletter import FailureReason
 from .exceptions import EventDecodeError
 from .registry import HandlerSpec
@@ -37,7 +43,7 @@ from .registry import HandlerSpec
 if TYPE_CHECKING:
     from .extension import DomainEvents
 
-__all__ = ["DomainEventsStep"]
+__all__ = ["DomainEventsStep", "DomainEventsTopology"]
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +92,7 @@ class _Dispatch:
             exchange=delivery_info.get("exchange", ""),
             routing_key=delivery_info.get("routing_key", ""),
             content_type=message.content_type,
+            content_encoding=message.content_encoding,
             properties={
                 k: v
                 for k, v in (message.properties or {}).items()
@@ -113,7 +120,12 @@ class DomainEventsStep(bootsteps.StartStopStep):
     requires = ("celery.worker.consumer.tasks:Tasks",)
 
     def __init__(self, parent: Any, **kwargs: Any) -> None:
+        from .extension import DomainEvents  # noqa: PLC0415 (extension installs this step)
+
         self.consumers: list[Consumer] = []
+        # All steps are built before any starts: registering the queues here lets Celery's
+        # Tasks step turn global QoS off and DelayedDelivery switch on for quorum queues.
+        DomainEvents.of(parent.app).register_retry_queues()
         super().__init__(parent, **kwargs)
 
     def start(self, parent: Any) -> None:
@@ -123,6 +135,8 @@ class DomainEventsStep(bootsteps.StartStopStep):
         ext = DomainEvents.of(parent.app)
         channel = parent.task_consumer.channel
         ext.declare(channel)
+        if ext.settings.queue_type is QueueType.QUORUM:
+            _bind_for_native_delay(ext, parent.connection)
         on_task_received = parent.create_task_handler()
         for spec in ext.handlers:
             queue = ext.handler_queue(spec)
@@ -150,3 +164,40 @@ class DomainEventsStep(bootsteps.StartStopStep):
         self.consumers = []
 
     shutdown = stop
+
+
+def _bind_for_native_delay(ext: DomainEvents, connection: Any) -> None:
+    # Celery's DelayedDelivery step does this for app.amqp.queues too, but it may run before
+    # our exchanges exist; both calls are idempotent.
+    queue_type = ext.app.conf.broker_native_delayed_delivery_queue_type
+    declare_native_delayed_delivery_exchanges_and_queues(connection, queue_type)
+    for spec in ext.handlers:
+        bind_queue_to_native_delayed_delivery_exchange(connection, ext.retry_queue(spec))
+
+
+class DomainEventsTopology(bootsteps.StartStopStep):
+    """Worker step: declare the topology before the consumer blueprint starts.
+
+    The worker's Consumer step always starts last, so this runs first; Celery's DelayedDelivery
+    step (quorum queues) can then bind the handler queues, whose exchanges now exist. A broker
+    that is down here is not fatal: :class:`DomainEventsStep` declares again once connected.
+    """
+
+    label = "DomainEventsTopology"
+
+    def start(self, parent: Any) -> None:
+        """Declare exchanges, handler queues, bindings and DLQs over a short connection."""
+        from .extension import DomainEvents  # noqa: PLC0415 (extension installs this step)
+
+        ext = DomainEvents.of(parent.app)
+        with parent.app.connection_for_write() as conn:
+            try:
+                conn.ensure_connection(max_retries=3, interval_start=0.5, interval_step=0.5)
+                ext.declare(conn.default_channel)
+            except conn.recoverable_connection_errors as exc:
+                log.warning(
+                    "Domain events: could not declare the topology on %s yet (%r); "
+                    "the consumer will once it connects",
+                    maybe_sanitize_url(conn.as_uri()),
+                    exc,
+                )

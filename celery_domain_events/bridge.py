@@ -95,6 +95,7 @@ def to_task_message(message: Message, spec: HandlerSpec, queue: str) -> Message:
         "exchange": delivery_info.get("exchange", ""),
         "routing_key": routing_key,
         "content_type": message.content_type,
+        "content_encoding": message.content_encoding,
         "properties": {k: _json_safe(properties[k]) for k in _KEPT_PROPERTIES if k in properties},
         "headers": {str(k): _json_safe(v) for k, v in headers.items()},
     }

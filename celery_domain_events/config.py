@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .exceptions import ConfigurationError
-from .routing import validate_event_name
+from .routing import validate_word
 
 __all__ = ["PREFIX", "PublishRetryPolicy", "QueueType", "Settings"]
 
@@ -80,7 +80,7 @@ class Settings(BaseModel):
     @field_validator("service")
     @classmethod
     def _service_is_a_word(cls, value: str) -> str:
-        return validate_event_name(value)
+        return validate_word(value, "service name")
 
     @field_validator("exchange")
     @classmethod

@@ -10,6 +10,7 @@ losses. Transports without confirms (kombu's ``memory://``) publish without wait
 from __future__ import annotations
 
 import logging
+import sys
 import time
 import weakref
 from collections.abc import Callable, Sequence
@@ -35,11 +36,23 @@ class OutboundMessage:
     exchange: str
     routing_key: str
     content_type: str
+    content_encoding: str = "utf-8"
     properties: dict[str, Any] = field(default_factory=dict)
     headers: dict[str, Any] = field(default_factory=dict)
     mandatory: bool = False
+    #: Treat an unroutable return as a failure and retry after declaring again: a dead letter
+    #: must not vanish because its queue was deleted under us.
+    must_route: bool = False
     #: What the caller gets back in ``PublishError.events`` if this message is not confirmed.
     source: Any = None
+
+
+class _Unroutable(Exception):
+    """A message that must reach a queue came back from the broker (basic.return)."""
+
+
+class _Retry(Exception):
+    """Internal: the attempt failed in a way that a new connection may fix."""
 
 
 class _ConfirmChannel:
@@ -78,12 +91,14 @@ class _ConfirmChannel:
         self.returned.append((exchange, routing_key))
 
     def publish(self, msg: OutboundMessage) -> int:
+        properties = {"delivery_mode": 2, **msg.properties}
         amqp_message = self.channel.prepare_message(
             msg.body,
+            priority=properties.pop("priority", None),
             content_type=msg.content_type,
-            content_encoding="utf-8",
+            content_encoding=msg.content_encoding,
             headers=msg.headers,
-            properties={"delivery_mode": 2, **msg.properties},
+            properties=properties,
         )
         # Bypass basic_publish_confirm (installed when the connection has confirm_publish):
         # it would wait for each ack in turn, and we wait for the whole batch below.
@@ -155,7 +170,10 @@ def _publish_once(
                 continue
     finally:
         confirmed.update(id(m) for m in cc.acked)
+    must_route = {m.routing_key for m in batch if m.must_route}
     for exchange, routing_key in cc.returned:
+        if routing_key in must_route:
+            raise _Unroutable(f"no queue bound for {routing_key!r} on exchange {exchange!r}")
         log.warning(
             "Event %r was unroutable on exchange %r and was dropped by the broker",
             routing_key,
@@ -195,15 +213,31 @@ def publish_confirmed(
                 url = maybe_sanitize_url(conn.as_uri())
                 try:
                     pending = _publish_once(conn, pending, timeout, confirmed, declare)
-                except (*conn.connection_errors, *conn.channel_errors, TimeoutError, OSError):
+                except (
+                    *conn.connection_errors,
+                    *conn.channel_errors,
+                    TimeoutError,
+                    OSError,
+                    _Unroutable,
+                ):
                     # The channel and maybe the connection are unusable: drop them so the
-                    # pool hands out a fresh one, and re-send everything not yet confirmed.
-                    _channels.pop(getattr(conn, "_connection", None), None)
+                    # pool hands out a fresh one (which declares again), and re-send
+                    # everything not yet confirmed.
+                    transport_conn = getattr(conn, "_connection", None)
+                    if transport_conn is not None:
+                        _channels.pop(transport_conn, None)
                     conn.collect()
-                    raise
-        except Exception as exc:  # every failure is retried, then reported
-            error: BaseException | None = exc
+                    raise _Retry from sys.exc_info()[1]
+        except _Retry as retry:
+            error: BaseException | None = retry.__cause__
             pending = [m for m in pending if id(m) not in confirmed]
+        except Exception as exc:
+            # Not a broker outage (a bad URL scheme, an unencodable header): retrying would
+            # only delay the same error.
+            raise PublishError(
+                f"could not publish {len(pending)} message(s) to {url}: {exc!r}",
+                [m.source if m.source is not None else m for m in pending],
+            ) from exc
         else:
             if not pending:
                 return

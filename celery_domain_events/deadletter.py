@@ -72,6 +72,7 @@ def dead_letter_message(
     routing_key: str = "",
     task_id: str | None = None,
     content_type: str | None = CONTENT_TYPE,
+    content_encoding: str | None = "utf-8",
     properties: Mapping[str, Any] | None = None,
     headers: Mapping[str, Any] | None = None,
 ) -> OutboundMessage:
@@ -102,8 +103,11 @@ def dead_letter_message(
         exchange="",
         routing_key=queue + ".dlq",
         content_type=content_type or "application/octet-stream",
+        content_encoding=content_encoding or "binary",
         properties=props,
         headers={**kept, **failure},
+        mandatory=True,
+        must_route=True,
     )
 
 

@@ -12,7 +12,7 @@ from celery import Celery
 from kombu import Exchange, Queue
 
 from . import topology
-from .bootstep import DomainEventsStep
+from .bootstep import DomainEventsStep, DomainEventsTopology
 from .config import Settings
 from .exceptions import ConfigurationError
 from .registry import EventRegistry, HandlerRegistry, HandlerSpec, default_events, default_handlers
@@ -80,6 +80,7 @@ class DomainEvents:
         self._overrides = overrides
         with _lock:
             _installed[app] = self
+        app.steps["worker"].add(DomainEventsTopology)
         app.steps["consumer"].add(DomainEventsStep)
         if app.configured:  # type: ignore[attr-defined]  # missing from celery-types
             _confirm_worker_publishes(app)
@@ -141,6 +142,22 @@ class DomainEvents:
     def handler_queue(self, spec: HandlerSpec) -> Queue:
         """The handler's durable queue with its bindings."""
         return topology.handler_queue(spec, self.settings)
+
+    def retry_queue(self, spec: HandlerSpec) -> Queue:
+        """The handler's queue addressed through the retry exchange."""
+        return topology.retry_queue(spec, self.settings)
+
+    def register_retry_queues(self) -> None:
+        """Make Celery's routing aware of the handler queues, without consuming them.
+
+        Celery's quorum-queue detection (global QoS off, native delayed delivery) and its
+        delayed-delivery bindings look at ``app.amqp.queues``. ``Queues.add`` does not make
+        the default task consumer read a queue; the bootstep consumes them itself.
+        """
+        queues = self.app.amqp.queues
+        for spec in self.handlers:
+            if self.handler_queue_name(spec) not in queues:
+                queues.add(self.retry_queue(spec))
 
     def dead_letter_queue(self, spec: HandlerSpec) -> Queue:
         """The handler's dead-letter queue."""

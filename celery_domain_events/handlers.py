@@ -24,7 +24,7 @@ from celery import current_app as _current_app
 from .exceptions import ConfigurationError
 from .registry import HandlerRegistry, HandlerSpec, default_handlers
 from .retry import RetryPolicy
-from .routing import validate_event_name, validate_pattern
+from .routing import validate_pattern, validate_word
 from .task import DomainEventTask
 
 __all__ = ["TASK_OPTIONS", "Handler", "domain_event_handler"]
@@ -120,7 +120,7 @@ def domain_event_handler(
         if inspect.iscoroutinefunction(fn):
             raise ConfigurationError("Celery runs handlers synchronously; use a plain function")
         handler_name = name or fn.__name__
-        validate_event_name(handler_name)  # it becomes part of a queue name
+        validate_word(handler_name, "handler name")  # queue names are <service>.<handler>
         spec = HandlerSpec(
             name=handler_name,
             patterns=tuple(dict.fromkeys(patterns)),

@@ -13,7 +13,7 @@ from functools import lru_cache
 
 from .exceptions import InvalidRoutingPattern
 
-__all__ = ["matches", "validate_event_name", "validate_pattern"]
+__all__ = ["matches", "validate_event_name", "validate_pattern", "validate_word"]
 
 _WORD = re.compile(r"^[A-Za-z0-9_\-]+$")
 #: AMQP caps routing keys at 255 bytes (shortstr).
@@ -47,6 +47,18 @@ def validate_event_name(name: str) -> str:
     """
     _check_words(name, wildcards=False, what="event name")
     return name
+
+
+def validate_word(value: str, what: str) -> str:
+    """Return ``value`` if it is one word (letters, digits, ``_``, ``-``), as queue names need.
+
+    Raises:
+        InvalidRoutingPattern: it is empty or has dots, spaces or other characters.
+    """
+    words = _check_words(value, wildcards=False, what=what)
+    if len(words) != 1:
+        raise InvalidRoutingPattern(f"{what} {value!r} must be a single word (no dots)")
+    return value
 
 
 def validate_pattern(pattern: str) -> str:

@@ -53,7 +53,9 @@ class DomainEventTask(Task[Any, Any]):
         """Retry through this handler's own queue only (see the module docstring)."""
         from .extension import DomainEvents  # noqa: PLC0415
 
-        options.setdefault("queue", DomainEvents.of(self.app).handler_queue(self.handler_spec))
+        ext = DomainEvents.of(self.app)
+        ext.register_retry_queues()
+        options.setdefault("queue", ext.retry_queue(self.handler_spec))
         return super().retry(*args, **options)
 
     def on_failure(
@@ -89,6 +91,7 @@ class DomainEventTask(Task[Any, Any]):
             routing_key=meta.get("routing_key", ""),
             task_id=task_id,
             content_type=meta.get("content_type"),
+            content_encoding=meta.get("content_encoding"),
             properties=meta.get("properties"),
             headers=meta.get("headers"),
         )

@@ -3,18 +3,23 @@
 ::
 
     emit("user.created") ──► [domain_events]  topic exchange, durable
-                               │ user.*            │ #                │ (no binding matches)
-                               ▼                   ▼                  ▼
-                   billing.on_user_created   audit.record_all   [domain_events.unrouted] fanout
-                               │ retries: default exchange,        │   (alternate exchange)
-                               │ routing key = queue name          ▼
-                               ▼ retries spent / poison     domain_events.unrouted
-                   billing.on_user_created.dlq
+                               │ user.*              │ #               │ (nothing bound)
+                               ▼                     ▼                 ▼
+    [domain_events.retry] ──► billing.on_user_created  audit.record_all  [domain_events.unrouted]
+      topic, key = queue name  │                                         fanout, alternate exchange
+      (retries of one handler) ▼ retries spent / poison                  ▼
+                    billing.on_user_created.dlq                  domain_events.unrouted
 
 Each handler owns one durable queue, ``<service>.<handler>``, bound by its patterns, and one
 dead-letter queue ``<queue>.dlq`` that has no TTL: nothing expires unseen. Handler queues name
 their DLQ as ``x-dead-letter-*`` too, so a message the broker itself rejects (a quorum
 ``x-delivery-limit`` reached, a task Celery refuses) lands there as well.
+
+Retries go through a second topic exchange, ``<exchange>.retry``, to which each handler queue is
+bound by its own name, so a retry reaches exactly one queue. It is a topic exchange, not the
+default one, because Celery's native delayed delivery (quorum queues) forwards delayed messages
+only through topic exchanges, by ``#.<routing key>``; service and handler names are single
+words, so ``#.<service>.<handler>`` cannot match another handler's queue.
 """
 
 from __future__ import annotations
@@ -34,12 +39,16 @@ __all__ = [
     "handler_queue",
     "handler_queue_name",
     "queue_arguments",
+    "retry_exchange",
+    "retry_queue",
     "unrouted_exchange",
     "unrouted_queue",
 ]
 
 #: Suffix of every dead-letter queue.
 DLQ_SUFFIX = ".dlq"
+#: Suffix of the retry exchange's name.
+RETRY_SUFFIX = ".retry"
 
 
 def unrouted_exchange(settings: Settings) -> Exchange | None:
@@ -67,6 +76,17 @@ def exchange(settings: Settings) -> Exchange:
         auto_delete=False,
         delivery_mode=Exchange.PERSISTENT_DELIVERY_MODE,
         arguments={"alternate-exchange": ae.name} if ae is not None else None,
+    )
+
+
+def retry_exchange(settings: Settings) -> Exchange:
+    """Return the topic exchange that routes retries to one handler queue by its name."""
+    return Exchange(
+        settings.exchange + RETRY_SUFFIX,
+        type="topic",
+        durable=True,
+        auto_delete=False,
+        delivery_mode=Exchange.PERSISTENT_DELIVERY_MODE,
     )
 
 
@@ -99,9 +119,30 @@ def handler_queue(spec: HandlerSpec, settings: Settings) -> Queue:
     declare the exchange, so ``Queue.declare()`` creates exchange, queue and every binding.
     """
     ex = exchange(settings)
+    name = handler_queue_name(spec, settings)
     return Queue(
-        handler_queue_name(spec, settings),
-        bindings=[binding(ex, routing_key=pattern) for pattern in spec.patterns],
+        name,
+        bindings=[
+            *(binding(ex, routing_key=pattern) for pattern in spec.patterns),
+            binding(retry_exchange(settings), routing_key=name),
+        ],
+        durable=True,
+        auto_delete=False,
+        queue_arguments=queue_arguments(spec, settings),
+    )
+
+
+def retry_queue(spec: HandlerSpec, settings: Settings) -> Queue:
+    """Return the handler's queue as a retry addresses it: retry exchange, key = queue name.
+
+    It is the same broker queue as :func:`handler_queue`; Celery publishes retries to it and,
+    for quorum queues, binds it for native delayed delivery.
+    """
+    name = handler_queue_name(spec, settings)
+    return Queue(
+        name,
+        exchange=retry_exchange(settings),
+        routing_key=name,
         durable=True,
         auto_delete=False,
         queue_arguments=queue_arguments(spec, settings),

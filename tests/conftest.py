@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
@@ -20,6 +24,7 @@ from kombu import Connection
 
 from celery_domain_events import DomainEvents
 
+ROOT = Path(__file__).resolve().parent.parent
 BROKER_URL = os.environ.get("DOMAIN_EVENTS_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
 
 
@@ -126,7 +131,9 @@ class Topology:
                     ):
                         _ignore(conn, lambda q=queue: conn.default_channel.queue_delete(q))
             _ignore(conn, lambda: conn.default_channel.queue_delete(self.unrouted))
+            _ignore(conn, lambda: conn.default_channel.queue_delete(f"test.{self.uid}.probe"))
             _ignore(conn, lambda: conn.default_channel.exchange_delete(self.exchange))
+            _ignore(conn, lambda: conn.default_channel.exchange_delete(self.exchange + ".retry"))
             _ignore(conn, lambda: conn.default_channel.exchange_delete(self.unrouted))
 
 
@@ -154,3 +161,103 @@ def running_worker(app: Celery, **kwargs: Any) -> Iterator[Any]:
     kwargs.setdefault("loglevel", "WARNING")
     with start_worker(app, **kwargs) as worker:
         yield worker
+
+
+class WorkerProcess:
+    """A real `celery worker` subprocess running tests/worker_app.py (prefork by default)."""
+
+    __test__ = False
+
+    def __init__(self, topology: Topology, tmp_path: Any, handlers: list[str], **env: str) -> None:
+        self.topology = topology
+        self.markers = tmp_path / "markers"
+        self.markers.mkdir(exist_ok=True)
+        self.log_path = tmp_path / f"worker-{uuid.uuid4().hex[:6]}.log"
+        self.handlers = handlers
+        self.env = {
+            **os.environ,
+            "TEST_BROKER_URL": topology.broker_url,
+            "TEST_EXCHANGE": topology.exchange,
+            "TEST_UNROUTED": topology.unrouted,
+            "TEST_SERVICE": topology.service("proc"),
+            "TEST_HANDLERS": ",".join(handlers),
+            "TEST_MARKER_DIR": str(self.markers),
+            **env,
+        }
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, *args: str) -> WorkerProcess:
+        cmd = [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "tests.worker_app",
+            "worker",
+            "--loglevel",
+            "INFO",
+            "--without-mingle",
+            "--without-gossip",
+            "--hostname",
+            f"t{uuid.uuid4().hex[:8]}@%h",
+            *(args or ("-P", "prefork", "-c", "2")),
+        ]
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        wait_for(lambda: " ready." in self.log() or self.proc.poll() is not None, timeout=60)
+        assert self.proc.poll() is None, self.log()
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def kill(self) -> None:
+        """SIGKILL the worker and its pool processes (a power cut, not a shutdown)."""
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def marker_lines(self, name: str, event_id: Any) -> list[str]:
+        path = self.markers / f"{name}-{event_id}"
+        return path.read_text().splitlines() if path.exists() else []
+
+    def queue(self, handler: str) -> str:
+        return f"{self.topology.service('proc')}.{handler}"
+
+    def cleanup(self) -> None:
+        self.stop()
+        with Connection(self.topology.broker_url) as conn:
+            for handler in self.handlers:
+                for queue in (self.queue(handler), self.queue(handler) + ".dlq"):
+                    _ignore(conn, lambda q=queue: conn.default_channel.queue_delete(q))
+
+
+@pytest.fixture
+def worker_process(topology: Topology, tmp_path: Any) -> Iterator[Callable[..., WorkerProcess]]:
+    """Build WorkerProcess objects; every one is stopped and its queues deleted afterwards."""
+    made: list[WorkerProcess] = []
+
+    def make(handlers: list[str], **env: str) -> WorkerProcess:
+        worker = WorkerProcess(topology, tmp_path, handlers, **env)
+        made.append(worker)
+        return worker
+
+    yield make
+    for worker in made:
+        worker.cleanup()

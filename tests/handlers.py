@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import time
 from typing import ClassVar
 
-from celery_domain_events import DomainEvent, GenericEvent, domain_event_handler
+from celery_domain_events import (
+    DomainEvent,
+    GenericEvent,
+    RejectEvent,
+    RetryPolicy,
+    domain_event_handler,
+)
 
 from .conftest import RECORDER
 
@@ -47,3 +54,47 @@ WILDCARDS = {
 }
 for _name, _patterns in WILDCARDS.items():
     _recording(_name, *_patterns)
+
+
+# Recoverability (issue 3).
+class PoisonTarget(DomainEvent):
+    event_name: ClassVar[str] = "test.poison.typed"
+    event_version: ClassVar[int] = 1
+
+    n: int
+
+
+@domain_event_handler("test.retry.#", retry=RetryPolicy(max_retries=2, backoff=False, countdown=0))
+def always_fails(event: GenericEvent) -> None:
+    RECORDER.record("always_fails", (time.monotonic(), event))
+    raise RuntimeError(f"boom {event.event_id}")
+
+
+@domain_event_handler("test.retry.#", retry=None)
+def retry_sibling(event: GenericEvent) -> None:
+    RECORDER.record("retry_sibling", event)
+
+
+@domain_event_handler("test.flaky.#", retry=RetryPolicy(max_retries=3, backoff=False))
+def fails_twice(event: GenericEvent) -> None:
+    calls = [e for e in RECORDER.get("fails_twice") if e == event]
+    RECORDER.record("fails_twice", event)
+    if len(calls) < 2:
+        raise ConnectionError("transient")
+
+
+@domain_event_handler("test.delay.#", retry=RetryPolicy(max_retries=1, backoff=False, countdown=1))
+def delayed_retry(event: GenericEvent) -> None:
+    RECORDER.record("delayed_retry", time.monotonic())
+    raise RuntimeError("later")
+
+
+@domain_event_handler("test.reject.#")
+def rejects(event: GenericEvent) -> None:
+    RECORDER.record("rejects", event)
+    raise RejectEvent("not for us")
+
+
+@domain_event_handler("test.poison.#", retry=RetryPolicy(max_retries=3))
+def poison_target(event: PoisonTarget) -> None:
+    RECORDER.record("poison_target", event)

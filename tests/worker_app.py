@@ -1,0 +1,87 @@
+"""A Celery app for tests that run a real `celery worker` subprocess.
+
+Configured from the environment by tests.conftest.WorkerProcess; its handlers leave files in
+$TEST_MARKER_DIR so the test process can see what happened inside the worker's pool.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from typing import ClassVar
+
+from celery import Celery
+
+from celery_domain_events import DomainEvent, DomainEvents, RetryPolicy, domain_event_handler
+
+app = Celery("worker_app", broker=os.environ["TEST_BROKER_URL"])
+app.conf.update(
+    broker_heartbeat=None,
+    worker_send_task_events=True,
+    task_send_sent_event=False,
+    domain_events_exchange=os.environ["TEST_EXCHANGE"],
+    domain_events_unrouted_queue=os.environ["TEST_UNROUTED"],
+    domain_events_queue_type=os.environ.get("TEST_QUEUE_TYPE", "classic"),
+    domain_events_delivery_limit=int(os.environ["TEST_DELIVERY_LIMIT"])
+    if os.environ.get("TEST_DELIVERY_LIMIT")
+    else None,
+)
+DomainEvents(
+    app, service=os.environ["TEST_SERVICE"], handlers=os.environ["TEST_HANDLERS"].split(",")
+)
+
+
+class Probe(DomainEvent):
+    event_name: ClassVar[str] = "probe.crash"
+    n: int = 0
+
+
+def _marker(*parts: str) -> Path:
+    return Path(os.environ["TEST_MARKER_DIR"], "-".join(parts))
+
+
+def _append(name: str, event: DomainEvent) -> None:
+    with _marker(name, str(event.event_id)).open("a") as f:
+        f.write(f"{time.time()} {os.getpid()}\n")
+
+
+@domain_event_handler("probe.crash.once", retry=None)
+def crash_once(event: DomainEvent) -> None:
+    """The first delivery kills its pool process; the redelivery completes."""
+    _append("crash_once", event)
+    first = _marker("crash_once", str(event.event_id), "crashed")
+    if not first.exists():
+        first.touch()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@domain_event_handler("probe.crash.always", retry=None)
+def crash_always(event: DomainEvent) -> None:
+    """Every delivery kills its pool process: a crash loop."""
+    _append("crash_always", event)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@domain_event_handler("probe.hang", retry=None)
+def hang_once(event: DomainEvent) -> None:
+    """The first delivery hangs (the test SIGKILLs the whole worker); the next completes."""
+    _append("hang_once", event)
+    first = _marker("hang_once", str(event.event_id), "started")
+    if not first.exists():
+        first.touch()
+        time.sleep(120)
+
+
+@domain_event_handler("probe.retry", retry=RetryPolicy(max_retries=2, backoff=False, countdown=1))
+def flaky(event: DomainEvent) -> None:
+    """Always fails: retried twice, 1 s apart, then dead-lettered."""
+    _append("flaky", event)
+    raise RuntimeError("flaky handler failed")
+
+
+@domain_event_handler("probe.retry", retry=None)
+def sibling(event: DomainEvent) -> None:
+    """Shares the routing key with `flaky`; must run exactly once."""
+    _append("sibling", event)
