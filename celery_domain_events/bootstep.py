@@ -34,7 +34,7 @@ from kombu.transport.native_delayed_delivery import (
 from kombu.utils.url import maybe_sanitize_url
 
 from . import deadletter
-from .bridge import to_task_message
+from .bridge import raw_body, to_task_message
 from .config import QueueType
 from .deadletter import FailureReason
 from .exceptions import EventDecodeError
@@ -81,7 +81,7 @@ class _Dispatch:
 
     def dead_letter(self, message: Message, exc: EventDecodeError) -> None:
         delivery_info = message.delivery_info or {}
-        body = message.body if isinstance(message.body, bytes) else str(message.body).encode()
+        body = raw_body(message.body, message.content_encoding)
         record = deadletter.dead_letter_message(
             body=body,
             queue=self.queue,

@@ -22,7 +22,7 @@ from .exceptions import EventDecodeError
 from .registry import HandlerSpec
 from .serialization import JSON_CONTENT_TYPES
 
-__all__ = ["TASK_ID_NAMESPACE", "task_id_for", "to_task_message"]
+__all__ = ["TASK_ID_NAMESPACE", "event_text", "raw_body", "task_id_for", "to_task_message"]
 
 #: Namespace of the deterministic handler task ids.
 TASK_ID_NAMESPACE = uuid.UUID("6f1c1f0e-5a2b-4c69-9d51-6b8cf1f2a0de")
@@ -55,6 +55,17 @@ def _peek_event_id(text: str) -> str:
     return event_id
 
 
+def raw_body(body: Any, content_encoding: str | None) -> bytes:
+    """Return a message body as the bytes that were on the wire.
+
+    py-amqp decodes a body to ``str`` when its ``content_encoding`` names a codec; encoding it
+    back with the same codec restores the exact bytes.
+    """
+    if isinstance(body, str):
+        return body.encode(content_encoding or "utf-8")
+    return bytes(body or b"")
+
+
 def event_text(message: Message) -> str:
     """Return the body of an event delivery as text.
 
@@ -69,10 +80,11 @@ def event_text(message: Message) -> str:
             f"({', '.join(sorted(JSON_CONTENT_TYPES))})"
         )
     body: Any = message.body
-    if isinstance(body, str):
+    encoding = (message.content_encoding or "utf-8").lower()
+    if isinstance(body, str) and encoding in ("utf-8", "utf8"):
         return body
     try:
-        return bytes(body or b"").decode("utf-8")
+        return raw_body(body, encoding).decode("utf-8")
     except UnicodeDecodeError as exc:
         raise EventDecodeError(f"body is not UTF-8: {exc}") from exc
 

@@ -16,17 +16,34 @@ from __future__ import annotations
 
 import enum
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from contextlib import nullcontext
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
+from kombu import Connection
+from kombu.common import ignore_errors
+
+from .bridge import raw_body
 from .confirm import OutboundMessage, publish_confirmed
 from .serialization import CONTENT_TYPE
+from .topology import DLQ_SUFFIX, RETRY_SUFFIX
 
 if TYPE_CHECKING:
     from .extension import DomainEvents
 
-__all__ = ["HEADER_PREFIX", "MAX_HEADERS_BYTES", "FailureReason", "dead_letter_message", "send"]
+__all__ = [
+    "HEADER_PREFIX",
+    "MAX_HEADERS_BYTES",
+    "DeadLetter",
+    "FailureReason",
+    "dead_letter_message",
+    "depth",
+    "process",
+    "replay",
+    "send",
+]
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +118,7 @@ def dead_letter_message(
     return OutboundMessage(
         body=body,
         exchange="",
-        routing_key=queue + ".dlq",
+        routing_key=queue + DLQ_SUFFIX,
         content_type=content_type or "application/octet-stream",
         content_encoding=content_encoding or "binary",
         properties=props,
@@ -117,7 +134,7 @@ def send(ext: DomainEvents, message: OutboundMessage) -> None:
     Raises:
         PublishError: the broker did not confirm within the publish retry policy.
     """
-    spec = ext.handler_for_queue(message.routing_key.removesuffix(".dlq"))
+    spec = ext.handler_for_queue(message.routing_key.removesuffix(DLQ_SUFFIX))
     declare = [ext.dead_letter_queue(spec)] if spec is not None else []
     publish_confirmed(
         lambda: ext.app.pool.acquire(block=True),
@@ -133,3 +150,144 @@ def send(ext: DomainEvents, message: OutboundMessage) -> None:
         message.headers.get(HEADER_PREFIX + "reason"),
         message.headers.get(HEADER_PREFIX + "exception"),
     )
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """One message of a dead-letter queue, as the CLI lists, shows and replays it."""
+
+    #: The dead-letter queue it was read from (``<handler queue>.dlq``).
+    queue: str
+    body: bytes
+    content_type: str | None
+    content_encoding: str | None
+    properties: dict[str, Any]
+    headers: dict[str, Any]
+
+    @property
+    def handler_queue(self) -> str:
+        """The handler queue a replay goes back to."""
+        return self.queue.removesuffix(DLQ_SUFFIX)
+
+    def failure(self, key: str, default: Any = None) -> Any:
+        """Return the ``x-failure-<key>`` header."""
+        return self.headers.get(HEADER_PREFIX + key, default)
+
+    @property
+    def event_id(self) -> str:
+        """The event id (``message_id``), or ``?`` if the publisher set none."""
+        return str(self.properties.get("message_id") or "?")
+
+    @property
+    def event_name(self) -> str:
+        """The routing key the event was published with."""
+        death = (self.headers.get("x-death") or [{}])[0]
+        keys = death.get("routing-keys") or [None]
+        return str(self.failure("routing-key") or self.properties.get("type") or keys[0] or "?")
+
+    @property
+    def reason(self) -> str:
+        """Why it was dead-lettered; broker dead letters (delivery limit) say ``broker:<why>``."""
+        if self.failure("reason"):
+            return str(self.failure("reason"))
+        death = (self.headers.get("x-death") or [{}])[0]
+        return f"broker:{death.get('reason', '?')}"
+
+    def replay_message(self, retry_exchange: str) -> OutboundMessage:
+        """Build the message that sends this event back to its handler queue, and only there."""
+        headers = {
+            k: v
+            for k, v in self.headers.items()
+            if not str(k).startswith(HEADER_PREFIX) and k != "x-death"
+        }
+        headers["x-replayed"] = int(self.headers.get("x-replayed", 0)) + 1
+        return OutboundMessage(
+            body=self.body,
+            exchange=retry_exchange,
+            routing_key=self.handler_queue,
+            content_type=self.content_type or "application/octet-stream",
+            content_encoding=self.content_encoding or "binary",
+            properties={k: v for k, v in self.properties.items() if k in _REPLAYED_PROPERTIES},
+            headers=headers,
+            mandatory=True,
+            must_route=True,
+        )
+
+
+_REPLAYED_PROPERTIES = ("message_id", "type", "timestamp", "app_id", "correlation_id", "priority")
+
+
+def _letter(queue: str, raw: Any) -> DeadLetter:
+    props = dict(raw.properties)
+    headers = dict(props.pop("application_headers", None) or {})
+    encoding = props.pop("content_encoding", None)
+    return DeadLetter(
+        queue=queue,
+        body=raw_body(raw.body, encoding),
+        content_type=props.pop("content_type", None),
+        content_encoding=encoding,
+        properties=props,
+        headers=headers,
+    )
+
+
+def depth(conn: Connection, queue: str) -> int | None:
+    """Return the number of messages in ``queue``, or None if it does not exist."""
+    channel: Any = conn.channel()  # transport channel: the stubs only know StdChannel
+    try:
+        _, count, _ = channel.queue_declare(queue, passive=True)
+        return int(count)
+    except conn.channel_errors:
+        return None
+    finally:
+        ignore_errors(conn, channel.close)
+
+
+def process(
+    conn: Connection,
+    queue: str,
+    select: Callable[[DeadLetter], bool] = lambda _: True,
+    act: Callable[[DeadLetter], None] | None = None,
+    *,
+    limit: int | None = None,
+) -> list[DeadLetter]:
+    """Read the dead letters of ``queue``; ``act`` on the selected ones, then ack them.
+
+    Messages are fetched unacked; those not selected (or all of them, when ``act`` is None,
+    as for ``list`` and dry runs) return to the queue in their order when the channel closes.
+    If ``act`` raises, the message it failed on is not acked and stays dead-lettered.
+
+    Returns:
+        The selected dead letters (at most ``limit``).
+    """
+    channel: Any = conn.channel()  # transport channel: the stubs only know StdChannel
+    selected: list[DeadLetter] = []
+    try:
+        _, count, _ = channel.queue_declare(queue, passive=True)
+        for _ in range(count):
+            if limit is not None and len(selected) >= limit:
+                break
+            raw = channel.basic_get(queue, no_ack=False)
+            if raw is None:
+                break
+            letter = _letter(queue, raw)
+            if not select(letter):
+                continue
+            selected.append(letter)
+            if act is not None:
+                act(letter)
+                channel.basic_ack(raw.delivery_tag)
+    finally:
+        ignore_errors(conn, channel.close)
+    return selected
+
+
+def replay(ext: DomainEvents, conn: Connection, letter: DeadLetter) -> None:
+    """Publish ``letter`` back to its handler queue (confirmed) through the retry exchange."""
+    publish_confirmed(
+        lambda: nullcontext(conn),
+        [letter.replay_message(ext.settings.exchange + RETRY_SUFFIX)],
+        timeout=ext.settings.confirm_timeout,
+        policy=ext.settings.publish_retry_policy,
+    )
+    log.info("Replayed event %s to %s", letter.event_id, letter.handler_queue)

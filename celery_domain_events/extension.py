@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from functools import cached_property
 from typing import Any
 
+from amqp.exceptions import PreconditionFailed
 from celery import Celery
 from kombu import Exchange, Queue
 
@@ -169,9 +170,21 @@ class DomainEvents:
         return [self.exchange(), *([unrouted] if unrouted is not None else [])]
 
     def declare(self, channel: Any) -> None:
-        """Declare the exchange, every handler queue with its bindings, and every DLQ."""
-        for entity in self.publisher_entities():
-            entity.declare(channel=channel)
+        """Declare the exchange, every handler queue with its bindings, and every DLQ.
+
+        Raises:
+            ConfigurationError: RabbitMQ refused a declaration (PRECONDITION_FAILED: the
+                entity exists with other arguments, such as another queue type).
+        """
+        entities = [*self.publisher_entities()]
         for spec in self.handlers:
-            self.dead_letter_queue(spec).declare(channel=channel)
-            self.handler_queue(spec).declare(channel=channel)
+            entities += [self.dead_letter_queue(spec), self.handler_queue(spec)]
+        for entity in entities:
+            try:
+                entity.declare(channel=channel)
+            except PreconditionFailed as exc:
+                raise ConfigurationError(
+                    f"RabbitMQ refused to declare {type(entity).__name__.lower()} "
+                    f"{entity.name!r}: {exc.reply_text}. It exists with other arguments; "
+                    "delete it or align the domain_events_* settings with it."
+                ) from exc

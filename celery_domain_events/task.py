@@ -7,17 +7,20 @@ Two things differ from a plain Celery task:
 * ``retry()`` publishes to the handler's own queue through the default exchange. Celery would
   re-publish to the original exchange and routing key, which for a topic exchange means every
   other handler of the event would run again.
-* ``on_failure()`` dead-letters the original body with a failure record, confirmed before
-  Celery acks the delivery (``acks_late``).
+* On the final failure (retries spent, or an error that is never retried), the original body
+  is dead-lettered with a failure record and confirmed *before* Celery acks the delivery
+  (``acks_late``). If the dead letter cannot be confirmed, the delivery is requeued instead.
 """
 
 from __future__ import annotations
 
 import logging
+import traceback
 from typing import Any
 
 from billiard.einfo import ExceptionInfo
 from celery import Task
+from celery.exceptions import Ignore, Reject, Retry
 
 from . import deadletter, serialization
 from .deadletter import FailureReason
@@ -27,6 +30,9 @@ from .registry import HandlerSpec
 __all__ = ["DomainEventTask"]
 
 log = logging.getLogger(__name__)
+
+# Set on an exception once its event is dead-lettered, so on_failure does not do it twice.
+_DEAD_LETTERED = "_domain_events_dead_lettered"
 
 
 class DomainEventTask(Task[Any, Any]):
@@ -58,6 +64,31 @@ class DomainEventTask(Task[Any, Any]):
         options.setdefault("queue", ext.retry_queue(self.handler_spec))
         return super().retry(*args, **options)
 
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the handler; on its final failure, dead-letter the event before Celery acks it.
+
+        Raises:
+            Reject: the dead letter could not be confirmed; the delivery is requeued instead
+                of being acked, so the event is not lost.
+        """
+        retries = int(self.request.retries or 0)
+        try:
+            return super().__call__(*args, **kwargs)
+        except (Retry, Ignore, Reject):
+            raise
+        except Exception as exc:
+            try:
+                self._dead_letter(exc, kwargs, retries, traceback.format_exc())
+            except Exception as publish_error:
+                log.error(
+                    "Could not dead-letter event for %s[%s] (%r); requeueing the delivery",
+                    self.name,
+                    self.request.id,
+                    publish_error,
+                )
+                raise Reject(publish_error, requeue=True) from exc
+            raise
+
     def on_failure(
         self,
         exc: BaseException,
@@ -66,18 +97,32 @@ class DomainEventTask(Task[Any, Any]):
         kwargs: Any,
         einfo: ExceptionInfo | None,
     ) -> None:
-        """Dead-letter the event; Celery acks the delivery once this returns."""
+        """Dead-letter failures raised outside the handler's call (a hard time limit)."""
+        if getattr(exc, _DEAD_LETTERED, False) or not isinstance(exc, Exception):
+            return
+        traceback_text = str(einfo.traceback) if einfo is not None else ""
+        retries = int((self.request.retries if self.request.id == task_id else 0) or 0)
+        try:
+            self._dead_letter(exc, kwargs or {}, retries, traceback_text)
+        except Exception:
+            # Celery acks after this (the pool process is gone): keep the body in the log.
+            log.critical(
+                "Could not dead-letter event for %s[%s]; body follows: %s",
+                self.name,
+                task_id,
+                (kwargs or {}).get("raw_event"),
+                exc_info=True,
+            )
+
+    def _dead_letter(
+        self, exc: Exception, kwargs: dict[str, Any], retries: int, traceback_text: str
+    ) -> None:
         from .extension import DomainEvents  # noqa: PLC0415
 
-        kwargs = kwargs or {}
         raw_event = kwargs.get("raw_event")
-        meta: dict[str, Any] = kwargs.get("meta") or {}
         if not isinstance(raw_event, str):
-            log.error(
-                "Handler task %s[%s] failed without an event body: %r", self.name, task_id, exc
-            )
-            return
-        retries = self.request.retries if self.request.id == task_id else meta.get("retries", 0)
+            return  # called directly, not from a delivery: nothing to dead-letter
+        meta: dict[str, Any] = kwargs.get("meta") or {}
         ext = DomainEvents.of(self.app)
         message = deadletter.dead_letter_message(
             body=raw_event.encode("utf-8"),
@@ -85,29 +130,18 @@ class DomainEventTask(Task[Any, Any]):
             handler=self.handler_spec.name,
             reason=self._failure_reason(exc),
             exc=exc,
-            traceback=str(einfo.traceback) if einfo is not None else "",
-            attempts=int(retries or 0) + 1,
+            traceback=traceback_text,
+            attempts=retries + 1,
             exchange=meta.get("exchange", ""),
             routing_key=meta.get("routing_key", ""),
-            task_id=task_id,
+            task_id=self.request.id,
             content_type=meta.get("content_type"),
             content_encoding=meta.get("content_encoding"),
             properties=meta.get("properties"),
             headers=meta.get("headers"),
         )
-        try:
-            deadletter.send(ext, message)
-        except Exception:
-            # The delivery will still be acked by Celery; keep the body in the log so the
-            # event can be recovered by hand rather than vanish.
-            log.critical(
-                "Could not dead-letter event for %s[%s]; body follows: %s",
-                self.name,
-                task_id,
-                raw_event,
-                exc_info=True,
-            )
-            raise
+        deadletter.send(ext, message)
+        setattr(exc, _DEAD_LETTERED, True)
 
     def _failure_reason(self, exc: BaseException) -> FailureReason:
         if isinstance(exc, EventDecodeError):

@@ -226,3 +226,33 @@ def _depth_or_zero(topology: Topology, queue: str) -> int:
         return topology.queue_depth(queue)
     except Exception:
         return 0
+
+
+def test_event_is_requeued_when_its_dead_letter_cannot_be_confirmed(
+    topology: Topology, recorder: Recorder
+) -> None:
+    app = topology.app(
+        handlers=[handlers.rejects],
+        domain_events_publish_retry_policy={"max_retries": 1, "interval_start": 0.2},
+    )
+    queue = f"{topology.service()}.rejects"
+    with running_worker(app):
+        with Connection(topology.broker_url) as conn:
+            conn.default_channel.queue_delete(queue + ".dlq")
+            # A DLQ that nacks every publish (and clashes with the declared arguments).
+            conn.default_channel.queue_declare(
+                queue + ".dlq",
+                durable=True,
+                auto_delete=False,
+                arguments={"x-max-length": 0, "x-overflow": "reject-publish"},
+            )
+        emit("test.reject.unwritable", {})
+        transmit(app)
+        wait_for(lambda: len(recorder.get("rejects")) >= 2)  # requeued, delivered again
+    wait_for(lambda: topology.queue_depth(queue) == 1)  # still there: nothing was lost
+    assert topology.queue_depth(queue + ".dlq") == 0
+    with Connection(topology.broker_url) as conn:
+        conn.default_channel.queue_delete(queue + ".dlq")  # the operator repairs the DLQ
+    with running_worker(app):
+        wait_for(lambda: topology.queue_depth(queue + ".dlq") == 1)
+    assert topology.queue_depth(queue) == 0

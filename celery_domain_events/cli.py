@@ -1,0 +1,262 @@
+"""``celery -A proj domain-events ...``: dead letters from the command line.
+
+Installed as a ``celery.commands`` plugin, so ``-A`` resolves the app as for any celery command::
+
+    celery -A proj domain-events dlq list [--messages]
+    celery -A proj domain-events dlq show EVENT_ID
+    celery -A proj domain-events dlq replay --handler send_welcome_email [--event 'user.#']
+    celery -A proj domain-events dlq purge --id EVENT_ID --yes
+
+(Celery's own ``celery events`` command is the event monitor, so this one is ``domain-events``.)
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import click
+from celery import Celery
+from kombu import Connection
+from kombu.utils.url import maybe_sanitize_url
+
+from . import deadletter
+from .deadletter import DeadLetter
+from .exceptions import DomainEventsError
+from .extension import DomainEvents
+from .registry import HandlerSpec
+from .routing import matches, validate_pattern
+
+__all__ = ["domain_events"]
+
+
+def _ext(ctx: click.Context) -> DomainEvents:
+    app: Celery = ctx.obj.app
+    # Handlers register when their modules are imported, as the worker does on start.
+    app.loader.import_default_modules()
+    try:
+        return DomainEvents.of(app)
+    except DomainEventsError as exc:
+        raise click.UsageError(str(exc)) from exc
+
+
+@contextmanager
+def _connection(ext: DomainEvents) -> Iterator[Connection]:
+    conn = ext.app.connection_for_write()
+    try:
+        conn.ensure_connection(max_retries=3)
+    except conn.recoverable_connection_errors as exc:
+        raise click.ClickException(
+            f"cannot reach the broker at {maybe_sanitize_url(conn.as_uri())}: {exc}"
+        ) from exc
+    try:
+        yield conn
+    finally:
+        conn.release()
+
+
+def _handlers(ext: DomainEvents, names: tuple[str, ...]) -> list[HandlerSpec]:
+    specs = ext.handlers
+    if not names:
+        return specs
+    known = {s.name: s for s in specs}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise click.BadParameter(
+            f"unknown handler(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}",
+            param_hint="--handler",
+        )
+    return [known[n] for n in names]
+
+
+def _selector(
+    event: str | None, ids: tuple[str, ...], reason: str | None
+) -> Callable[[DeadLetter], bool]:
+    if event is not None:
+        validate_pattern(event)
+
+    def select(letter: DeadLetter) -> bool:
+        return (
+            (event is None or matches(event, letter.event_name))
+            and (not ids or letter.event_id in ids)
+            and (reason is None or letter.reason == reason)
+        )
+
+    return select
+
+
+def _summary(letter: DeadLetter) -> dict[str, Any]:
+    return {
+        "queue": letter.queue,
+        "event_id": letter.event_id,
+        "event": letter.event_name,
+        "reason": letter.reason,
+        "attempts": letter.failure("attempts"),
+        "exception": letter.failure("exception"),
+        "message": letter.failure("message"),
+        "time": letter.failure("time"),
+        "replayed": letter.headers.get("x-replayed", 0),
+    }
+
+
+def _line(letter: DeadLetter) -> str:
+    s = _summary(letter)
+    return (
+        f"  {s['event_id']}  {s['event']}  {s['reason']}  attempts={s['attempts']}  "
+        f"{s['exception']}: {s['message']}"
+    )
+
+
+handler_option = click.option(
+    "--handler", "handlers", multiple=True, help="Only this handler's DLQ (repeatable)."
+)
+filter_options = [
+    handler_option,
+    click.option("--event", help="Only events whose name matches this AMQP pattern."),
+    click.option("--id", "ids", multiple=True, help="Only this event id (repeatable)."),
+    click.option("--reason", help="Only this reason (retries-exhausted, rejected, poison, ...)."),
+    click.option("--limit", type=click.IntRange(min=1), help="At most this many per queue."),
+    click.option("--dry-run", is_flag=True, help="Show what would be done; change nothing."),
+]
+
+
+def _with_filters(fn: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed(filter_options):
+        fn = option(fn)
+    return fn
+
+
+@click.group(name="domain-events")
+def domain_events() -> None:
+    """Domain events: dead letters (and, later, topology)."""
+
+
+@domain_events.group()
+def dlq() -> None:
+    """Inspect, replay and purge dead-letter queues."""
+
+
+@dlq.command("list")
+@handler_option
+@click.option("--messages", is_flag=True, help="List each dead letter too.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def list_(ctx: click.Context, handlers: tuple[str, ...], messages: bool, as_json: bool) -> None:
+    """Show each handler's dead-letter queue and its depth."""
+    ext = _ext(ctx)
+    rows = []
+    with _connection(ext) as conn:
+        for spec in _handlers(ext, handlers):
+            queue = ext.dead_letter_queue(spec).name
+            count = deadletter.depth(conn, queue)
+            letters = deadletter.process(conn, queue) if messages and count else []
+            rows.append((spec.name, queue, count, letters))
+    if as_json:
+        click.echo(
+            json.dumps(
+                [
+                    {"handler": h, "queue": q, "depth": c, "messages": [_summary(x) for x in ls]}
+                    for h, q, c, ls in rows
+                ],
+                indent=2,
+                default=str,
+            )
+        )
+        return
+    for handler, queue, count, letters in rows:
+        shown = "not declared yet" if count is None else f"{count} message(s)"
+        click.echo(f"{queue}  ({handler}): {shown}")
+        for letter in letters:
+            click.echo(_line(letter))
+
+
+@dlq.command()
+@click.argument("event_id")
+@handler_option
+@click.pass_context
+def show(ctx: click.Context, event_id: str, handlers: tuple[str, ...]) -> None:
+    """Print every dead letter of EVENT_ID: failure record, headers and body."""
+    ext = _ext(ctx)
+    found = 0
+    with _connection(ext) as conn:
+        for spec in _handlers(ext, handlers):
+            queue = ext.dead_letter_queue(spec).name
+            if not deadletter.depth(conn, queue):
+                continue
+            for letter in deadletter.process(conn, queue, _selector(None, (event_id,), None)):
+                found += 1
+                click.echo(
+                    json.dumps(
+                        {
+                            **_summary(letter),
+                            "traceback": letter.failure("traceback"),
+                            "properties": letter.properties,
+                            "headers": {
+                                k: v
+                                for k, v in letter.headers.items()
+                                if not str(k).startswith(deadletter.HEADER_PREFIX)
+                            },
+                            "content_type": letter.content_type,
+                            "body": letter.body.decode("utf-8", "replace"),
+                        },
+                        indent=2,
+                        default=str,
+                    )
+                )
+    if not found:
+        raise click.ClickException(f"no dead letter with event id {event_id}")
+
+
+def _run(
+    ctx: click.Context,
+    verbs: tuple[str, str],
+    act: Callable[[DomainEvents, Connection, DeadLetter], None],
+    *,
+    handlers: tuple[str, ...],
+    event: str | None,
+    ids: tuple[str, ...],
+    reason: str | None,
+    limit: int | None,
+    dry_run: bool,
+) -> None:
+    ext = _ext(ctx)
+    select = _selector(event, ids, reason)
+    total = 0
+    with _connection(ext) as conn:
+        for spec in _handlers(ext, handlers):
+            queue = ext.dead_letter_queue(spec).name
+            if not deadletter.depth(conn, queue):
+                continue
+            done = deadletter.process(
+                conn,
+                queue,
+                select,
+                None if dry_run else (lambda letter: act(ext, conn, letter)),
+                limit=limit,
+            )
+            verb, done_verb = verbs
+            for letter in done:
+                click.echo(f"{'would ' + verb if dry_run else done_verb}:{_line(letter)}")
+            total += len(done)
+    click.echo(f"{total} dead letter(s) {'would be ' if dry_run else ''}{verbs[1]}")
+
+
+@dlq.command()
+@_with_filters
+@click.pass_context
+def replay(ctx: click.Context, /, **filters: Any) -> None:
+    """Send dead letters back to their own handler's queue (no other handler sees them)."""
+    _run(ctx, ("replay", "replayed"), deadletter.replay, **filters)
+
+
+@dlq.command()
+@_with_filters
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.pass_context
+def purge(ctx: click.Context, /, yes: bool, **filters: Any) -> None:
+    """Delete dead letters for good."""
+    if not (yes or filters["dry_run"]):
+        click.confirm("Delete the selected dead letters for good?", abort=True)
+    _run(ctx, ("purge", "purged"), lambda ext, conn, letter: None, **filters)

@@ -1,0 +1,90 @@
+"""`celery -A app domain-events dlq ...` against the real broker and a real worker."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from celery_domain_events import emit, transmit
+
+from .conftest import ROOT, Topology, WorkerProcess, wait_for
+
+pytestmark = [pytest.mark.rabbitmq, pytest.mark.worker, pytest.mark.slow]
+
+
+def cli(worker: WorkerProcess, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "tests.worker_app", "domain-events", *args],
+        cwd=ROOT,
+        env=worker.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    if check:
+        assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def depths(worker: WorkerProcess) -> dict[str, Any]:
+    listing = json.loads(cli(worker, "dlq", "list", "--json").stdout)
+    return {row["handler"]: row["depth"] for row in listing}
+
+
+def test_list_show_replay_and_purge_dead_letters(
+    topology: Topology, worker_process: Callable[..., WorkerProcess]
+) -> None:
+    worker = worker_process(["flaky", "sibling"]).start()
+    publisher = topology.app("pub")
+    first, second = emit("probe.retry", {"n": 1}), emit("probe.retry", {"n": 2})
+    transmit(publisher)
+    dlq = worker.queue("flaky") + ".dlq"
+    wait_for(lambda: topology.queue_depth(dlq) == 2, timeout=60)
+    assert depths(worker) == {"flaky": 2, "sibling": 0}
+
+    shown = cli(worker, "dlq", "show", str(first.event_id)).stdout
+    record = json.loads(shown)
+    assert record["reason"] == "retries-exhausted"
+    assert record["attempts"] == 3
+    assert record["event"] == "probe.retry"
+    assert json.loads(record["body"])["id"] == str(first.event_id)
+    assert "RuntimeError" in record["traceback"]
+
+    dry = cli(worker, "dlq", "replay", "--id", str(first.event_id), "--dry-run").stdout
+    assert "1 dead letter(s) would be replayed" in dry
+    assert topology.queue_depth(dlq) == 2
+
+    none = cli(worker, "dlq", "replay", "--event", "other.#").stdout
+    assert "0 dead letter(s) replayed" in none
+
+    out = cli(worker, "dlq", "replay", "--handler", "flaky", "--id", str(first.event_id)).stdout
+    assert "1 dead letter(s) replayed" in out
+    # The replay reaches the failing handler only: three more attempts, then back in the DLQ.
+    wait_for(lambda: len(worker.marker_lines("flaky", first.event_id)) == 6, timeout=60)
+    wait_for(lambda: topology.queue_depth(dlq) == 2, timeout=30)
+    assert len(worker.marker_lines("sibling", first.event_id)) == 1
+    replayed = json.loads(cli(worker, "dlq", "list", "--json", "--messages").stdout)
+    by_id = {m["event_id"]: m for row in replayed for m in row["messages"]}
+    assert by_id[str(first.event_id)]["replayed"] == 1
+    assert by_id[str(second.event_id)]["replayed"] == 0
+
+    refused = cli(worker, "dlq", "purge", "--id", str(second.event_id), check=False)
+    assert refused.returncode != 0  # no --yes and no terminal to confirm on
+    assert topology.queue_depth(dlq) == 2
+    purged = cli(worker, "dlq", "purge", "--id", str(second.event_id), "--yes").stdout
+    assert "1 dead letter(s) purged" in purged
+    assert depths(worker) == {"flaky": 1, "sibling": 0}
+
+    missing = cli(worker, "dlq", "show", str(second.event_id), check=False)
+    assert missing.returncode != 0
+    assert "no dead letter" in missing.stderr
+    bad = cli(worker, "dlq", "list", "--handler", "nope", check=False)
+    assert bad.returncode != 0
+    assert "unknown handler" in bad.stderr
