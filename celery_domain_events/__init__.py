@@ -16,7 +16,7 @@ from .exceptions import (
 )
 from .extension import DomainEvents
 from .handlers import Handler, domain_event_handler
-from .publisher import buffered, discard, emit, transmit
+from .publisher import buffered, discard, emit, scope, transmit
 from .retry import RetryPolicy
 
 __version__ = "0.1.0"
@@ -43,5 +43,6 @@ __all__ = [
     "discard",
     "domain_event_handler",
     "emit",
+    "scope",
     "transmit",
 ]

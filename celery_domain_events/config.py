@@ -74,6 +74,8 @@ class Settings(BaseModel):
     delivery_limit: int | None = Field(default=None, ge=1)
     #: Seconds ``transmit()`` waits for the broker's publisher confirms.
     confirm_timeout: float = Field(default=30.0, gt=0)
+    #: Transmit what a Celery task emitted when it succeeds; discard it when it fails.
+    task_scope: bool = True
     #: Reconnection policy of ``transmit()``.
     publish_retry_policy: PublishRetryPolicy = PublishRetryPolicy()
 

@@ -12,7 +12,7 @@ from amqp.exceptions import PreconditionFailed
 from celery import Celery
 from kombu import Exchange, Queue
 
-from . import topology
+from . import taskscope, topology
 from .bootstep import DomainEventsStep, DomainEventsTopology
 from .config import Settings
 from .exceptions import ConfigurationError
@@ -81,6 +81,7 @@ class DomainEvents:
         self._overrides = overrides
         with _lock:
             _installed[app] = self
+        taskscope.connect()
         app.steps["worker"].add(DomainEventsTopology)
         app.steps["consumer"].add(DomainEventsStep)
         if app.configured:  # type: ignore[attr-defined]  # missing from celery-types

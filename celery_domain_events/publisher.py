@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import contextvars
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from celery import Celery
@@ -32,7 +33,17 @@ from .routing import validate_event_name
 if TYPE_CHECKING:
     from .extension import DomainEvents
 
-__all__ = ["buffered", "discard", "emit", "transmit"]
+__all__ = [
+    "as_event",
+    "buffered",
+    "close_buffer",
+    "discard",
+    "emit",
+    "open_buffer",
+    "publish_events",
+    "scope",
+    "transmit",
+]
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +51,29 @@ log = logging.getLogger(__name__)
 _buffer: contextvars.ContextVar[list[AnyEvent] | None] = contextvars.ContextVar(
     "celery_domain_events_buffer", default=None
 )
+
+
+def as_event(
+    event: AnyEvent | str,
+    data: Mapping[str, Any] | None = None,
+    *,
+    version: int = 1,
+) -> AnyEvent:
+    """Return ``event``, or build the ``GenericEvent`` that ``emit(name, data)`` means.
+
+    Raises:
+        InvalidRoutingPattern: an untyped event name is not dotted words.
+        TypeError: ``data`` was given with a typed event, or ``event`` is not an event.
+    """
+    if isinstance(event, str):
+        return GenericEvent(
+            event_name=validate_event_name(event), event_version=version, data=dict(data or {})
+        )
+    if data is not None:
+        raise TypeError("data= is only for untyped events: emit('name', {...})")
+    if not isinstance(event, DomainEvent | GenericEvent):
+        raise TypeError(f"emit() takes a DomainEvent or an event name, not {type(event).__name__}")
+    return event
 
 
 def emit(
@@ -62,20 +96,48 @@ def emit(
         InvalidRoutingPattern: an untyped event name is not dotted words.
         TypeError: ``data`` was given with a typed event.
     """
-    if isinstance(event, str):
-        event = GenericEvent(
-            event_name=validate_event_name(event), event_version=version, data=dict(data or {})
-        )
-    elif data is not None:
-        raise TypeError("data= is only for untyped events: emit('name', {...})")
-    elif not isinstance(event, DomainEvent | GenericEvent):
-        raise TypeError(f"emit() takes a DomainEvent or an event name, not {type(event).__name__}")
+    event = as_event(event, data, version=version)
     pending = _buffer.get()
     if pending is None:
         pending = []
         _buffer.set(pending)
     pending.append(event)
     return event
+
+
+@contextmanager
+def scope(app: Celery | None = None, *, transmit_on_exit: bool = True) -> Iterator[None]:
+    """Run a unit of work with its own buffer: transmit it if the block succeeds, else discard.
+
+    ::
+
+        with scope(app):            # a request, a task, a message handler
+            do_work()               # emit() here buffers into this scope only
+        # transmitted here, after the block (and its transaction) finished
+
+    Raises:
+        PublishError: as for :func:`transmit`, when the block succeeded.
+    """
+    token = open_buffer()
+    try:
+        yield
+        if transmit_on_exit:
+            transmit(app)
+    except BaseException:
+        discard()
+        raise
+    finally:
+        close_buffer(token)
+
+
+def open_buffer() -> contextvars.Token[list[AnyEvent] | None]:
+    """Start a fresh, empty buffer in this context (for integrations); see :func:`scope`."""
+    return _buffer.set([])
+
+
+def close_buffer(token: contextvars.Token[list[AnyEvent] | None]) -> None:
+    """Restore the buffer that was current before :func:`open_buffer` returned ``token``."""
+    _buffer.reset(token)
 
 
 def buffered() -> list[AnyEvent]:

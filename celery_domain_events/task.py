@@ -22,7 +22,7 @@ from billiard.einfo import ExceptionInfo
 from celery import Task
 from celery.exceptions import Ignore, Reject, Retry
 
-from . import deadletter, serialization
+from . import deadletter, publisher, serialization
 from .deadletter import FailureReason
 from .exceptions import NON_RETRYABLE, EventDecodeError
 from .registry import HandlerSpec
@@ -53,7 +53,10 @@ class DomainEventTask(Task[Any, Any]):
 
         envelope = serialization.decode(raw_event)
         event = serialization.to_event(envelope, DomainEvents.of(self.app).events)
-        return self.handler_spec.fn(event)
+        # Events the handler emits go out only if it succeeds; a failed transmit is an
+        # ordinary failure of this attempt, so it is retried like any other.
+        with publisher.scope(self.app):
+            return self.handler_spec.fn(event)
 
     def retry(self, *args: Any, **options: Any) -> Any:
         """Retry through this handler's own queue only (see the module docstring)."""

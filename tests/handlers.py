@@ -11,6 +11,7 @@ from celery_domain_events import (
     RejectEvent,
     RetryPolicy,
     domain_event_handler,
+    emit,
 )
 
 from .conftest import RECORDER
@@ -98,3 +99,17 @@ def rejects(event: GenericEvent) -> None:
 @domain_event_handler("test.poison.#", retry=RetryPolicy(max_retries=3))
 def poison_target(event: PoisonTarget) -> None:
     RECORDER.record("poison_target", event)
+
+
+# Emitting from tasks and handlers (issue 4).
+@domain_event_handler("test.chain.start", retry=RetryPolicy(max_retries=1, backoff=False))
+def chain_start(event: GenericEvent) -> None:
+    RECORDER.record("chain_start", event)
+    emit("test.chain.next", {"after": str(event.event_id)})
+    if event.event_data().get("fail_first") and len(RECORDER.get("chain_start")) == 1:
+        raise RuntimeError("the emitted event must be discarded with this attempt")
+
+
+@domain_event_handler("test.chain.next", "test.task.#", retry=None)
+def chain_next(event: GenericEvent) -> None:
+    RECORDER.record("chain_next", event)
