@@ -147,8 +147,8 @@ class DomainEventsStep(bootsteps.StartStopStep):
                 auto_declare=False,
                 no_ack=False,
             )
-            consumer.consume()
             self.consumers.append(consumer)
+        self._consume_with(parent.task_consumer)
         log.info(
             "Domain events: consuming %d handler queue(s) of service %r on exchange %r: %s",
             len(self.consumers),
@@ -156,6 +156,22 @@ class DomainEventsStep(bootsteps.StartStopStep):
             ext.settings.exchange,
             ", ".join(ext.handler_queue_name(s) for s in ext.handlers),
         )
+
+    def _consume_with(self, task_consumer: Any) -> None:
+        # Start consuming exactly when Celery starts its own task consumer, in the event loop
+        # once the pool is ready (asynloop and synloop both call task_consumer.consume()).
+        # Consuming here already would let a delivery arrive while a later step waits on the
+        # connection, and reach a pool that cannot take work yet.
+        consume = task_consumer.consume
+        consumers = self.consumers
+
+        def consume_all(*args: Any, **kwargs: Any) -> Any:
+            result = consume(*args, **kwargs)
+            for consumer in consumers:
+                consumer.consume()  # idempotent: active queues are skipped
+            return result
+
+        task_consumer.consume = consume_all
 
     def stop(self, parent: Any) -> None:
         """Cancel the handler consumers (the channel belongs to Celery's task consumer)."""

@@ -169,7 +169,12 @@ def _publish_once(
             except TimeoutError:
                 continue
     finally:
-        confirmed.update(id(m) for m in cc.acked)
+        # A returned message is acked too (it was handled: by being dropped); one that must
+        # reach a queue does not count as confirmed, so it is sent again.
+        returned_keys = {key for _, key in cc.returned}
+        confirmed.update(
+            id(m) for m in cc.acked if not (m.must_route and m.routing_key in returned_keys)
+        )
     must_route = {m.routing_key for m in batch if m.must_route}
     for exchange, routing_key in cc.returned:
         if routing_key in must_route:
