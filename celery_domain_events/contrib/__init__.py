@@ -1,0 +1,1 @@
+"""Integrations with other frameworks; each module imports only its own optional dependency."""
