@@ -6,6 +6,7 @@ Installed as a ``celery.commands`` plugin, so ``-A`` resolves the app as for any
     celery -A proj domain-events dlq show EVENT_ID
     celery -A proj domain-events dlq replay --handler send_welcome_email [--event 'user.#']
     celery -A proj domain-events dlq purge --id EVENT_ID --yes
+    celery -A proj domain-events topology show|declare|diff [--prune] [--apply]
 
 (Celery's own ``celery events`` command is the event monitor, so this one is ``domain-events``.)
 """
@@ -20,14 +21,17 @@ from typing import Any
 import click
 from celery import Celery
 from kombu import Connection
+from kombu.common import ignore_errors
 from kombu.utils.url import maybe_sanitize_url
 
 from . import deadletter
 from .deadletter import DeadLetter
 from .exceptions import DomainEventsError
 from .extension import DomainEvents
+from .management import ManagementClient
 from .registry import HandlerSpec
 from .routing import matches, validate_pattern
+from .topology import diff_bindings
 
 __all__ = ["domain_events"]
 
@@ -130,7 +134,7 @@ def _with_filters(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 @click.group(name="domain-events")
 def domain_events() -> None:
-    """Domain events: dead letters (and, later, topology)."""
+    """Domain events: dead letters and the queue/binding topology."""
 
 
 @domain_events.group()
@@ -260,3 +264,138 @@ def purge(ctx: click.Context, /, yes: bool, **filters: Any) -> None:
     if not (yes or filters["dry_run"]):
         click.confirm("Delete the selected dead letters for good?", abort=True)
     _run(ctx, ("purge", "purged"), lambda ext, conn, letter: None, **filters)
+
+
+@domain_events.group()
+def topology() -> None:
+    """Show, declare and diff exchanges, handler queues, bindings and DLQs."""
+
+
+def _management(ext: DomainEvents) -> ManagementClient:
+    broker_url = str(ext.app.conf.broker_write_url or ext.app.conf.broker_url)
+    return ManagementClient.for_broker(broker_url, ext.settings.management_url)
+
+
+def _queue_bindings(ext: DomainEvents, client: ManagementClient) -> list[tuple[str, str]]:
+    return [
+        (b["destination"], b["routing_key"])
+        for b in client.bindings_from(ext.settings.exchange)
+        if b.get("destination_type") == "queue"
+    ]
+
+
+def _stats(conn: Connection, queue: str) -> tuple[int, int] | None:
+    channel: Any = conn.channel()
+    try:
+        _, messages, consumers = channel.queue_declare(queue, passive=True)
+        return int(messages), int(consumers)
+    except conn.channel_errors:
+        return None
+    finally:
+        ignore_errors(conn, channel.close)
+
+
+@topology.command("show")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def topology_show(ctx: click.Context, as_json: bool) -> None:
+    """List each handler queue: type, depth, consumers, DLQ depth and live bindings."""
+    ext = _ext(ctx)
+    client = _management(ext)
+    bindings = _queue_bindings(ext, client)
+    rows: list[dict[str, Any]] = []
+    # Depths and consumers come from AMQP (exact now); the management API's statistics lag
+    # by seconds, so it is asked only for what AMQP cannot tell: bindings and queue type.
+    with _connection(ext) as conn:
+        for spec in ext.handlers:
+            name = ext.handler_queue_name(spec)
+            stats = _stats(conn, name)
+            rows.append(
+                {
+                    "handler": spec.name,
+                    "task": spec.task_name,
+                    "queue": name,
+                    "declared": stats is not None,
+                    "type": (client.queue(name) or {}).get("type"),
+                    "messages": stats[0] if stats else None,
+                    "consumers": stats[1] if stats else None,
+                    "dlq": ext.dead_letter_queue(spec).name,
+                    "dlq_messages": deadletter.depth(conn, ext.dead_letter_queue(spec).name),
+                    "patterns": list(spec.patterns),
+                    "bindings": sorted(k for q, k in bindings if q == name),
+                }
+            )
+        unrouted = ext.settings.unrouted_queue
+        summary = {
+            "exchange": ext.settings.exchange,
+            "retry_exchange": ext.retry_exchange().name,
+            "unrouted_queue": unrouted,
+            "unrouted_messages": deadletter.depth(conn, unrouted) if unrouted else None,
+            "queues": rows,
+        }
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    click.echo(
+        f"exchange {summary['exchange']} (topic), retries via {summary['retry_exchange']}, "
+        f"unrouted: {unrouted or 'dropped'} ({summary['unrouted_messages'] or 0} messages)"
+    )
+    for row in rows:
+        state = (
+            f"{row['type']}, {row['messages']} messages, {row['consumers']} consumers, "
+            f"DLQ {row['dlq_messages'] or 0}"
+            if row["declared"]
+            else "not declared yet"
+        )
+        click.echo(f"{row['queue']}  [{state}]")
+        click.echo(
+            f"    bound by: {', '.join(row['bindings']) or '-'}"
+            f"   (declared in code: {', '.join(row['patterns'])})"
+        )
+
+
+@topology.command("declare")
+@click.pass_context
+def topology_declare(ctx: click.Context) -> None:
+    """Declare everything now (before any worker runs, so no event is missed)."""
+    ext = _ext(ctx)
+    with _connection(ext) as conn:
+        ext.declare(conn.default_channel)
+    for spec in ext.handlers:
+        click.echo(
+            f"declared {ext.handler_queue_name(spec)} bound by {', '.join(spec.patterns)} "
+            f"(+ {ext.dead_letter_queue(spec).name})"
+        )
+
+
+@topology.command("diff")
+@click.option("--prune", is_flag=True, help="Unbind stale bindings (queues are never deleted).")
+@click.option("--apply", "apply_missing", is_flag=True, help="Declare missing bindings.")
+@click.pass_context
+def topology_diff(ctx: click.Context, prune: bool, apply_missing: bool) -> None:
+    """Compare RabbitMQ's bindings with the handlers' patterns; exit 1 if they differ."""
+    ext = _ext(ctx)
+    expected = {ext.handler_queue_name(s): s.patterns for s in ext.handlers}
+    diff = diff_bindings(expected, _queue_bindings(ext, _management(ext)), ext.settings.service)
+    for queue, pattern in diff.missing:
+        click.echo(f"missing  {queue}  {pattern}")
+    for queue, pattern in diff.stale:
+        click.echo(f"stale    {queue}  {pattern}")
+    for queue in diff.orphaned_queues:
+        click.echo(f"orphaned {queue}  (no handler; still bound, it keeps collecting events)")
+    if diff.clean:
+        click.echo("topology matches the handlers")
+        return
+    if not (prune or apply_missing):
+        ctx.exit(1)
+    with _connection(ext) as conn:
+        channel: Any = conn.default_channel
+        if prune:
+            for queue, pattern in diff.stale:
+                channel.queue_unbind(queue, ext.settings.exchange, pattern)
+                click.echo(f"unbound  {queue}  {pattern}")
+        if apply_missing:
+            ext.declare(channel)
+            click.echo(f"declared {len(diff.missing)} missing binding(s)")
+    if (diff.stale and not prune) or (diff.missing and not apply_missing):
+        ctx.exit(1)

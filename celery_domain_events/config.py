@@ -74,6 +74,8 @@ class Settings(BaseModel):
     delivery_limit: int | None = Field(default=None, ge=1)
     #: Seconds ``transmit()`` waits for the broker's publisher confirms.
     confirm_timeout: float = Field(default=30.0, gt=0)
+    #: RabbitMQ management API for ``topology show/diff``; None: port 15672 on the broker host.
+    management_url: str | None = None
     #: Transmit what a Celery task emitted when it succeeds; discard it when it fails.
     task_scope: bool = True
     #: Reconnection policy of ``transmit()``.

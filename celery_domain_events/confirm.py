@@ -51,6 +51,12 @@ class _Unroutable(Exception):
     """A message that must reach a queue came back from the broker (basic.return)."""
 
 
+def _irrecoverable(conn: Connection, exc: BaseException | None) -> bool:
+    return isinstance(exc, tuple(conn.connection_errors)) and not isinstance(
+        exc, tuple(conn.recoverable_connection_errors)
+    )
+
+
 class _Retry(Exception):
     """Internal: the attempt failed in a way that a new connection may fix."""
 
@@ -228,17 +234,20 @@ def publish_confirmed(
                     # The channel and maybe the connection are unusable: drop them so the
                     # pool hands out a fresh one (which declares again), and re-send
                     # everything not yet confirmed.
+                    exc = sys.exc_info()[1]
                     transport_conn = getattr(conn, "_connection", None)
                     if transport_conn is not None:
                         _channels.pop(transport_conn, None)
                     conn.collect()
-                    raise _Retry from sys.exc_info()[1]
+                    if _irrecoverable(conn, exc):
+                        raise  # wrong credentials or vhost: waiting will not fix it
+                    raise _Retry from exc
         except _Retry as retry:
             error: BaseException | None = retry.__cause__
             pending = [m for m in pending if id(m) not in confirmed]
         except Exception as exc:
-            # Not a broker outage (a bad URL scheme, an unencodable header): retrying would
-            # only delay the same error.
+            # Not a broker outage (refused credentials, a bad URL scheme, an unencodable
+            # header): retrying would only delay the same error.
             raise PublishError(
                 f"could not publish {len(pending)} message(s) to {url}: {exc!r}",
                 [m.source if m.source is not None else m for m in pending],

@@ -11,6 +11,7 @@ from typing import Any
 from amqp.exceptions import PreconditionFailed
 from celery import Celery
 from kombu import Exchange, Queue
+from kombu.utils.url import maybe_sanitize_url
 
 from . import taskscope, topology
 from .bootstep import DomainEventsStep, DomainEventsTopology
@@ -79,6 +80,7 @@ class DomainEvents:
             None if handlers is None else [getattr(h, "name", h) for h in handlers]
         )
         self._overrides = overrides
+        self._broker_checked = False
         with _lock:
             _installed[app] = self
         taskscope.connect()
@@ -103,6 +105,25 @@ class DomainEvents:
                 f"no DomainEvents installed on Celery app {app.main!r}; "
                 "call DomainEvents(app, service=...) where the app is created"
             ) from None
+
+    def check_broker(self) -> None:
+        """Fail early and clearly on a broker URL no kombu transport understands.
+
+        Raises:
+            ConfigurationError: the URL's scheme names no installed transport.
+        """
+        if self._broker_checked:
+            return
+        try:
+            conn = self.app.connection_for_write()
+            _ = conn.transport
+        except (KeyError, ImportError, ValueError) as exc:
+            url = maybe_sanitize_url(
+                str(self.app.conf.broker_write_url or self.app.conf.broker_url)
+            )
+            raise ConfigurationError(f"unusable broker URL {url}: {exc}") from exc
+        conn.release()
+        self._broker_checked = True
 
     @cached_property
     def settings(self) -> Settings:
@@ -144,6 +165,10 @@ class DomainEvents:
     def handler_queue(self, spec: HandlerSpec) -> Queue:
         """The handler's durable queue with its bindings."""
         return topology.handler_queue(spec, self.settings)
+
+    def retry_exchange(self) -> Exchange:
+        """The exchange retries go through."""
+        return topology.retry_exchange(self.settings)
 
     def retry_queue(self, spec: HandlerSpec) -> Queue:
         """The handler's queue addressed through the retry exchange."""

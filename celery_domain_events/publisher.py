@@ -173,6 +173,7 @@ def transmit(app: Celery | None = None) -> list[AnyEvent]:
     from .extension import DomainEvents  # noqa: PLC0415 (extension imports this module)
 
     ext = DomainEvents.of(app or _current_app)
+    ext.check_broker()
     batch = list(pending)
     publish_events(ext, batch)
     # Keep whatever was emitted meanwhile (by a callback during the wait, say).

@@ -24,6 +24,7 @@ words, so ``#.<service>.<handler>`` cannot match another handler's queue.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from kombu import Exchange, Queue, binding
@@ -33,8 +34,10 @@ from .registry import HandlerSpec
 
 __all__ = [
     "DLQ_SUFFIX",
+    "BindingDiff",
     "dead_letter_queue",
     "dead_letter_queue_name",
+    "diff_bindings",
     "exchange",
     "handler_queue",
     "handler_queue_name",
@@ -159,4 +162,40 @@ def dead_letter_queue(spec: HandlerSpec, settings: Settings) -> Queue:
         durable=True,
         auto_delete=False,
         queue_arguments={"x-queue-type": settings.queue_type.value},
+    )
+
+
+@dataclass(frozen=True)
+class BindingDiff:
+    """How the bindings on the exchange differ from what the handlers declare."""
+
+    #: (queue, pattern) pairs a handler declares that RabbitMQ does not have.
+    missing: tuple[tuple[str, str], ...]
+    #: (queue, pattern) pairs RabbitMQ has for this service's queues that no handler declares.
+    stale: tuple[tuple[str, str], ...]
+    #: Queues of this service bound to the exchange that belong to no handler any more.
+    orphaned_queues: tuple[str, ...]
+
+    @property
+    def clean(self) -> bool:
+        """True when RabbitMQ matches the code."""
+        return not (self.missing or self.stale or self.orphaned_queues)
+
+
+def diff_bindings(
+    expected: dict[str, tuple[str, ...]], actual: list[tuple[str, str]], service: str
+) -> BindingDiff:
+    """Compare declared patterns per queue with the exchange's actual queue bindings.
+
+    Args:
+        expected: handler queue name -> its patterns.
+        actual: (queue, routing key) of every queue binding on the events exchange.
+        service: only queues named ``<service>.*`` are this service's to judge.
+    """
+    want = {(q, p) for q, patterns in expected.items() for p in patterns}
+    mine = {(q, k) for q, k in actual if q in expected or q.startswith(service + ".")}
+    return BindingDiff(
+        missing=tuple(sorted(want - mine)),
+        stale=tuple(sorted(mine - want)),
+        orphaned_queues=tuple(sorted({q for q, _ in mine} - set(expected))),
     )

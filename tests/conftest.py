@@ -22,7 +22,8 @@ from celery import Celery
 from celery.contrib.testing.worker import start_worker
 from kombu import Connection
 
-from celery_domain_events import DomainEvents
+from celery_domain_events import DomainEvents, discard
+from celery_domain_events.registry import HandlerRegistry
 
 ROOT = Path(__file__).resolve().parent.parent
 BROKER_URL = os.environ.get("DOMAIN_EVENTS_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
@@ -71,6 +72,14 @@ class Recorder:
 RECORDER = Recorder()
 
 
+@pytest.fixture(autouse=True)
+def _empty_event_buffer() -> Iterator[None]:
+    """Each test starts and ends with an empty emit() buffer in the test thread."""
+    discard()
+    yield
+    discard()
+
+
 @pytest.fixture
 def recorder() -> Iterator[Recorder]:
     RECORDER.clear()
@@ -101,7 +110,13 @@ class Topology:
     def service(self, name: str = "svc") -> str:
         return f"t{self.uid}-{name}"
 
-    def app(self, service: str = "svc", handlers: list[Any] | None = None, **conf: Any) -> Celery:
+    def app(
+        self,
+        service: str = "svc",
+        handlers: list[Any] | None = None,
+        registry: HandlerRegistry | None = None,
+        **conf: Any,
+    ) -> Celery:
         app = Celery(f"test-{service}", broker=self.broker_url, set_as_current=False)
         app.conf.update(
             broker_heartbeat=None,
@@ -111,7 +126,10 @@ class Topology:
             domain_events_unrouted_queue=self.unrouted,
             **conf,
         )
-        DomainEvents(app, service=self.service(service), handlers=handlers or [])
+        if registry is None:
+            DomainEvents(app, service=self.service(service), handlers=handlers or [])
+        else:
+            DomainEvents(app, service=self.service(service), handler_registry=registry)
         self.apps.append(app)
         return app
 

@@ -1,0 +1,99 @@
+"""RabbitMQ stops in the middle of transmit() and comes back: not one event is lost.
+
+This test stops the broker application (``rabbitmqctl stop_app``), so it needs to run on the
+machine that hosts RabbitMQ, as root, and must not share the broker with other test runs.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import threading
+import time
+from typing import Any
+
+import pytest
+from kombu import Connection, Queue
+
+from celery_domain_events import DomainEvents, emit, transmit
+from celery_domain_events.publisher import discard
+
+from .conftest import Topology, wait_for
+
+pytestmark = [pytest.mark.rabbitmq, pytest.mark.slow]
+
+EVENTS = 1_000
+BATCH = 50
+
+
+def rabbitmqctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=120)
+
+
+@pytest.fixture
+def broker_control() -> Any:
+    if shutil.which("rabbitmqctl") is None:
+        pytest.skip("rabbitmqctl is not available: the broker is not on this machine")
+    yield rabbitmqctl
+    rabbitmqctl("start_app")  # whatever happened, leave the broker running
+    rabbitmqctl("await_startup")
+
+
+def test_no_event_is_lost_when_the_broker_restarts_during_transmit(
+    topology: Topology, broker_control: Any, record_property: Any
+) -> None:
+    app = topology.app()
+    probe = Queue(
+        f"test.{topology.uid}.probe",
+        DomainEvents.of(app).exchange(),
+        routing_key="#",
+        durable=True,
+        auto_delete=False,
+    )
+    with Connection(topology.broker_url) as conn:
+        probe.declare(channel=conn.default_channel)
+    sent: list[str] = []
+    errors: list[BaseException] = []
+    first_batch_done = threading.Event()
+
+    def publish_all() -> None:
+        try:
+            for start in range(0, EVENTS, BATCH):
+                for n in range(start, start + BATCH):
+                    emit("test.restart.tick", {"n": n})
+                sent.extend(str(e.event_id) for e in transmit(app))
+                first_batch_done.set()
+                time.sleep(0.02)  # spread the batches over the restart window
+        except BaseException as exc:
+            errors.append(exc)
+            discard()
+            first_batch_done.set()
+
+    publisher = threading.Thread(target=publish_all)
+    publisher.start()
+    assert first_batch_done.wait(30)
+    broker_control("stop_app")
+    time.sleep(3)
+    broker_control("start_app")
+    broker_control("await_startup")
+    publisher.join(timeout=180)
+    assert not publisher.is_alive()
+    assert errors == []
+    assert len(sent) == EVENTS
+
+    received: set[str] = set()
+    duplicates = 0
+
+    def drain() -> bool:
+        nonlocal duplicates
+        with Connection(topology.broker_url) as conn:
+            channel = conn.channel()
+            while (message := channel.basic_get(probe.name, no_ack=True)) is not None:
+                event_id = message.properties["message_id"]
+                duplicates += event_id in received
+                received.add(event_id)
+        return received >= set(sent)
+
+    wait_for(drain, timeout=30, interval=0.5)
+    assert received == set(sent)  # 0 of 1,000 lost; duplicates are allowed (at-least-once)
+    record_property("duplicates", duplicates)
