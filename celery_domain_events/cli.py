@@ -321,7 +321,7 @@ def topology_show(ctx: click.Context, as_json: bool) -> None:
                     "consumers": stats[1] if stats else None,
                     "dlq": ext.dead_letter_queue(spec).name,
                     "dlq_messages": deadletter.depth(conn, ext.dead_letter_queue(spec).name),
-                    "patterns": list(spec.patterns),
+                    "patterns": list(ext.binding_patterns(spec)),
                     "bindings": sorted(k for q, k in bindings if q == name),
                 }
             )
@@ -375,7 +375,7 @@ def topology_declare(ctx: click.Context) -> None:
 def topology_diff(ctx: click.Context, prune: bool, apply_missing: bool) -> None:
     """Compare RabbitMQ's bindings with the handlers' patterns; exit 1 if they differ."""
     ext = _ext(ctx)
-    expected = {ext.handler_queue_name(s): s.patterns for s in ext.handlers}
+    expected = {ext.handler_queue_name(s): ext.binding_patterns(s) for s in ext.handlers}
     diff = diff_bindings(expected, _queue_bindings(ext, _management(ext)), ext.settings.service)
     for queue, pattern in diff.missing:
         click.echo(f"missing  {queue}  {pattern}")

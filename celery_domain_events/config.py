@@ -11,12 +11,19 @@ import enum
 from collections.abc import Mapping
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .exceptions import ConfigurationError
 from .routing import validate_word
 
-__all__ = ["PREFIX", "PublishRetryPolicy", "QueueType", "Settings"]
+__all__ = ["PREFIX", "KeyFormat", "PublishRetryPolicy", "QueueType", "Settings"]
 
 #: Prefix of every app.conf key this library reads.
 PREFIX = "domain_events_"
@@ -30,6 +37,16 @@ class QueueType(str, enum.Enum):
     CLASSIC = "classic"
     #: Replicated quorum queues; supports ``delivery_limit`` for crash loops.
     QUORUM = "quorum"
+
+
+@enum.unique
+class KeyFormat(str, enum.Enum):
+    """How an event's routing key is built from its name."""
+
+    #: The event name itself: ``user.created``.
+    PLAIN = "plain"
+    #: petisco style: ``<organization>.<service>.<version>.event.<name>``.
+    PETISCO = "petisco"
 
 
 class PublishRetryPolicy(BaseModel):
@@ -74,6 +91,10 @@ class Settings(BaseModel):
     delivery_limit: int | None = Field(default=None, ge=1)
     #: Seconds ``transmit()`` waits for the broker's publisher confirms.
     confirm_timeout: float = Field(default=30.0, gt=0)
+    #: Routing key format; ``petisco`` needs ``organization``.
+    key_format: KeyFormat = KeyFormat.PLAIN
+    #: Organization prefix of petisco-style keys (one word).
+    organization: str | None = None
     #: RabbitMQ management API for ``topology show/diff``; None: port 15672 on the broker host.
     management_url: str | None = None
     #: Transmit what a Celery task emitted when it succeeds; discard it when it fails.
@@ -92,6 +113,14 @@ class Settings(BaseModel):
         if not value:
             raise ValueError("the exchange needs a name (the default exchange cannot route topics)")
         return value
+
+    @model_validator(mode="after")
+    def _petisco_needs_organization(self) -> Settings:
+        if self.key_format is KeyFormat.PETISCO:
+            if not self.organization:
+                raise ValueError("key_format 'petisco' needs an organization")
+            validate_word(self.organization, "organization")
+        return self
 
     @classmethod
     def from_conf(cls, conf: Mapping[str, Any], **overrides: Any) -> Settings:

@@ -180,10 +180,10 @@ class DeadLetter:
 
     @property
     def event_name(self) -> str:
-        """The routing key the event was published with."""
+        """The event's name (its routing key, unless keys are petisco-style)."""
         death = (self.headers.get("x-death") or [{}])[0]
         keys = death.get("routing-keys") or [None]
-        return str(self.failure("routing-key") or self.properties.get("type") or keys[0] or "?")
+        return str(self.properties.get("type") or self.failure("routing-key") or keys[0] or "?")
 
     @property
     def reason(self) -> str:

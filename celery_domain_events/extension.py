@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from functools import cached_property
 from typing import Any
 
@@ -16,6 +16,7 @@ from kombu.utils.url import maybe_sanitize_url
 from . import taskscope, topology
 from .bootstep import DomainEventsStep, DomainEventsTopology
 from .config import Settings
+from .confirm import OutboundMessage
 from .exceptions import ConfigurationError
 from .registry import EventRegistry, HandlerRegistry, HandlerSpec, default_events, default_handlers
 
@@ -80,6 +81,9 @@ class DomainEvents:
             None if handlers is None else [getattr(h, "name", h) for h in handlers]
         )
         self._overrides = overrides
+        #: Replaces the broker when set: called with (self, messages) instead of publishing.
+        #: The in-process test harness (``celery_domain_events.testing``) uses it.
+        self.transport: Callable[[DomainEvents, list[OutboundMessage]], None] | None = None
         self._broker_checked = False
         with _lock:
             _installed[app] = self
@@ -165,6 +169,14 @@ class DomainEvents:
     def handler_queue(self, spec: HandlerSpec) -> Queue:
         """The handler's durable queue with its bindings."""
         return topology.handler_queue(spec, self.settings)
+
+    def routing_key(self, event: Any) -> str:
+        """Return the routing key ``event`` is published with."""
+        return topology.routing_key(event.event_name, event.event_version, self.settings)
+
+    def binding_patterns(self, spec: HandlerSpec) -> tuple[str, ...]:
+        """The patterns ``spec``'s queue is bound by (after the key format)."""
+        return topology.binding_patterns(spec, self.settings)
 
     def retry_exchange(self) -> Exchange:
         """The exchange retries go through."""

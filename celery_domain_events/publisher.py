@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from celery import Celery
 from celery import current_app as _current_app
 
-from . import serialization
+from . import serialization, tracing
 from .confirm import OutboundMessage, publish_confirmed
 from .events import AnyEvent, DomainEvent, GenericEvent
 from .routing import validate_event_name
@@ -40,6 +40,7 @@ __all__ = [
     "discard",
     "emit",
     "open_buffer",
+    "outbound_messages",
     "publish_events",
     "scope",
     "transmit",
@@ -181,18 +182,17 @@ def transmit(app: Celery | None = None) -> list[AnyEvent]:
     return batch
 
 
-def publish_events(ext: DomainEvents, events: list[AnyEvent]) -> None:
-    """Publish ``events`` through ``ext``'s exchange with batched publisher confirms.
-
-    Raises:
-        PublishError: as for :func:`transmit`.
-    """
+def outbound_messages(
+    ext: DomainEvents, events: list[AnyEvent], traceparent: str | None = None
+) -> list[OutboundMessage]:
+    """Return the AMQP messages that publish ``events`` (the wire format of DESIGN.md)."""
     settings = ext.settings
-    messages = [
+    trace_headers = {"traceparent": traceparent} if traceparent else {}
+    return [
         OutboundMessage(
-            body=serialization.encode(event, settings.service),
+            body=serialization.encode(event, settings.service, traceparent=traceparent),
             exchange=settings.exchange,
-            routing_key=event.event_name,
+            routing_key=ext.routing_key(event),
             content_type=serialization.CONTENT_TYPE,
             properties={
                 "message_id": str(event.event_id),
@@ -200,18 +200,47 @@ def publish_events(ext: DomainEvents, events: list[AnyEvent]) -> None:
                 "timestamp": int(event.occurred_at.timestamp()),
                 "app_id": settings.service,
             },
-            headers={"eventversion": event.event_version},
+            headers={"eventversion": event.event_version, **trace_headers},
             mandatory=settings.unrouted_queue is None,
             source=event,
         )
         for event in events
     ]
-    publish_confirmed(
-        lambda: ext.app.pool.acquire(block=True),
-        messages,
-        timeout=settings.confirm_timeout,
-        policy=settings.publish_retry_policy,
-        declare=ext.publisher_entities(),
-    )
+
+
+def publish_events(ext: DomainEvents, events: list[AnyEvent]) -> None:
+    """Publish ``events`` through ``ext``'s exchange with batched publisher confirms.
+
+    The events carry the current trace context (a new trace if there is none).
+
+    Raises:
+        PublishError: as for :func:`transmit`.
+    """
+    traceparent = tracing.current_traceparent() or tracing.new_traceparent()
+    messages = outbound_messages(ext, events, traceparent)
+    if ext.transport is not None:
+        ext.transport(ext, messages)  # the in-process test harness
+    else:
+        publish_confirmed(
+            lambda: ext.app.pool.acquire(block=True),
+            messages,
+            timeout=ext.settings.confirm_timeout,
+            policy=ext.settings.publish_retry_policy,
+            declare=ext.publisher_entities(),
+        )
+    trace = tracing.trace_id(traceparent)
     for event in events:
-        log.debug("Published %s v%d id=%s", event.event_name, event.event_version, event.event_id)
+        tracing.event_log.info(
+            "Emitted %s v%d id=%s",
+            event.event_name,
+            event.event_version,
+            event.event_id,
+            extra={
+                "event_id": str(event.event_id),
+                "event_name": event.event_name,
+                "event_version": event.event_version,
+                "trace_id": trace,
+                "service": ext.settings.service,
+                "outcome": "emitted",
+            },
+        )

@@ -15,6 +15,7 @@ Two things differ from a plain Celery task:
 from __future__ import annotations
 
 import logging
+import time
 import traceback
 from typing import Any
 
@@ -22,7 +23,7 @@ from billiard.einfo import ExceptionInfo
 from celery import Task
 from celery.exceptions import Ignore, Reject, Retry
 
-from . import deadletter, publisher, serialization
+from . import deadletter, publisher, serialization, tracing
 from .deadletter import FailureReason
 from .exceptions import NON_RETRYABLE, EventDecodeError
 from .registry import HandlerSpec
@@ -52,11 +53,32 @@ class DomainEventTask(Task[Any, Any]):
         from .extension import DomainEvents  # noqa: PLC0415 (extension imports this module)
 
         envelope = serialization.decode(raw_event)
-        event = serialization.to_event(envelope, DomainEvents.of(self.app).events)
-        # Events the handler emits go out only if it succeeds; a failed transmit is an
-        # ordinary failure of this attempt, so it is retried like any other.
-        with publisher.scope(self.app):
-            return self.handler_spec.fn(event)
+        ext = DomainEvents.of(self.app)
+        event = serialization.to_event(envelope, ext.events)
+        started = time.monotonic()
+        # Events the handler emits go out only if it succeeds (a failed transmit fails this
+        # attempt, which is retried like any other), and continue the emitter's trace.
+        with tracing.use_traceparent(tracing.child_of(envelope.traceparent)) as traceparent:
+            with publisher.scope(self.app):
+                result = self.handler_spec.fn(event)
+            tracing.event_log.info(
+                "Handled %s id=%s by %s in %.1f ms",
+                envelope.type,
+                envelope.id,
+                self.handler_spec.name,
+                (time.monotonic() - started) * 1000,
+                extra={
+                    "event_id": envelope.id,
+                    "event_name": envelope.type,
+                    "event_version": envelope.eventversion,
+                    "trace_id": tracing.trace_id(traceparent),
+                    "service": ext.settings.service,
+                    "handler": self.handler_spec.name,
+                    "outcome": "handled",
+                    "duration_ms": round((time.monotonic() - started) * 1000, 3),
+                },
+            )
+        return result
 
     def retry(self, *args: Any, **options: Any) -> Any:
         """Retry through this handler's own queue only (see the module docstring)."""

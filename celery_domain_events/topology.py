@@ -29,12 +29,13 @@ from typing import Any
 
 from kombu import Exchange, Queue, binding
 
-from .config import QueueType, Settings
+from .config import KeyFormat, QueueType, Settings
 from .registry import HandlerSpec
 
 __all__ = [
     "DLQ_SUFFIX",
     "BindingDiff",
+    "binding_patterns",
     "dead_letter_queue",
     "dead_letter_queue_name",
     "diff_bindings",
@@ -44,6 +45,7 @@ __all__ = [
     "queue_arguments",
     "retry_exchange",
     "retry_queue",
+    "routing_key",
     "unrouted_exchange",
     "unrouted_queue",
 ]
@@ -93,6 +95,24 @@ def retry_exchange(settings: Settings) -> Exchange:
     )
 
 
+def routing_key(name: str, version: int, settings: Settings) -> str:
+    """Return the routing key of an event: its name, or the petisco-style long form."""
+    if settings.key_format is KeyFormat.PETISCO:
+        return f"{settings.organization}.{settings.service}.{version}.event.{name}"
+    return name
+
+
+def binding_patterns(spec: HandlerSpec, settings: Settings) -> tuple[str, ...]:
+    """Return the patterns the handler's queue is bound by, in this app's key format.
+
+    Handlers are always written against event names (``user.*``); with petisco-style keys
+    the binding also accepts any service and version of the organization's events.
+    """
+    if settings.key_format is KeyFormat.PETISCO:
+        return tuple(f"{settings.organization}.*.*.event.{p}" for p in spec.patterns)
+    return spec.patterns
+
+
 def handler_queue_name(spec: HandlerSpec, settings: Settings) -> str:
     """Return ``<service>.<handler>``."""
     return f"{settings.service}.{spec.name}"
@@ -126,7 +146,7 @@ def handler_queue(spec: HandlerSpec, settings: Settings) -> Queue:
     return Queue(
         name,
         bindings=[
-            *(binding(ex, routing_key=pattern) for pattern in spec.patterns),
+            *(binding(ex, routing_key=p) for p in binding_patterns(spec, settings)),
             binding(retry_exchange(settings), routing_key=name),
         ],
         durable=True,

@@ -13,6 +13,7 @@ from celery_domain_events import (
     domain_event_handler,
     emit,
 )
+from celery_domain_events.tracing import current_traceparent
 
 from .conftest import RECORDER
 
@@ -113,3 +114,20 @@ def chain_start(event: GenericEvent) -> None:
 @domain_event_handler("test.chain.next", "test.task.#", retry=None)
 def chain_next(event: GenericEvent) -> None:
     RECORDER.record("chain_next", event)
+
+
+# Tracing and key formats (issue 5).
+@domain_event_handler("test.trace.start", retry=None)
+def trace_start(event: GenericEvent) -> None:
+    RECORDER.record("trace_start", current_traceparent())
+    emit("test.trace.next", {})
+
+
+@domain_event_handler("test.trace.next", retry=None)
+def trace_next(event: GenericEvent) -> None:
+    RECORDER.record("trace_next", current_traceparent())
+
+
+@domain_event_handler("user.*", name="petisco_users", retry=None)
+def petisco_users(event: GenericEvent) -> None:
+    RECORDER.record("petisco_users", event)

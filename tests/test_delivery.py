@@ -10,6 +10,7 @@ from kombu import Connection, Consumer, Queue
 
 from celery_domain_events import DomainEvents, GenericEvent, discard, emit, transmit
 from celery_domain_events.routing import matches
+from celery_domain_events.tracing import trace_id
 
 from . import handlers
 from .conftest import Recorder, Topology, running_worker, wait_for
@@ -107,6 +108,9 @@ def test_wire_format_is_cloudevents_json(topology: Topology) -> None:
             wait_for(lambda: bool(received) or conn.drain_events(timeout=1) or bool(received))
     message = received[0]
     body = json.loads(message.body)
+    traceparent = body.pop("traceparent")  # a new trace: none was active in the test
+    assert trace_id(traceparent) is not None
+    assert message.headers["traceparent"] == traceparent
     assert body == {
         "specversion": "1.0",
         "id": str(event.event_id),

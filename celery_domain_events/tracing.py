@@ -1,0 +1,90 @@
+"""Trace context (W3C ``traceparent``) from ``emit()`` to every handler, and event logs.
+
+A transmitted event carries the current trace context as the CloudEvents ``traceparent``
+extension attribute and AMQP header. A handler runs inside a child span of it (same trace id,
+new span id), so whatever the handler emits continues the same trace::
+
+    request (trace 4bf9...) ─► user.created ─► send_welcome_email ─► email.sent (trace 4bf9...)
+
+The current context comes from :func:`use_traceparent`, else from an active OpenTelemetry span
+when ``opentelemetry-api`` is installed, else a new trace starts at ``transmit()``.
+
+Every event emitted and handled is also logged on the ``celery_domain_events.events`` logger
+with structured fields in ``extra`` (``event_id``, ``event_name``, ``event_version``,
+``trace_id``, ``service``, ``handler``, ``outcome``, ``duration_ms``) for JSON log formatters.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import re
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+__all__ = [
+    "child_of",
+    "current_traceparent",
+    "event_log",
+    "new_traceparent",
+    "trace_id",
+    "use_traceparent",
+]
+
+#: Structured log of events emitted and handled.
+event_log = logging.getLogger("celery_domain_events.events")
+
+_TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
+_current: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "celery_domain_events_traceparent", default=None
+)
+
+
+def new_traceparent() -> str:
+    """Return the traceparent of a new, sampled root span."""
+    return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"
+
+
+def trace_id(traceparent: str | None) -> str | None:
+    """Return the trace id of a valid ``traceparent``, else None."""
+    match = _TRACEPARENT.match(traceparent or "")
+    if match is None or match.group(1) == "0" * 32:
+        return None
+    return match.group(1)
+
+
+def child_of(traceparent: str | None) -> str:
+    """Return a child span of ``traceparent`` (a new root if it is missing or invalid)."""
+    match = _TRACEPARENT.match(traceparent or "")
+    if match is None or trace_id(traceparent) is None:
+        return new_traceparent()
+    return f"00-{match.group(1)}-{secrets.token_hex(8)}-{match.group(3)}"
+
+
+def _from_opentelemetry() -> str | None:
+    try:
+        from opentelemetry import trace  # noqa: PLC0415 (optional dependency)
+    except ImportError:
+        return None
+    context: Any = trace.get_current_span().get_span_context()
+    if not context.is_valid:
+        return None
+    return f"00-{context.trace_id:032x}-{context.span_id:016x}-{int(context.trace_flags):02x}"
+
+
+def current_traceparent() -> str | None:
+    """Return the trace context events emitted now would carry, if there is one."""
+    return _current.get() or _from_opentelemetry()
+
+
+@contextmanager
+def use_traceparent(traceparent: str | None) -> Iterator[str]:
+    """Run a block in the trace context ``traceparent`` (a new root if it is None)."""
+    value = traceparent if traceparent and trace_id(traceparent) else new_traceparent()
+    token = _current.set(value)
+    try:
+        yield value
+    finally:
+        _current.reset(token)
