@@ -28,6 +28,7 @@ from celery import current_app as _current_app
 from . import serialization, tracing
 from .confirm import OutboundMessage, publish_confirmed
 from .events import AnyEvent, DomainEvent, GenericEvent
+from .exceptions import PublishError
 from .routing import validate_event_name
 
 if TYPE_CHECKING:
@@ -39,6 +40,7 @@ __all__ = [
     "close_buffer",
     "discard",
     "emit",
+    "log_unpublished",
     "open_buffer",
     "outbound_messages",
     "publish_events",
@@ -174,7 +176,6 @@ def transmit(app: Celery | None = None) -> list[AnyEvent]:
     from .extension import DomainEvents  # noqa: PLC0415 (extension imports this module)
 
     ext = DomainEvents.of(app or _current_app)
-    ext.check_broker()
     batch = list(pending)
     publish_events(ext, batch)
     # Keep whatever was emitted meanwhile (by a callback during the wait, say).
@@ -208,6 +209,23 @@ def outbound_messages(
     ]
 
 
+def log_unpublished(ext: DomainEvents, exc: PublishError, what: str) -> None:
+    """Log, at ERROR and in full, events that could not be published after ``what`` happened.
+
+    For callers that cannot hand the events back (after a commit, after a task succeeded):
+    the log is then the only place they survive, so each envelope is logged whole.
+    """
+    source = ext.settings.service
+    log.error(
+        "%s but %d event(s) could not be published (%s); ids: %s; events: %s",
+        what,
+        len(exc.events),
+        exc,
+        ", ".join(str(e.event_id) for e in exc.events),
+        [serialization.encode(e, source).decode() for e in exc.events],
+    )
+
+
 def publish_events(ext: DomainEvents, events: list[AnyEvent]) -> None:
     """Publish ``events`` through ``ext``'s exchange with batched publisher confirms.
 
@@ -216,6 +234,7 @@ def publish_events(ext: DomainEvents, events: list[AnyEvent]) -> None:
     Raises:
         PublishError: as for :func:`transmit`.
     """
+    ext.check_broker()
     traceparent = tracing.current_traceparent() or tracing.new_traceparent()
     messages = outbound_messages(ext, events, traceparent)
     if ext.transport is not None:

@@ -21,7 +21,7 @@ from typing import Any
 from celery import Task, states
 from celery.signals import task_postrun, task_prerun
 
-from . import publisher, serialization
+from . import publisher
 from .exceptions import ConfigurationError, PublishError
 
 __all__ = ["connect"]
@@ -78,15 +78,8 @@ def _on_postrun(
     except PublishError as exc:
         from .extension import DomainEvents  # noqa: PLC0415
 
-        source = DomainEvents.of(task.app).settings.service
-        log.error(
-            "Task %s[%s] succeeded but %d event(s) could not be published (%s); they follow: %s",
-            task.name,
-            task_id,
-            len(exc.events),
-            exc,
-            [serialization.encode(e, source).decode() for e in exc.events],
-        )
+        what = f"Task {task.name}[{task_id}] succeeded"
+        publisher.log_unpublished(DomainEvents.of(task.app), exc, what)
     finally:
         publisher.close_buffer(token)
 

@@ -1,0 +1,239 @@
+"""Django integration: publish domain events when the database transaction commits.
+
+::
+
+    from celery_domain_events.contrib.django import emit_on_commit
+
+    with transaction.atomic():
+        user = User.objects.create(email=email)
+        emit_on_commit(UserCreated(user_id=user.pk, email=email))
+    # published here, after COMMIT, as one batch; nothing is published on rollback
+
+    # settings.py: plain emit() in a view is transmitted once the view has returned
+    MIDDLEWARE = [..., "celery_domain_events.contrib.django.DomainEventsMiddleware"]
+    DOMAIN_EVENTS_CELERY_APP = "proj.celery.app"  # optional; default: celery.current_app
+
+Install with the ``django`` extra (Django >= 4.2). This module is imported by path, never
+re-exported, so the package does not depend on Django.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from celery import Celery
+from celery import current_app as _current_app
+from django.conf import settings
+from django.db import transaction
+from django.utils.module_loading import import_string
+
+from celery_domain_events import publisher
+from celery_domain_events.events import AnyEvent
+from celery_domain_events.exceptions import ConfigurationError, PublishError
+from celery_domain_events.extension import DomainEvents
+
+__all__ = ["DomainEventsMiddleware", "emit_on_commit"]
+
+log = logging.getLogger(__name__)
+
+#: Set on a request whose view raised (by ``DomainEventsMiddleware.process_exception``).
+_VIEW_FAILED = "_domain_events_view_failed"
+
+
+def emit_on_commit(
+    event: AnyEvent | str,
+    data: Mapping[str, Any] | None = None,
+    *,
+    version: int = 1,
+    using: str | None = None,
+    app: Celery | None = None,
+) -> AnyEvent:
+    """Publish an event when the current transaction of database ``using`` commits.
+
+    Every event emitted in one outermost transaction goes out as one batch (one channel,
+    batched publisher confirms), in emit order, after ``COMMIT``. An event is dropped if the
+    transaction rolls back, or the savepoint (nested ``atomic()``) it was emitted in does.
+    Outside an atomic block (autocommit) it is published at once, as
+    ``transaction.on_commit`` would run it.
+
+    Args:
+        event: a :class:`DomainEvent` instance, or an event name for an untyped event.
+        data: the payload of an untyped event.
+        version: the version of an untyped event.
+        using: the database alias (default: ``"default"``).
+        app: the Celery app to publish with (default: setting ``DOMAIN_EVENTS_CELERY_APP``,
+            else ``celery.current_app``).
+
+    Returns:
+        The event (a ``GenericEvent`` for untyped ones).
+
+    Raises:
+        PublishError: the batch was not confirmed. Raised by the commit (out of the outermost
+            ``atomic()`` block, or from this call in autocommit mode) after the data has been
+            committed; the events are logged at ERROR in full.
+        InvalidRoutingPattern: an untyped event name is not dotted words.
+        ConfigurationError: the app has no ``DomainEvents``.
+    """
+    event = publisher.as_event(event, data, version=version)
+    ext = DomainEvents.of(_resolve_app(app))
+    connection = transaction.get_connection(using)
+    if not connection.in_atomic_block:
+        # Runs at once in autocommit mode; raises as Django does under manual transactions.
+        connection.on_commit(lambda: _publish([(ext, event)]))
+        return event
+    batch = _current_batch(connection) or _Batch()
+    batch.add(connection, ext, event)
+    return event
+
+
+class _Batch:
+    """The events of one transaction on one connection, collected as its commit runs them.
+
+    Per event, Django gets two commit callbacks:
+
+    - a *mark*, registered with ``connection.on_commit``, so Django's own bookkeeping drops it
+      when a savepoint that was active at emit time rolls back; when run, it adds the event to
+      ``committed``;
+    - a *flush*, registered outside every savepoint (Django cannot drop it), after the mark.
+
+    Only the flush registered last publishes ``committed``: it runs after every mark that
+    survived, so the whole transaction goes out in one batch.
+    """
+
+    def __init__(self) -> None:
+        self.committed: list[tuple[DomainEvents, AnyEvent]] = []
+        self.last_flush: _Flush | None = None
+
+    def add(self, connection: Any, ext: DomainEvents, event: AnyEvent) -> None:
+        connection.on_commit(lambda: self.committed.append((ext, event)))
+        self.last_flush = _Flush(self)
+        # Django >= 4.2 keeps (savepoint ids active at registration, func, robust) and drops an
+        # entry when one of its savepoints rolls back; no ids: no savepoint can drop the flush.
+        # Not robust, so a PublishError leaves the atomic() block instead of being only logged.
+        connection.run_on_commit.append((set(), self.last_flush, False))
+
+    def flush(self, caller: _Flush) -> None:
+        if caller is not self.last_flush:
+            return  # a later event registered a later flush
+        committed, self.committed = self.committed, []
+        _publish(committed)
+
+
+class _Flush:
+    """One flush callback of a :class:`_Batch` (a type of its own, to be found again)."""
+
+    def __init__(self, batch: _Batch) -> None:
+        self.batch = batch
+
+    def __call__(self) -> None:
+        self.batch.flush(self)
+
+
+def _current_batch(connection: Any) -> _Batch | None:
+    # The batch lives in Django's callback list only: a commit runs it, a rollback or a closed
+    # connection clears it, so no state outlives its transaction. Ours is usually the last entry.
+    for entry in reversed(connection.run_on_commit):
+        if isinstance(entry[1], _Flush):
+            return entry[1].batch
+    return None
+
+
+def _publish(pending: list[tuple[DomainEvents, AnyEvent]]) -> None:
+    """Publish ``pending`` with one confirmed batch per app, in order.
+
+    Raises:
+        PublishError: the first batch that failed, after every batch was tried and logged.
+    """
+    batches: dict[DomainEvents, list[AnyEvent]] = {}
+    for ext, event in pending:
+        batches.setdefault(ext, []).append(event)
+    failure: PublishError | None = None
+    for ext, events in batches.items():
+        try:
+            publisher.publish_events(ext, events)
+        except PublishError as exc:
+            publisher.log_unpublished(ext, exc, "A transaction committed")
+            if failure is None:
+                failure = exc
+    if failure is not None:
+        raise failure
+
+
+def _resolve_app(app: Celery | None) -> Celery:
+    """Return ``app``, else the app named by ``DOMAIN_EVENTS_CELERY_APP``, else the current app.
+
+    Raises:
+        ConfigurationError: the setting does not name a Celery app.
+    """
+    if app is not None:
+        return app
+    path = getattr(settings, "DOMAIN_EVENTS_CELERY_APP", None)
+    if path is None:
+        return _current_app
+    try:
+        named = import_string(path)
+    except ImportError as exc:
+        raise ConfigurationError(f"DOMAIN_EVENTS_CELERY_APP={path!r}: {exc}") from exc
+    if not isinstance(named, Celery):
+        raise ConfigurationError(f"DOMAIN_EVENTS_CELERY_APP={path!r} is not a Celery app")
+    return named
+
+
+class DomainEventsMiddleware:
+    """Give each request its own event buffer; transmit it if the view returned a response.
+
+    Events buffered with plain :func:`~celery_domain_events.emit` during the request are
+    transmitted after the view has returned a response (any status), and discarded if the view
+    raised. The previous buffer is restored afterwards.
+
+    With ``ATOMIC_REQUESTS``, the view's transaction has committed before the middleware
+    transmits. Without it, the view's own writes may still roll back after ``emit()``: use
+    :func:`emit_on_commit` inside your ``atomic()`` blocks instead.
+
+    Put it after any middleware whose ``process_exception`` turns an exception into a response:
+    Django calls ``process_exception`` bottom-up and stops at the first response, and a view
+    failure this middleware does not see is transmitted. A ``PublishError`` propagates (the
+    request fails although its transaction committed) and the events are logged at ERROR.
+    Sync only: under ASGI, Django runs it in a thread.
+
+    The app is the one named by setting ``DOMAIN_EVENTS_CELERY_APP`` (a dotted path), else
+    ``celery.current_app``.
+    """
+
+    def __init__(self, get_response: Callable[[Any], Any]) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: Any) -> Any:
+        """Run the rest of the chain and the view in a buffer of their own.
+
+        Raises:
+            PublishError: as for :func:`~celery_domain_events.transmit`.
+        """
+        token = publisher.open_buffer()
+        try:
+            response = self.get_response(request)
+            if getattr(request, _VIEW_FAILED, False):
+                # A flag, not discard() in process_exception: under ASGI that may run in
+                # another thread and context, whose buffer is not this one.
+                dropped = publisher.discard()
+                if dropped:
+                    log.info("View raised: discarded %d event(s)", len(dropped))
+            else:
+                self._transmit()
+            return response
+        finally:
+            publisher.close_buffer(token)
+
+    def process_exception(self, request: Any, exception: Exception) -> None:
+        """Mark the request's events for discarding; Django goes on handling the exception."""
+        setattr(request, _VIEW_FAILED, True)
+
+    def _transmit(self) -> None:
+        app = _resolve_app(None)
+        try:
+            publisher.transmit(app)
+        except PublishError as exc:
+            publisher.log_unpublished(DomainEvents.of(app), exc, "A request succeeded")
+            raise

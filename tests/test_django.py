@@ -1,0 +1,378 @@
+"""Django integration against the real RabbitMQ: emit_on_commit() and DomainEventsMiddleware."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import suppress
+from typing import Any, ClassVar
+
+import django
+import pytest
+from celery import Celery
+from django.conf import settings
+
+if not settings.configured:
+    settings.configure(
+        DATABASES={
+            "default": {
+                "ENGINE": "django.db.backends.sqlite3",
+                "NAME": ":memory:",  # one connection per thread, and the tests use one thread
+                "ATOMIC_REQUESTS": True,
+            }
+        },
+        INSTALLED_APPS=[],
+        ALLOWED_HOSTS=["testserver"],
+        SECRET_KEY="test",
+        LOGGING_CONFIG=None,  # leave pytest's logging alone
+    )
+    django.setup()
+
+from django.db import connection, transaction
+from django.http import HttpRequest, HttpResponse
+from django.test import Client, TestCase, override_settings
+from django.urls import path
+from kombu import Connection, Queue
+
+from celery_domain_events import (
+    ConfigurationError,
+    DomainEvent,
+    DomainEvents,
+    PublishError,
+    emit,
+)
+from celery_domain_events import publisher as publisher_module
+from celery_domain_events.contrib.django import emit_on_commit
+
+from .conftest import Topology, wait_for
+
+pytestmark = [pytest.mark.rabbitmq]
+
+FAST = {"max_retries": 1, "interval_start": 0.1, "interval_step": 0.1, "interval_max": 0.1}
+
+#: The app DOMAIN_EVENTS_CELERY_APP names in the middleware tests (set per test).
+CELERY_APP: Celery | None = None
+
+
+class NoteAdded(DomainEvent):
+    event_name: ClassVar[str] = "test.django.note_added"
+    note_id: int
+
+
+class Rollback(Exception):
+    pass
+
+
+# Rows the tests write, so that commit and rollback are real.
+def add_note(text: str) -> int:
+    with connection.cursor() as cursor:
+        cursor.execute("INSERT INTO note (text) VALUES (%s)", [text])
+        return int(cursor.lastrowid)
+
+
+def notes() -> list[str]:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT text FROM note ORDER BY id")
+        return [row[0] for row in cursor.fetchall()]
+
+
+@pytest.fixture(autouse=True)
+def _table() -> Iterator[None]:
+    with connection.cursor() as cursor:
+        cursor.execute("CREATE TABLE IF NOT EXISTS note (id INTEGER PRIMARY KEY, text TEXT)")
+        cursor.execute("DELETE FROM note")
+    publisher_module.discard()
+    yield
+    publisher_module.discard()
+    assert not connection.in_atomic_block
+
+
+@pytest.fixture
+def app(topology: Topology) -> Celery:
+    return topology.app()
+
+
+class Probe:
+    """A queue bound to the test exchange by ``#``: every event published reaches it."""
+
+    def __init__(self, topology: Topology, app: Celery) -> None:
+        self.topology = topology
+        self.app = app
+        self.name = f"test.{topology.uid}.probe"  # deleted by the topology fixture
+        with Connection(topology.broker_url) as conn:
+            exchange = DomainEvents.of(app).exchange()
+            Queue(self.name, exchange, routing_key="#", auto_delete=False)(
+                conn.default_channel
+            ).declare()
+
+    def received(self) -> list[str]:
+        """Return the names of the events published so far, in arrival order, and drain them.
+
+        A sentinel is published last (in autocommit mode, so at once): everything published
+        before it is in the queue ahead of it, so what precedes it is all there is.
+        """
+        sentinel = emit_on_commit("test.django.sentinel", app=self.app)
+        seen: list[Any] = []
+
+        def sentinel_arrived() -> bool:
+            with Connection(self.topology.broker_url) as conn:
+                while (msg := conn.default_channel.basic_get(self.name, no_ack=True)) is not None:
+                    seen.append(msg)
+            return any(m.properties["message_id"] == str(sentinel.event_id) for m in seen)
+
+        wait_for(sentinel_arrived, timeout=10)
+        assert seen[-1].properties["message_id"] == str(sentinel.event_id)
+        return [m.properties["type"] for m in seen[:-1]]
+
+
+@pytest.fixture
+def probe(topology: Topology, app: Celery) -> Probe:
+    return Probe(topology, app)
+
+
+@pytest.fixture
+def batches(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """The routing keys of each confirmed batch, one list per publish_confirmed() call."""
+    calls: list[list[str]] = []
+    real = publisher_module.publish_confirmed
+
+    def spy(acquire: Any, messages: list[Any], **kwargs: Any) -> None:
+        calls.append([m.routing_key for m in messages])
+        real(acquire, messages, **kwargs)
+
+    monkeypatch.setattr(publisher_module, "publish_confirmed", spy)
+    return calls
+
+
+def test_commit_publishes_the_transaction_as_one_batch_in_emit_order(
+    app: Celery, probe: Probe, batches: list[list[str]]
+) -> None:
+    with transaction.atomic():
+        note_id = add_note("first")
+        first = emit_on_commit(NoteAdded(note_id=note_id), app=app)
+        emit_on_commit("test.django.untyped", {"n": 2}, app=app)
+        transaction.on_commit(lambda: add_note("someone else's callback"))
+        emit_on_commit("test.django.last", app=app)
+        assert batches == []  # nothing before COMMIT
+    assert batches == [["test.django.note_added", "test.django.untyped", "test.django.last"]]
+    assert probe.received() == ["test.django.note_added", "test.django.untyped", "test.django.last"]
+    assert isinstance(first, NoteAdded)
+    assert notes() == ["first", "someone else's callback"]
+
+
+def test_rollback_publishes_nothing(app: Celery, probe: Probe, batches: list[list[str]]) -> None:
+    with suppress(Rollback), transaction.atomic():
+        add_note("gone")
+        emit_on_commit("test.django.rolled_back", app=app)
+        with transaction.atomic():
+            emit_on_commit("test.django.rolled_back_inner", app=app)
+        raise Rollback
+    assert batches == []
+    assert notes() == []
+    assert probe.received() == []
+
+
+def test_a_rolled_back_savepoint_drops_only_its_own_events(
+    app: Celery, probe: Probe, batches: list[list[str]]
+) -> None:
+    with transaction.atomic():
+        emit_on_commit("test.django.a", app=app)
+        with suppress(Rollback), transaction.atomic():
+            emit_on_commit("test.django.b_dropped", app=app)
+            raise Rollback
+        emit_on_commit("test.django.c", app=app)
+        with transaction.atomic():  # released: its events stay, but for its own savepoint
+            emit_on_commit("test.django.d", app=app)
+            with suppress(Rollback), transaction.atomic():
+                emit_on_commit("test.django.e_dropped", app=app)
+                raise Rollback
+            emit_on_commit("test.django.f", app=app)
+        # The last savepoint rolls back after the last emit: the batch must still go out.
+        with suppress(Rollback), transaction.atomic():
+            add_note("rolled back")
+            emit_on_commit("test.django.g_dropped", app=app)
+            raise Rollback
+    expected = ["test.django.a", "test.django.c", "test.django.d", "test.django.f"]
+    assert batches == [expected]
+    assert probe.received() == expected
+    assert notes() == []
+
+
+def test_autocommit_publishes_at_once(app: Celery, probe: Probe, batches: list[list[str]]) -> None:
+    assert not connection.in_atomic_block
+    emit_on_commit("test.django.now", {"n": 1}, app=app)
+    assert batches == [["test.django.now"]]
+    emit_on_commit("test.django.again", app=app)
+    assert batches == [["test.django.now"], ["test.django.again"]]
+    assert probe.received() == ["test.django.now", "test.django.again"]
+
+
+def test_one_transaction_each_its_own_batch(
+    app: Celery, probe: Probe, batches: list[list[str]]
+) -> None:
+    for n in range(2):
+        with transaction.atomic():
+            emit_on_commit(f"test.django.tx{n}.one", app=app)
+            emit_on_commit(f"test.django.tx{n}.two", app=app)
+    assert batches == [
+        ["test.django.tx0.one", "test.django.tx0.two"],
+        ["test.django.tx1.one", "test.django.tx1.two"],
+    ]
+    assert probe.received() == [
+        "test.django.tx0.one",
+        "test.django.tx0.two",
+        "test.django.tx1.one",
+        "test.django.tx1.two",
+    ]
+
+
+def test_events_for_two_apps_go_out_as_one_batch_each(
+    topology: Topology, app: Celery, probe: Probe, batches: list[list[str]]
+) -> None:
+    other = topology.app(service="other")  # same exchange, another service
+    with transaction.atomic():
+        emit_on_commit("test.django.app1.a", app=app)
+        emit_on_commit("test.django.app2.a", app=other)
+        emit_on_commit("test.django.app1.b", app=app)
+    assert batches == [["test.django.app1.a", "test.django.app1.b"], ["test.django.app2.a"]]
+    assert probe.received() == ["test.django.app1.a", "test.django.app1.b", "test.django.app2.a"]
+
+
+def write_and_emit(app: Celery, emitted: list[Any]) -> None:
+    with transaction.atomic():
+        add_note("committed anyway")
+        emitted.append(emit_on_commit("test.django.lost", app=app))
+
+
+@pytest.fixture
+def down() -> Celery:
+    """An app whose broker is down: nothing listens on port 5999, so nothing is declared."""
+    app = Celery("django-down", broker="amqp://guest:guest@127.0.0.1:5999//", set_as_current=False)
+    app.conf.update(broker_heartbeat=None, domain_events_publish_retry_policy=FAST)
+    DomainEvents(app, service="django-down")
+    return app
+
+
+def test_a_failed_publish_leaves_the_atomic_block_and_logs_the_events(
+    app: Celery, down: Celery, probe: Probe, caplog: pytest.LogCaptureFixture
+) -> None:
+    emitted: list[Any] = []
+    with caplog.at_level(logging.ERROR), pytest.raises(PublishError) as info:
+        write_and_emit(down, emitted)
+    [lost] = emitted
+    assert info.value.events == (lost,)
+    assert notes() == ["committed anyway"]  # the error comes after COMMIT
+    [record] = [r for r in caplog.records if r.name == "celery_domain_events.publisher"]
+    assert record.levelno == logging.ERROR
+    assert str(lost.event_id) in record.getMessage()
+    # The connection is usable, and the next transaction publishes normally.
+    with transaction.atomic():
+        emit_on_commit("test.django.next", app=app)
+    assert probe.received() == ["test.django.next"]
+
+
+def test_test_case_capture_of_on_commit_callbacks_publishes_the_batch(
+    app: Celery, probe: Probe, batches: list[list[str]]
+) -> None:
+    # Django's TestCase wraps each test in a transaction that never commits and runs on_commit
+    # callbacks through captureOnCommitCallbacks(execute=True) instead.
+    with transaction.atomic():
+        emit_on_commit("test.django.before_capture", app=app)  # never committed
+        with TestCase.captureOnCommitCallbacks(execute=True) as callbacks:
+            emit_on_commit("test.django.captured.one", app=app)
+            emit_on_commit("test.django.captured.two", app=app)
+        assert batches == [["test.django.captured.one", "test.django.captured.two"]]
+        assert len(callbacks) == 4  # a mark and a flush per event
+        transaction.set_rollback(True)  # as TestCase does
+    assert probe.received() == ["test.django.captured.one", "test.django.captured.two"]
+
+
+def test_an_app_setting_that_names_no_celery_app_is_an_error() -> None:
+    not_an_app = override_settings(DOMAIN_EVENTS_CELERY_APP=f"{__name__}.NoteAdded")
+    with not_an_app, pytest.raises(ConfigurationError, match="not a Celery app"):
+        emit_on_commit("test.django.x")
+    missing = override_settings(DOMAIN_EVENTS_CELERY_APP=f"{__name__}.MISSING")
+    with missing, pytest.raises(ConfigurationError, match="MISSING"):
+        emit_on_commit("test.django.x")
+
+
+# The middleware, through Django's own request handler.
+class ViewFailed(Exception):
+    pass
+
+
+def ok_view(request: HttpRequest) -> HttpResponse:
+    add_note("ok")
+    emit("test.django.view.emitted")
+    emit_on_commit("test.django.view.on_commit")  # ATOMIC_REQUESTS: published at its commit
+    return HttpResponse("ok")
+
+
+def failing_view(request: HttpRequest) -> HttpResponse:
+    add_note("failed")
+    emit("test.django.view.emitted")
+    emit_on_commit("test.django.view.on_commit")
+    raise ViewFailed
+
+
+def emit_only_view(request: HttpRequest) -> HttpResponse:
+    emit("test.django.view.emitted")
+    return HttpResponse("ok")
+
+
+urlpatterns = [
+    path("ok/", ok_view),
+    path("fail/", failing_view),
+    path("emit-only/", emit_only_view),
+]
+
+
+@pytest.fixture
+def site(app: Celery, monkeypatch: pytest.MonkeyPatch) -> Iterator[Client]:
+    monkeypatch.setattr(f"{__name__}.CELERY_APP", app)
+    with override_settings(
+        ROOT_URLCONF=__name__,
+        MIDDLEWARE=["celery_domain_events.contrib.django.DomainEventsMiddleware"],
+        DOMAIN_EVENTS_CELERY_APP=f"{__name__}.CELERY_APP",
+    ):
+        yield Client()
+
+
+def test_middleware_transmits_after_the_view_returned(
+    site: Client, probe: Probe, batches: list[list[str]]
+) -> None:
+    outer = emit("test.django.outer")  # buffered outside the request
+    response = site.get("/ok/")
+    assert response.status_code == 200
+    # The view's transaction committed first, then the middleware transmitted.
+    assert batches == [["test.django.view.on_commit"], ["test.django.view.emitted"]]
+    assert probe.received() == ["test.django.view.on_commit", "test.django.view.emitted"]
+    assert notes() == ["ok"]
+    assert publisher_module.buffered() == [outer]  # the previous buffer is back, untouched
+
+
+def test_middleware_discards_when_the_view_raised(
+    site: Client, probe: Probe, batches: list[list[str]]
+) -> None:
+    outer = emit("test.django.outer")
+    with pytest.raises(ViewFailed):  # the test client re-raises the view's exception
+        site.get("/fail/")
+    assert batches == []
+    assert notes() == []  # ATOMIC_REQUESTS rolled the view back
+    assert publisher_module.buffered() == [outer]
+    assert probe.received() == []
+
+
+def test_middleware_lets_a_failed_transmit_fail_the_request_and_logs_the_events(
+    site: Client, down: Celery, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(f"{__name__}.CELERY_APP", down)
+    outer = emit("test.django.outer")
+    with caplog.at_level(logging.ERROR), pytest.raises(PublishError) as info:
+        site.get("/emit-only/")  # its transaction committed; the error still surfaces
+    [lost] = info.value.events
+    assert lost.event_name == "test.django.view.emitted"
+    [record] = [r for r in caplog.records if r.name == "celery_domain_events.publisher"]
+    assert record.levelno == logging.ERROR
+    assert str(lost.event_id) in record.getMessage()
+    assert publisher_module.buffered() == [outer]
