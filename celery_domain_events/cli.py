@@ -7,6 +7,7 @@ Installed as a ``celery.commands`` plugin, so ``-A`` resolves the app as for any
     celery -A proj domain-events dlq replay --handler send_welcome_email [--event 'user.#']
     celery -A proj domain-events dlq purge --id EVENT_ID --yes
     celery -A proj domain-events topology show|declare|diff [--prune] [--apply]
+    celery -A proj domain-events catalogue [--asyncapi 2.6.0|3.0.0] [-o catalogue.json]
 
 (Celery's own ``celery events`` command is the event monitor, so this one is ``domain-events``.)
 """
@@ -24,7 +25,7 @@ from kombu import Connection
 from kombu.common import ignore_errors
 from kombu.utils.url import maybe_sanitize_url
 
-from . import deadletter
+from . import catalogue, deadletter
 from .deadletter import DeadLetter
 from .exceptions import DomainEventsError
 from .extension import DomainEvents
@@ -399,3 +400,24 @@ def topology_diff(ctx: click.Context, prune: bool, apply_missing: bool) -> None:
             click.echo(f"declared {len(diff.missing)} missing binding(s)")
     if (diff.stale and not prune) or (diff.missing and not apply_missing):
         ctx.exit(1)
+
+
+@domain_events.command(name="catalogue")
+@click.option(
+    "--asyncapi",
+    type=click.Choice(catalogue.ASYNCAPI_VERSIONS),
+    default="3.0.0",
+    show_default=True,
+    help="AsyncAPI version of the document.",
+)
+@click.option("--output", "-o", type=click.Path(dir_okay=False), help="Write to a file.")
+@click.pass_context
+def catalogue_command(ctx: click.Context, asyncapi: str, output: str | None) -> None:
+    """Export events, versions, JSON schemas, handlers and queues as AsyncAPI JSON."""
+    document = json.dumps(catalogue.build(_ext(ctx), asyncapi), indent=2, sort_keys=False)
+    if output:
+        with open(output, "w", encoding="utf-8") as f:
+            f.write(document + "\n")
+        click.echo(f"wrote AsyncAPI {asyncapi} catalogue to {output}")
+    else:
+        click.echo(document)
