@@ -97,6 +97,8 @@ class Settings(BaseModel):
     organization: str | None = None
     #: RabbitMQ management API for ``topology show/diff``; None: port 15672 on the broker host.
     management_url: str | None = None
+    #: Make ``emit()`` outside a scope (task, handler, request, ``scope()``) raise NoActiveScope.
+    require_scope: bool = False
     #: Transmit what a Celery task emitted when it succeeds; discard it when it fails.
     task_scope: bool = True
     #: Reconnection policy of ``transmit()``.

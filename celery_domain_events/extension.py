@@ -102,6 +102,10 @@ class DomainEvents:
         Raises:
             ConfigurationError: none is installed.
         """
+        # celery.current_app is a Proxy: look up the app behind it.
+        unwrap = getattr(app, "_get_current_object", None)
+        if unwrap is not None:
+            app = unwrap()
         try:
             return _installed[app]
         except KeyError:

@@ -28,7 +28,7 @@ from celery import current_app as _current_app
 from . import serialization, tracing
 from .confirm import OutboundMessage, publish_confirmed
 from .events import AnyEvent, DomainEvent, GenericEvent
-from .exceptions import PublishError
+from .exceptions import ConfigurationError, NoActiveScope, PublishError
 from .routing import validate_event_name
 
 if TYPE_CHECKING:
@@ -98,9 +98,16 @@ def emit(
     Raises:
         InvalidRoutingPattern: an untyped event name is not dotted words.
         TypeError: ``data`` was given with a typed event.
+        NoActiveScope: the current app sets ``domain_events_require_scope`` and no scope is
+            open here.
     """
     event = as_event(event, data, version=version)
     pending = _buffer.get()
+    if pending is None and _scope_required():
+        raise NoActiveScope(
+            f"emit({event.event_name!r}) outside a scope: open one with scope(), or emit from "
+            "a Celery task, a handler or a request with DomainEventsMiddleware"
+        )
     if pending is None:
         pending = []
         _buffer.set(pending)
@@ -141,6 +148,15 @@ def open_buffer() -> contextvars.Token[list[AnyEvent] | None]:
 def close_buffer(token: contextvars.Token[list[AnyEvent] | None]) -> None:
     """Restore the buffer that was current before :func:`open_buffer` returned ``token``."""
     _buffer.reset(token)
+
+
+def _scope_required() -> bool:
+    from .extension import DomainEvents  # noqa: PLC0415 (extension imports this module)
+
+    try:
+        return DomainEvents.of(_current_app).settings.require_scope
+    except ConfigurationError:
+        return False
 
 
 def buffered() -> list[AnyEvent]:

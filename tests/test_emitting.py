@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from celery._state import get_current_app
 
-from celery_domain_events import emit, transmit
+from celery_domain_events import NoActiveScope, buffered, emit, scope, transmit
 
 from . import handlers
 from .conftest import Recorder, Topology, running_worker, wait_for
@@ -44,3 +45,18 @@ def test_handler_emits_only_when_its_attempt_succeeds(
     assert len(recorder.get("chain_start")) == 2  # failed once, retried once
     [follow_up] = recorder.get("chain_next")  # the failed attempt's emit was discarded
     assert follow_up.event_data() == {"after": str(start.event_id)}
+
+
+def test_require_scope_refuses_stray_emits(topology: Topology) -> None:
+    app = topology.app(domain_events_require_scope=True)
+    previous = get_current_app()
+    app.set_current()  # emit() knows no app: it asks the current one
+    try:
+        with pytest.raises(NoActiveScope, match="outside a scope"):
+            emit("test.scope.stray", {})
+        with scope(app, transmit_on_exit=False):
+            emit("test.scope.inside", {})
+            assert [e.event_name for e in buffered()] == ["test.scope.inside"]
+        assert buffered() == []
+    finally:
+        previous.set_current()
