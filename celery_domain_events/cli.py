@@ -8,6 +8,7 @@ Installed as a ``celery.commands`` plugin, so ``-A`` resolves the app as for any
     celery -A proj domain-events dlq purge --id EVENT_ID --yes
     celery -A proj domain-events topology show|declare|diff [--prune] [--apply]
     celery -A proj domain-events catalogue [--asyncapi 2.6.0|3.0.0] [-o catalogue.json]
+    celery -A proj domain-events outbox create-table|relay --db-url URL
 
 (Celery's own ``celery events`` command is the event monitor, so this one is ``domain-events``.)
 """
@@ -30,6 +31,7 @@ from .deadletter import DeadLetter
 from .exceptions import DomainEventsError
 from .extension import DomainEvents
 from .management import ManagementClient
+from .outbox_cli import outbox
 from .registry import HandlerSpec
 from .routing import matches, validate_pattern
 from .topology import diff_bindings
@@ -136,6 +138,9 @@ def _with_filters(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.group(name="domain-events")
 def domain_events() -> None:
     """Domain events: dead letters and the queue/binding topology."""
+
+
+domain_events.add_command(outbox)
 
 
 @domain_events.group()

@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 import pytest
 from celery import Celery
 from celery.contrib.testing.worker import start_worker
-from kombu import Connection
+from kombu import Connection, Queue
 
 from celery_domain_events import DomainEvents, discard
 from celery_domain_events.registry import HandlerRegistry
@@ -279,3 +279,46 @@ def worker_process(topology: Topology, tmp_path: Any) -> Iterator[Callable[..., 
     yield make
     for worker in made:
         worker.cleanup()
+
+
+DB_URL = os.environ.get("DOMAIN_EVENTS_DB_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+@pytest.fixture
+def engine() -> Iterator[Any]:
+    """A SQLAlchemy engine on the local PostgreSQL (skipped locally if down, failed in CI)."""
+    import sqlalchemy as sa
+
+    parsed = urlparse(DB_URL)
+    try:
+        socket.create_connection((parsed.hostname or "127.0.0.1", parsed.port or 5432), 2).close()
+    except OSError:
+        message = f"PostgreSQL is not reachable at {parsed.hostname}:{parsed.port}"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    engine = sa.create_engine(DB_URL)
+    yield engine
+    engine.dispose()
+
+
+def probe(topology: Topology, app: Celery) -> str:
+    """Bind a queue to the test exchange by ``#``: it keeps every event published there.
+
+    Its name is the one ``Topology.cleanup`` deletes.
+    """
+    name = f"test.{topology.uid}.probe"
+    with Connection(topology.broker_url) as conn:
+        exchange = DomainEvents.of(app).exchange()
+        Queue(name, exchange, routing_key="#", auto_delete=False)(conn.default_channel).declare()
+    return name
+
+
+def drain(broker_url: str, queue: str) -> list[Any]:
+    """Take every message out of ``queue`` (acked): the test owns the queue."""
+    messages = []
+    with Connection(broker_url) as conn:
+        channel = conn.channel()
+        while (message := channel.basic_get(queue, no_ack=True)) is not None:
+            messages.append(message)
+    return messages

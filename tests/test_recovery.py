@@ -15,19 +15,9 @@ from celery_domain_events import DomainEvents, emit, transmit
 from celery_domain_events.deadletter import HEADER_PREFIX, MAX_HEADERS_BYTES
 
 from . import handlers
-from .conftest import Recorder, Topology, running_worker, wait_for
+from .conftest import Recorder, Topology, drain, running_worker, wait_for
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.worker]
-
-
-def drain(broker_url: str, queue: str) -> list[Any]:
-    """Take every message out of ``queue`` (acked): the test owns the queue."""
-    messages = []
-    with Connection(broker_url) as conn:
-        channel = conn.channel()
-        while (message := channel.basic_get(queue, no_ack=True)) is not None:
-            messages.append(message)
-    return messages
 
 
 def as_bytes(body: bytes | str) -> bytes:

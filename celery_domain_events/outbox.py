@@ -1,0 +1,299 @@
+"""A transactional outbox: events are rows written in your transaction, relayed to RabbitMQ.
+
+::
+
+    outbox = Outbox(DomainEvents.of(app), metadata=Base.metadata)  # the table joins your migrations
+
+    with Session.begin() as session:
+        session.add(Order(id=42))
+        outbox.add(session, OrderPaid(order_id=42))  # committed or rolled back with the order
+
+    outbox.relay_forever(engine)  # or: celery -A proj domain-events outbox relay --db-url URL
+
+Each row holds the exact message :func:`~celery_domain_events.publisher.publish_events` would
+send: the CloudEvents body, routing key, AMQP properties and headers (trace context included).
+A relay takes up to ``limit`` of the oldest rows ``FOR UPDATE SKIP LOCKED``, publishes them with
+publisher confirms and deletes them in the same database transaction, so any number of relays
+can run side by side and each row is published once. Rows are relayed in ``created_at`` order,
+which is emit order within a process.
+
+Delivery is **at least once**. Where a crash can strike:
+
+- before the business transaction commits: no row, no event (nothing happened);
+- after the commit, before a relay publishes: the rows wait for the next relay;
+- in a relay, before the broker confirmed: its transaction dies with its connection and the rows
+  are unlocked for the next relay;
+- in a relay, after the confirms and before its ``DELETE`` commits: the next relay publishes the
+  rows again. These **duplicates** carry the same event id (the CloudEvents ``id`` and AMQP
+  ``message_id``), and handlers get a stable task id from it: dedupe on it.
+
+Nothing is deleted before the broker confirmed it, so nothing is lost. Use PostgreSQL (or another
+database with ``SKIP LOCKED``) at the READ COMMITTED isolation level, its default.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Column,
+    Connection,
+    DateTime,
+    Engine,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    delete,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
+
+from . import serialization, tracing
+from .confirm import OutboundMessage, publish_confirmed
+from .events import AnyEvent
+from .exceptions import PublishError
+from .extension import DomainEvents
+from .publisher import as_event, outbound_messages
+
+__all__ = ["DEFAULT_TABLE_NAME", "Outbox", "define_table"]
+
+log = logging.getLogger(__name__)
+
+#: Name of the outbox table unless you choose another.
+DEFAULT_TABLE_NAME = "domain_events_outbox"
+
+
+def define_table(metadata: MetaData, name: str = DEFAULT_TABLE_NAME) -> Table:
+    """Return the outbox table ``name`` on ``metadata``, defining it if it is not there yet.
+
+    Call it where your models are defined so the table is part of your migrations; it needs no
+    Celery app.
+    """
+    existing = metadata.tables.get(name)
+    if existing is not None:
+        return existing
+    return Table(
+        name,
+        metadata,
+        Column("id", String(36), primary_key=True, comment="event id (CloudEvents id)"),
+        Column("created_at", DateTime(timezone=True), nullable=False),
+        Column("exchange", String(255), nullable=False),
+        Column("routing_key", String(255), nullable=False),
+        Column("body", LargeBinary, nullable=False, comment="CloudEvents JSON, as published"),
+        Column("properties", JSON, nullable=False),
+        Column("headers", JSON, nullable=False),
+        Column("attempts", Integer, nullable=False, default=0, server_default="0"),
+        Index(f"ix_{name}_created_at", "created_at"),
+    )
+
+
+class _Clock:
+    """Wall-clock timestamps, strictly increasing within the process."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last = datetime.min.replace(tzinfo=timezone.utc)
+
+    def now(self) -> datetime:
+        # Rows of one transaction would otherwise tie at clock resolution and lose emit order.
+        with self._lock:
+            self._last = max(datetime.now(timezone.utc), self._last + timedelta(microseconds=1))
+            return self._last
+
+
+_clock = _Clock()
+
+
+class Outbox:
+    """Write events in the caller's database transaction; relay them to RabbitMQ later.
+
+    Args:
+        ext: the ``DomainEvents`` whose settings (service, exchange, confirms) apply.
+        metadata: the ``MetaData`` to define the table on (default: a private one).
+        table_name: the table's name.
+    """
+
+    def __init__(
+        self,
+        ext: DomainEvents,
+        metadata: MetaData | None = None,
+        table_name: str = DEFAULT_TABLE_NAME,
+    ) -> None:
+        self.ext = ext
+        self.table = define_table(metadata if metadata is not None else MetaData(), table_name)
+
+    def add(
+        self,
+        target: Session | Connection,
+        event: AnyEvent | str,
+        data: Mapping[str, Any] | None = None,
+        *,
+        version: int = 1,
+    ) -> AnyEvent:
+        """Insert an event into the outbox, in ``target``'s current transaction.
+
+        Args:
+            target: the ``Session`` or ``Connection`` doing the business work.
+            event: a ``DomainEvent`` instance, or an event name for an untyped event.
+            data: the payload of an untyped event.
+            version: the version of an untyped event.
+
+        Returns:
+            The event (a ``GenericEvent`` for untyped ones).
+
+        Raises:
+            InvalidRoutingPattern: an untyped event name is not dotted words.
+            TypeError: ``data`` was given with a typed event.
+        """
+        event = as_event(event, data, version=version)
+        # Exactly what publish_events would send now, trace context included.
+        traceparent = tracing.current_traceparent() or tracing.new_traceparent()
+        [message] = outbound_messages(self.ext, [event], traceparent)
+        target.execute(
+            insert(self.table).values(
+                id=str(event.event_id),
+                created_at=_clock.now(),
+                exchange=message.exchange,
+                routing_key=message.routing_key,
+                body=message.body,
+                properties=message.properties,
+                headers=message.headers,
+                attempts=0,
+            )
+        )
+        return event
+
+    def relay_once(
+        self,
+        engine: Engine,
+        limit: int = 500,
+        *,
+        _after_publish: Callable[[], None] | None = None,
+    ) -> int:
+        """Publish up to ``limit`` of the oldest unlocked rows, then delete them.
+
+        One database transaction locks the rows (``FOR UPDATE SKIP LOCKED``), publishes them
+        with publisher confirms and deletes them. ``_after_publish`` is a test hook, called
+        between the confirms and the delete.
+
+        Returns:
+            How many events were published (0 when the outbox is empty or fully locked).
+
+        Raises:
+            PublishError: the broker did not confirm some rows; their ids are in
+                ``error.events``, their ``attempts`` went up and they stay in the outbox.
+                Rows that were confirmed are deleted.
+        """
+        table = self.table
+        with engine.connect() as conn, conn.begin():
+            rows = conn.execute(
+                select(table)
+                .order_by(table.c.created_at, table.c.id)
+                .limit(limit)
+                .with_for_update(skip_locked=True)
+            ).all()
+            if not rows:
+                return 0
+            ids = [row.id for row in rows]
+            try:
+                self._publish(rows)
+            except PublishError as exc:
+                self._keep_unconfirmed(conn, ids, exc)
+                error = exc
+            else:
+                if _after_publish is not None:
+                    _after_publish()
+                conn.execute(delete(table).where(table.c.id.in_(ids)))
+                return len(rows)
+        # Raised once the transaction committed: the confirmed rows are gone for good.
+        raise error
+
+    def relay_forever(
+        self,
+        engine: Engine,
+        *,
+        interval: float = 1.0,
+        limit: int = 500,
+        stop: threading.Event | None = None,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> int:
+        """Relay until ``stop`` is set, waiting ``interval`` seconds whenever caught up.
+
+        Broker and database outages are logged and retried after ``interval``.
+
+        Args:
+            engine: the database holding the outbox.
+            interval: seconds to wait when the outbox is empty or a relay failed.
+            limit: rows per batch (one database transaction each).
+            stop: set it to return after the current batch (default: run forever).
+            on_batch: called with the size of each non-empty batch.
+
+        Returns:
+            How many events were relayed in total.
+        """
+        stop = stop or threading.Event()
+        total = 0
+        while not stop.is_set():
+            try:
+                count = self.relay_once(engine, limit)
+            except (PublishError, OperationalError) as exc:
+                log.warning("Outbox relay failed, retrying in %.1f s: %s", interval, exc)
+                count = 0
+            if count:
+                total += count
+                log.info("Relayed %d event(s) from %s", count, self.table.name)
+                if on_batch is not None:
+                    on_batch(count)
+            if count < limit:  # caught up (or failed): do not spin
+                stop.wait(interval)
+        return total
+
+    def _publish(self, rows: Sequence[Any]) -> None:
+        settings = self.ext.settings
+        messages = [
+            OutboundMessage(
+                body=row.body,
+                exchange=row.exchange,
+                routing_key=row.routing_key,
+                content_type=serialization.CONTENT_TYPE,
+                properties=dict(row.properties),
+                headers=dict(row.headers),
+                mandatory=settings.unrouted_queue is None,
+                source=row.id,
+            )
+            for row in rows
+        ]
+        publish_confirmed(
+            lambda: self.ext.app.pool.acquire(block=True),
+            messages,
+            timeout=settings.confirm_timeout,
+            policy=settings.publish_retry_policy,
+            declare=self.ext.publisher_entities(),
+        )
+
+    def _keep_unconfirmed(self, conn: Connection, ids: list[str], exc: PublishError) -> None:
+        table = self.table
+        unconfirmed = {str(row_id) for row_id in exc.events}
+        confirmed = [row_id for row_id in ids if row_id not in unconfirmed]
+        if confirmed:
+            conn.execute(delete(table).where(table.c.id.in_(confirmed)))
+        conn.execute(
+            update(table).where(table.c.id.in_(unconfirmed)).values(attempts=table.c.attempts + 1)
+        )
+        log.warning(
+            "Outbox relay: %d event(s) published, %d kept for the next attempt: %s",
+            len(confirmed),
+            len(unconfirmed),
+            exc,
+        )

@@ -1,0 +1,144 @@
+"""``celery -A proj domain-events outbox ...``: create the outbox table and run the relay.
+
+::
+
+    celery -A proj domain-events outbox create-table --db-url postgresql+psycopg://...
+    celery -A proj domain-events outbox relay --db-url postgresql+psycopg://... [--once]
+
+``--db-url`` defaults to ``$DOMAIN_EVENTS_OUTBOX_URL``. SQLAlchemy is imported only when a
+command runs, so the ``domain-events`` command works without it.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+import click
+from celery import Celery
+
+from .exceptions import DomainEventsError, PublishError
+from .extension import DomainEvents
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
+    from .outbox import Outbox
+
+__all__ = ["outbox"]
+
+db_url_option = click.option(
+    "--db-url",
+    envvar="DOMAIN_EVENTS_OUTBOX_URL",
+    required=True,
+    help="SQLAlchemy URL of the database with the outbox (default: $DOMAIN_EVENTS_OUTBOX_URL).",
+)
+table_option = click.option(
+    "--table", default="domain_events_outbox", show_default=True, help="The outbox table."
+)
+
+
+def _ext(ctx: click.Context) -> DomainEvents:
+    app: Celery = ctx.obj.app
+    app.loader.import_default_modules()
+    try:
+        return DomainEvents.of(app)
+    except DomainEventsError as exc:
+        raise click.UsageError(str(exc)) from exc
+
+
+@contextmanager
+def _outbox(ctx: click.Context, db_url: str, table: str) -> Iterator[tuple[Outbox, Engine]]:
+    try:
+        from sqlalchemy import create_engine  # noqa: PLC0415 (optional dependency)
+        from sqlalchemy.exc import ArgumentError, DBAPIError  # noqa: PLC0415
+
+        from .outbox import Outbox  # noqa: PLC0415 (imports sqlalchemy)
+    except ImportError as exc:
+        raise click.ClickException(
+            f"the outbox needs SQLAlchemy ({exc}): pip install 'celery-domain-events[sqlalchemy]'"
+        ) from exc
+    try:
+        engine = create_engine(db_url)
+    except (ArgumentError, ImportError) as exc:
+        raise click.BadParameter(str(exc), param_hint="--db-url") from exc
+    try:
+        yield Outbox(_ext(ctx), table_name=table), engine
+    except DBAPIError as exc:
+        raise click.ClickException(f"database error at {_safe(engine)}: {exc.orig}") from exc
+    finally:
+        engine.dispose()
+
+
+@click.group()
+def outbox() -> None:
+    """The transactional outbox: create its table, relay it to RabbitMQ."""
+
+
+@outbox.command("create-table")
+@db_url_option
+@table_option
+@click.pass_context
+def create_table(ctx: click.Context, db_url: str, table: str) -> None:
+    """Create the outbox table (and its index) unless it exists."""
+    with _outbox(ctx, db_url, table) as (box, engine):
+        box.table.create(engine, checkfirst=True)
+        click.echo(f"outbox table {box.table.name!r} is ready at {_safe(engine)}")
+
+
+@outbox.command()
+@db_url_option
+@table_option
+@click.option("--once", is_flag=True, help="Relay one batch and exit.")
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0),
+    default=1.0,
+    show_default=True,
+    help="Seconds to wait whenever the outbox is empty.",
+)
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1),
+    default=500,
+    show_default=True,
+    help="Rows per batch (one database transaction each).",
+)
+@click.pass_context
+def relay(
+    ctx: click.Context, *, db_url: str, table: str, once: bool, interval: float, limit: int
+) -> None:
+    """Publish the outbox's events to RabbitMQ until SIGINT or SIGTERM (or once)."""
+    with _outbox(ctx, db_url, table) as (box, engine):
+        if once:
+            try:
+                count = box.relay_once(engine, limit)
+            except PublishError as exc:
+                raise click.ClickException(str(exc)) from exc
+            click.echo(f"{count} event(s) relayed")
+            return
+        stop = threading.Event()
+        _on_signals(stop.set)
+        click.echo(f"relaying {box.table.name!r} at {_safe(engine)}; stop with Ctrl-C")
+        total = box.relay_forever(
+            engine,
+            interval=interval,
+            limit=limit,
+            stop=stop,
+            on_batch=lambda n: click.echo(f"{n} event(s) relayed"),
+        )
+        click.echo(f"stopped: {total} event(s) relayed")
+
+
+def _on_signals(handler: Callable[[], Any]) -> None:
+    # Finish the current batch, then return: a batch is one transaction either way, but a
+    # clean stop avoids republishing it.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: handler())
+
+
+def _safe(engine: Engine) -> str:
+    return engine.url.render_as_string(hide_password=True)
