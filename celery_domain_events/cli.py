@@ -39,7 +39,12 @@ from .topology import diff_bindings
 __all__ = ["domain_events"]
 
 
-def _ext(ctx: click.Context) -> DomainEvents:
+def extension_of(ctx: click.Context) -> DomainEvents:
+    """Return the ``DomainEvents`` of the app ``celery -A`` named, its handlers imported.
+
+    Raises:
+        click.UsageError: the app has no ``DomainEvents``.
+    """
     app: Celery = ctx.obj.app
     # Handlers register when their modules are imported, as the worker does on start.
     app.loader.import_default_modules()
@@ -155,7 +160,7 @@ def dlq() -> None:
 @click.pass_context
 def list_(ctx: click.Context, handlers: tuple[str, ...], messages: bool, as_json: bool) -> None:
     """Show each handler's dead-letter queue and its depth."""
-    ext = _ext(ctx)
+    ext = extension_of(ctx)
     rows = []
     with _connection(ext) as conn:
         for spec in _handlers(ext, handlers):
@@ -188,7 +193,7 @@ def list_(ctx: click.Context, handlers: tuple[str, ...], messages: bool, as_json
 @click.pass_context
 def show(ctx: click.Context, event_id: str, handlers: tuple[str, ...]) -> None:
     """Print every dead letter of EVENT_ID: failure record, headers and body."""
-    ext = _ext(ctx)
+    ext = extension_of(ctx)
     found = 0
     with _connection(ext) as conn:
         for spec in _handlers(ext, handlers):
@@ -231,7 +236,7 @@ def _run(
     limit: int | None,
     dry_run: bool,
 ) -> None:
-    ext = _ext(ctx)
+    ext = extension_of(ctx)
     select = _selector(event, ids, reason)
     total = 0
     with _connection(ext) as conn:
@@ -306,7 +311,7 @@ def _stats(conn: Connection, queue: str) -> tuple[int, int] | None:
 @click.pass_context
 def topology_show(ctx: click.Context, as_json: bool) -> None:
     """List each handler queue: type, depth, consumers, DLQ depth and live bindings."""
-    ext = _ext(ctx)
+    ext = extension_of(ctx)
     client = _management(ext)
     bindings = _queue_bindings(ext, client)
     rows: list[dict[str, Any]] = []
@@ -364,7 +369,7 @@ def topology_show(ctx: click.Context, as_json: bool) -> None:
 @click.pass_context
 def topology_declare(ctx: click.Context) -> None:
     """Declare everything now (before any worker runs, so no event is missed)."""
-    ext = _ext(ctx)
+    ext = extension_of(ctx)
     with _connection(ext) as conn:
         ext.declare(conn.default_channel)
     for spec in ext.handlers:
@@ -380,7 +385,7 @@ def topology_declare(ctx: click.Context) -> None:
 @click.pass_context
 def topology_diff(ctx: click.Context, prune: bool, apply_missing: bool) -> None:
     """Compare RabbitMQ's bindings with the handlers' patterns; exit 1 if they differ."""
-    ext = _ext(ctx)
+    ext = extension_of(ctx)
     expected = {ext.handler_queue_name(s): ext.binding_patterns(s) for s in ext.handlers}
     diff = diff_bindings(expected, _queue_bindings(ext, _management(ext)), ext.settings.service)
     for queue, pattern in diff.missing:
@@ -419,7 +424,7 @@ def topology_diff(ctx: click.Context, prune: bool, apply_missing: bool) -> None:
 @click.pass_context
 def catalogue_command(ctx: click.Context, asyncapi: str, output: str | None) -> None:
     """Export events, versions, JSON schemas, handlers and queues as AsyncAPI JSON."""
-    document = json.dumps(catalogue.build(_ext(ctx), asyncapi), indent=2, sort_keys=False)
+    document = json.dumps(catalogue.build(extension_of(ctx), asyncapi), indent=2, sort_keys=False)
     if output:
         with open(output, "w", encoding="utf-8") as f:
             f.write(document + "\n")

@@ -18,9 +18,8 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import click
-from celery import Celery
 
-from .exceptions import DomainEventsError, PublishError
+from .exceptions import PublishError
 from .extension import DomainEvents
 
 if TYPE_CHECKING:
@@ -42,12 +41,9 @@ table_option = click.option(
 
 
 def _ext(ctx: click.Context) -> DomainEvents:
-    app: Celery = ctx.obj.app
-    app.loader.import_default_modules()
-    try:
-        return DomainEvents.of(app)
-    except DomainEventsError as exc:
-        raise click.UsageError(str(exc)) from exc
+    from .cli import extension_of  # noqa: PLC0415 (cli imports this module)
+
+    return extension_of(ctx)
 
 
 @contextmanager
