@@ -147,6 +147,11 @@ def _register_task_on_apps(spec: HandlerSpec) -> None:
 
 def bind_task(app: Celery, spec: HandlerSpec) -> Task[Any, Any]:
     """Create (or return, if it exists) the Celery task that runs ``spec`` in ``app``."""
+    # app.tasks does not re-enter finalize: Celery marks the app finalized before it calls
+    # the finalize callbacks this runs from.
+    existing: Task[Any, Any] | None = app.tasks.get(spec.task_name)
+    if existing is not None:
+        return existing
 
     def run(self: DomainEventTask, raw_event: str, meta: dict[str, Any] | None = None) -> Any:
         return self.deliver(raw_event)

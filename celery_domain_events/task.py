@@ -32,8 +32,9 @@ __all__ = ["DomainEventTask"]
 
 log = logging.getLogger(__name__)
 
-# Set on an exception once its event is dead-lettered, so on_failure does not do it twice.
-_DEAD_LETTERED = "_domain_events_dead_lettered"
+# Set on the request once its event is dead-lettered, so on_failure does not do it twice. Not
+# on the exception: Celery hands on_failure a wrapper instead when the exception won't pickle.
+_DEAD_LETTERED = "domain_events_dead_lettered"
 
 
 class DomainEventTask(Task[Any, Any]):
@@ -123,7 +124,7 @@ class DomainEventTask(Task[Any, Any]):
         einfo: ExceptionInfo | None,
     ) -> None:
         """Dead-letter failures raised outside the handler's call (a hard time limit)."""
-        if getattr(exc, _DEAD_LETTERED, False) or not isinstance(exc, Exception):
+        if getattr(self.request, _DEAD_LETTERED, False) or not isinstance(exc, Exception):
             return
         traceback_text = str(einfo.traceback) if einfo is not None else ""
         retries = int((self.request.retries if self.request.id == task_id else 0) or 0)
@@ -166,7 +167,7 @@ class DomainEventTask(Task[Any, Any]):
             headers=meta.get("headers"),
         )
         deadletter.send(ext, message)
-        setattr(exc, _DEAD_LETTERED, True)
+        setattr(self.request, _DEAD_LETTERED, True)
 
     def _failure_reason(self, exc: BaseException) -> FailureReason:
         if isinstance(exc, EventDecodeError):

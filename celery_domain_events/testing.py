@@ -1,0 +1,342 @@
+"""The in-process test harness: publish, route and handle domain events with no broker.
+
+::
+
+    with capture_events(app) as events:
+        emit(UserCreated(user_id=1))
+        transmit(app)
+        events.join()                 # runs every matching handler; re-raises a failure here
+        assert events.published == [UserCreated(...)]
+        assert events.handled(send_welcome_email) == events.published
+        assert events.dead_letters == []
+
+:func:`capture_events` sets :attr:`DomainEvents.transport <.extension.DomainEvents.transport>`
+(the seam ``transmit()`` and dead-lettering publish through) to an in-memory capture and
+restores the previous value on exit. Nothing connects to a broker: the app's ``broker_url`` may
+be ``memory://`` or an unreachable ``amqp://`` URL.
+
+Each delivery runs through the handler's real Celery task (``task.apply()``, eager), with the
+kwargs a worker would build, so decoding, retries, ``RejectEvent``, poison input and
+dead-lettering take the production code path. Semantics:
+
+* **Routing** is AMQP-exact (:func:`.routing.matches` on the message's routing key and each
+  handler's :meth:`~.extension.DomainEvents.binding_patterns`), never kombu ``memory://``
+  matching, which misses ``user.#`` vs ``user``. Events are routed when they are transmitted.
+* **Order**: deliveries run one at a time in the test thread, first in first out: events in
+  transmit order and, per event, handlers by name. Events a handler emits are transmitted when
+  it succeeds (as in a worker) and queued behind the deliveries already pending.
+* **Retries** are Celery's eager retries: the attempt re-runs at once, ignoring the
+  countdown and backoff. A handler runs at most ``max_retries + 1`` times; the events it
+  emitted in a failed attempt are discarded with that attempt.
+* **Dead letters**: a delivery that finally fails (retries spent, ``RejectEvent``, an error
+  that is never retried, poison) is dead-lettered by the task and appears in
+  :attr:`EventCapture.dead_letters`, body byte for byte, with the ``x-failure-*`` record.
+* **fail_fast**: :meth:`EventCapture.join` first runs every pending delivery, then re-raises
+  the exception of the first delivery that failed *during that join*. A failure is the exception
+  that got an event dead-lettered; failed attempts that were retried and then succeeded are
+  not failures. With ``fail_fast=False`` nothing is raised: inspect ``dead_letters``.
+* **Not emulated**: time limits, rate limits, prefetch, redelivery after a crash and the
+  ``unrouted`` queue. Only a real RabbitMQ and a real worker are evidence for those; see
+  :mod:`celery_domain_events.pytest_plugin`.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import defaultdict, deque
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from typing import Any, NamedTuple
+
+from celery import Celery, states
+
+from . import serialization
+from .bridge import task_id_for
+from .confirm import OutboundMessage
+from .deadletter import DeadLetter
+from .events import AnyEvent
+from .exceptions import EventDecodeError
+from .extension import DomainEvents
+from .handlers import bind_task
+from .registry import HandlerSpec
+from .routing import matches
+from .topology import DLQ_SUFFIX
+
+__all__ = ["CapturedDeadLetter", "EventCapture", "capture_events"]
+
+
+@dataclass(frozen=True)
+class CapturedDeadLetter(DeadLetter):
+    """A dead letter the harness captured: what ``<queue>.dlq`` would hold, plus the error.
+
+    It is a :class:`~.deadletter.DeadLetter`, as the CLI reads from RabbitMQ, so assertions on
+    ``reason``, ``failure(...)`` and ``body`` work the same on both.
+
+    Attributes:
+        event: the event the body decodes to, or None for poison.
+        error: the exception that ended the delivery (None if it came from outside ``join``).
+    """
+
+    event: AnyEvent | None = None
+    error: BaseException | None = field(default=None, compare=False)
+
+    @property
+    def handler(self) -> str:
+        """The name of the handler that failed."""
+        return str(self.failure("handler", ""))
+
+    @property
+    def exception(self) -> str:
+        """The qualified name of the exception type (``builtins.RuntimeError``)."""
+        return str(self.failure("exception", ""))
+
+    @property
+    def attempts(self) -> int:
+        """How many times the handler ran (``max_retries + 1`` when retries were spent)."""
+        return int(self.failure("attempts", 0))
+
+
+class _Delivery(NamedTuple):
+    message: OutboundMessage
+    spec: HandlerSpec
+
+
+class EventCapture:
+    """What :func:`capture_events` yields: the published events, handler runs and dead letters.
+
+    Every list property returns a copy, in the order things happened.
+    """
+
+    __test__ = False  # never collected by pytest, whatever name it is imported under
+
+    def __init__(self, app: Celery, *, fail_fast: bool = True) -> None:
+        self.app = app
+        self.ext = DomainEvents.of(app)
+        self.fail_fast = fail_fast
+        self._lock = threading.RLock()
+        self._open = False
+        self._joining = False
+        self._messages: list[OutboundMessage] = []
+        self._published: list[AnyEvent] = []
+        self._pending: deque[_Delivery] = deque()
+        self._handled: dict[str, list[AnyEvent]] = defaultdict(list)
+        self._dead_letters: list[CapturedDeadLetter] = []
+
+    @property
+    def published(self) -> list[AnyEvent]:
+        """The events transmitted, decoded back into their models as a worker would.
+
+        An event whose body does not decode (its deliveries dead-letter as poison) is listed
+        as it was emitted.
+        """
+        with self._lock:
+            return list(self._published)
+
+    @property
+    def messages(self) -> list[OutboundMessage]:
+        """The AMQP messages of :attr:`published` (body, exchange, routing key, headers)."""
+        with self._lock:
+            return list(self._messages)
+
+    @property
+    def dead_letters(self) -> list[CapturedDeadLetter]:
+        """The dead letters the handler tasks published."""
+        with self._lock:
+            return list(self._dead_letters)
+
+    @property
+    def pending(self) -> int:
+        """The number of deliveries waiting for :meth:`join`."""
+        with self._lock:
+            return len(self._pending)
+
+    def handled(self, handler: object) -> list[AnyEvent]:
+        """Return the events ``handler`` (a ``Handler``, ``HandlerSpec`` or name) handled.
+
+        Only successful runs count: an event that was retried and then handled is listed
+        once, an event that was dead-lettered is not listed.
+
+        Raises:
+            ValueError: ``handler`` is not a handler of this app (a typo would pass silently).
+        """
+        name = getattr(handler, "name", handler)
+        if not any(spec.name == name for spec in self.ext.handlers):
+            known = ", ".join(spec.name for spec in self.ext.handlers) or "none"
+            raise ValueError(f"{name!r} is not a handler of this app (handlers: {known})")
+        with self._lock:
+            return list(self._handled.get(str(name), ()))
+
+    def clear(self) -> None:
+        """Forget everything recorded and drop the pending deliveries."""
+        with self._lock:
+            self._messages.clear()
+            self._published.clear()
+            self._pending.clear()
+            self._handled.clear()
+            self._dead_letters.clear()
+
+    def join(self, timeout: float = 5.0, *, fail_fast: bool | None = None) -> None:
+        """Run the pending deliveries, and those they cause, until none is left.
+
+        Args:
+            timeout: seconds after which no further delivery starts (a running handler is
+                not interrupted).
+            fail_fast: re-raise the first failure of this join (default: the value given to
+                :func:`capture_events`); see the module docstring.
+
+        Raises:
+            TimeoutError: deliveries were still pending after ``timeout`` (a handler that
+                emits an event it handles itself, say); they stay pending.
+            RuntimeError: the capture is closed, or ``join`` was called from a handler.
+            Exception: with ``fail_fast``, the exception of the first failed delivery.
+        """
+        if not self._open:
+            raise RuntimeError("join() after capture_events() exited: its transport is gone")
+        if self._joining:
+            raise RuntimeError("join() cannot be called from a handler")
+        deadline = time.monotonic() + timeout
+        failures: list[BaseException] = []
+        self._joining = True
+        try:
+            while delivery := self._next(deadline, timeout):
+                error = self._deliver(delivery)
+                if error is not None:
+                    failures.append(error)
+        finally:
+            self._joining = False
+        if failures and (self.fail_fast if fail_fast is None else fail_fast):
+            raise failures[0]
+
+    def _next(self, deadline: float, timeout: float) -> _Delivery | None:
+        with self._lock:
+            if not self._pending:
+                return None
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"{len(self._pending)} delivery(ies) still pending after {timeout} s; "
+                    "does a handler emit events it handles itself?"
+                )
+            return self._pending.popleft()
+
+    def _deliver(self, delivery: _Delivery) -> BaseException | None:
+        """Run one delivery through the handler's task; return the error that ended it."""
+        message, spec = delivery
+        # The app binds every decorated handler when it finalizes; bind_task() again would
+        # make a second callable under the same name (Celery 5.7 warns about it).
+        task = self.app.tasks.get(spec.task_name) or bind_task(self.app, spec)
+        with self._lock:
+            first_letter = len(self._dead_letters)
+        result = task.apply(
+            kwargs={"raw_event": message.body.decode("utf-8"), "meta": self._meta(delivery)},
+            task_id=task_id_for(str(message.properties.get("message_id")), spec.name),
+            throw=False,
+        )
+        outcome: Any = result.result
+        state: str = result.state  # the stubs omit IGNORED
+        if state == states.SUCCESS:
+            with self._lock:
+                self._handled[spec.name].append(self._decode(message))
+            return None
+        if state == states.IGNORED or not isinstance(outcome, BaseException):
+            return None
+        with self._lock:
+            self._dead_letters[first_letter:] = [
+                replace(letter, error=outcome) if letter.error is None else letter
+                for letter in self._dead_letters[first_letter:]
+            ]
+        return outcome
+
+    def _meta(self, delivery: _Delivery) -> dict[str, Any]:
+        # What bridge.to_task_message gives the task in a worker, through the same JSON trip.
+        message, spec = delivery
+        meta = {
+            "queue": self.ext.handler_queue_name(spec),
+            "exchange": message.exchange,
+            "routing_key": message.routing_key,
+            "content_type": message.content_type,
+            "content_encoding": message.content_encoding,
+            "properties": message.properties,
+            "headers": message.headers,
+        }
+        decoded: dict[str, Any] = json.loads(json.dumps(meta, default=str))
+        return decoded
+
+    def _decode(self, message: OutboundMessage) -> AnyEvent:
+        envelope = serialization.decode(message.body)
+        return serialization.to_event(envelope, self.ext.events)
+
+    def _transport(self, ext: DomainEvents, messages: list[OutboundMessage]) -> None:
+        """The ``DomainEvents.transport``: record events and dead letters, route events."""
+        for message in messages:
+            if message.exchange == "" and message.routing_key.endswith(DLQ_SUFFIX):
+                self._capture_dead_letter(message)
+            else:
+                self._capture_event(ext, message)
+
+    def _capture_event(self, ext: DomainEvents, message: OutboundMessage) -> None:
+        try:
+            event = self._decode(message)
+        except EventDecodeError:
+            event = message.source  # its deliveries will dead-letter it as poison
+        deliveries = [
+            _Delivery(message, spec)
+            for spec in ext.handlers
+            if any(matches(p, message.routing_key) for p in ext.binding_patterns(spec))
+        ]
+        with self._lock:
+            self._messages.append(message)
+            self._published.append(event)
+            self._pending.extend(deliveries)
+
+    def _capture_dead_letter(self, message: OutboundMessage) -> None:
+        try:
+            event: AnyEvent | None = self._decode(message)
+        except EventDecodeError:
+            event = None
+        letter = CapturedDeadLetter(
+            queue=message.routing_key,
+            body=message.body,
+            content_type=message.content_type,
+            content_encoding=message.content_encoding,
+            properties=dict(message.properties),
+            headers=dict(message.headers),
+            event=event,
+        )
+        with self._lock:
+            self._dead_letters.append(letter)
+
+    def _close(self) -> None:
+        with self._lock:
+            self._open = False
+            self._pending.clear()
+
+
+@contextmanager
+def capture_events(app: Celery, *, fail_fast: bool = True) -> Iterator[EventCapture]:
+    """Capture what ``app`` publishes, in memory, for the duration of the block.
+
+    Args:
+        app: a Celery app with ``DomainEvents`` installed; its handlers (as restricted by
+            ``DomainEvents(app, handlers=...)``) are the ones :meth:`EventCapture.join` runs.
+        fail_fast: the default of :meth:`EventCapture.join`'s ``fail_fast``.
+
+    Yields:
+        The capture. Its records stay readable after the block; pending deliveries are
+        dropped and ``DomainEvents.transport`` is restored to its previous value.
+
+    Raises:
+        ConfigurationError: the app has no ``DomainEvents``.
+    """
+    capture = EventCapture(app, fail_fast=fail_fast)
+    ext = capture.ext
+    previous = ext.transport
+    ext.transport = capture._transport
+    capture._open = True
+    try:
+        yield capture
+    finally:
+        ext.transport = previous
+        capture._close()
