@@ -83,6 +83,14 @@ def _handlers(ext: DomainEvents, names: tuple[str, ...]) -> list[HandlerSpec]:
     return [known[n] for n in names]
 
 
+def _nonempty_dlqs(ext: DomainEvents, conn: Connection, handlers: tuple[str, ...]) -> Iterator[str]:
+    """Yield the dead-letter queues of the chosen handlers that hold messages."""
+    for spec in _handlers(ext, handlers):
+        queue = ext.dead_letter_queue(spec).name
+        if deadletter.depth(conn, queue):
+            yield queue
+
+
 def _selector(
     event: str | None, ids: tuple[str, ...], reason: str | None
 ) -> Callable[[DeadLetter], bool]:
@@ -196,10 +204,7 @@ def show(ctx: click.Context, event_id: str, handlers: tuple[str, ...]) -> None:
     ext = extension_of(ctx)
     found = 0
     with _connection(ext) as conn:
-        for spec in _handlers(ext, handlers):
-            queue = ext.dead_letter_queue(spec).name
-            if not deadletter.depth(conn, queue):
-                continue
+        for queue in _nonempty_dlqs(ext, conn, handlers):
             for letter in deadletter.process(conn, queue, _selector(None, (event_id,), None)):
                 found += 1
                 click.echo(
@@ -240,10 +245,7 @@ def _run(
     select = _selector(event, ids, reason)
     total = 0
     with _connection(ext) as conn:
-        for spec in _handlers(ext, handlers):
-            queue = ext.dead_letter_queue(spec).name
-            if not deadletter.depth(conn, queue):
-                continue
+        for queue in _nonempty_dlqs(ext, conn, handlers):
             done = deadletter.process(
                 conn,
                 queue,
