@@ -28,7 +28,7 @@ __all__ = ["OutboundMessage", "publish_confirmed"]
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class OutboundMessage:
     """One message to publish: body, destination and AMQP properties."""
 
@@ -72,6 +72,10 @@ class _ConfirmChannel:
         self.nacked: list[OutboundMessage] = []
         self.outstanding: dict[int, OutboundMessage] = {}
         self.returned: list[tuple[str, str]] = []
+        self.prepare = channel.prepare_message
+        # Bypass basic_publish_confirm (installed when the connection has confirm_publish):
+        # it would wait for each ack in turn, and we wait for the whole batch.
+        self.basic_publish = getattr(channel, "_basic_publish", channel.basic_publish)
         #: (kind, name) of the entities declared through this channel.
         self.declared: set[tuple[str, str]] = set()
         if self.supports_confirms:
@@ -81,11 +85,19 @@ class _ConfirmChannel:
             channel.events["basic_return"].add(self._on_return)
 
     def _settle(self, into: list[OutboundMessage], tag: int, multiple: bool) -> None:
-        tags = [t for t in self.outstanding if t <= tag] if multiple else [tag]
-        for t in tags:
-            msg = self.outstanding.pop(t, None)
+        outstanding = self.outstanding
+        if not multiple:
+            msg = outstanding.pop(tag, None)
             if msg is not None:
                 into.append(msg)
+            return
+        # Tags grow with each publish and the dict keeps insertion order, so a multiple ack
+        # settles a prefix: pop from the front instead of scanning every outstanding tag.
+        while outstanding:
+            first = next(iter(outstanding))
+            if first > tag:
+                break
+            into.append(outstanding.pop(first))
 
     def _on_ack(self, tag: int, multiple: bool) -> None:
         self._settle(self.acked, tag, multiple)
@@ -97,19 +109,18 @@ class _ConfirmChannel:
         self.returned.append((exchange, routing_key))
 
     def publish(self, msg: OutboundMessage) -> int:
-        properties = {"delivery_mode": 2, **msg.properties}
-        amqp_message = self.channel.prepare_message(
+        properties = msg.properties
+        amqp_message = self.prepare(
             msg.body,
-            priority=properties.pop("priority", None),
+            priority=properties.get("priority"),
             content_type=msg.content_type,
             content_encoding=msg.content_encoding,
             headers=msg.headers,
-            properties=properties,
+            properties={"delivery_mode": 2, **properties}
+            if "priority" not in properties
+            else {k: v for k, v in properties.items() if k != "priority"} | {"delivery_mode": 2},
         )
-        # Bypass basic_publish_confirm (installed when the connection has confirm_publish):
-        # it would wait for each ack in turn, and we wait for the whole batch below.
-        publish = getattr(self.channel, "_basic_publish", self.channel.basic_publish)
-        publish(
+        self.basic_publish(
             amqp_message,
             exchange=msg.exchange,
             routing_key=msg.routing_key,
