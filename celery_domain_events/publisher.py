@@ -263,6 +263,8 @@ def publish_events(ext: DomainEvents, events: list[AnyEvent]) -> None:
             policy=ext.settings.publish_retry_policy,
             declare=ext.publisher_entities(),
         )
+    if not tracing.event_log.isEnabledFor(logging.INFO):
+        return  # skip building the structured fields of a few thousand records nobody keeps
     trace = tracing.trace_id(traceparent)
     for event in events:
         tracing.event_log.info(

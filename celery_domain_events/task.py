@@ -62,24 +62,30 @@ class DomainEventTask(Task[Any, Any]):
         with tracing.use_traceparent(tracing.child_of(envelope.traceparent)) as traceparent:
             with publisher.scope(self.app):
                 result = self.handler_spec.fn(event)
-            tracing.event_log.info(
-                "Handled %s id=%s by %s in %.1f ms",
-                envelope.type,
-                envelope.id,
-                self.handler_spec.name,
-                (time.monotonic() - started) * 1000,
-                extra={
-                    "event_id": envelope.id,
-                    "event_name": envelope.type,
-                    "event_version": envelope.eventversion,
-                    "trace_id": tracing.trace_id(traceparent),
-                    "service": ext.settings.service,
-                    "handler": self.handler_spec.name,
-                    "outcome": "handled",
-                    "duration_ms": round((time.monotonic() - started) * 1000, 3),
-                },
-            )
+            if tracing.event_log.isEnabledFor(logging.INFO):
+                self._log_handled(envelope, ext, traceparent, time.monotonic() - started)
         return result
+
+    def _log_handled(
+        self, envelope: serialization.Envelope, ext: Any, traceparent: str, seconds: float
+    ) -> None:
+        tracing.event_log.info(
+            "Handled %s id=%s by %s in %.1f ms",
+            envelope.type,
+            envelope.id,
+            self.handler_spec.name,
+            seconds * 1000,
+            extra={
+                "event_id": envelope.id,
+                "event_name": envelope.type,
+                "event_version": envelope.eventversion,
+                "trace_id": tracing.trace_id(traceparent),
+                "service": ext.settings.service,
+                "handler": self.handler_spec.name,
+                "outcome": "handled",
+                "duration_ms": round(seconds * 1000, 3),
+            },
+        )
 
     def retry(self, *args: Any, **options: Any) -> Any:
         """Retry through this handler's own queue only (see the module docstring)."""
