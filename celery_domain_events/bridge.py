@@ -27,6 +27,8 @@ __all__ = ["TASK_ID_NAMESPACE", "event_text", "raw_body", "task_id_for", "to_tas
 #: Namespace of the deterministic handler task ids.
 TASK_ID_NAMESPACE = uuid.UUID("6f1c1f0e-5a2b-4c69-9d51-6b8cf1f2a0de")
 _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+# Reused: json.dumps() with arguments builds an encoder per call, on the worker's main thread.
+_TASK_BODY = json.JSONEncoder(default=str, separators=(",", ":"))
 _KEPT_PROPERTIES = ("message_id", "type", "timestamp", "app_id", "correlation_id", "priority")
 
 
@@ -137,7 +139,7 @@ def to_task_message(message: Message, spec: HandlerSpec, queue: str) -> Message:
         "stamped_headers": None,
         "stamps": {},
     }
-    body = json.dumps([[], {"raw_event": text, "meta": meta}, _EMBED], default=str)
+    body = _TASK_BODY.encode([[], {"raw_event": text, "meta": meta}, _EMBED])
     return Message(
         body=body.encode(),  # type: ignore[arg-type]  # the stubs say str; transports give bytes
         delivery_tag=message.delivery_tag,
