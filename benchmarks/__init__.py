@@ -1,0 +1,1 @@
+"""Throughput benchmarks against the real RabbitMQ: run ``python -m benchmarks.run``."""

@@ -1,0 +1,182 @@
+"""The Celery app the benchmark workers run, configured from ``BENCH_*`` environment variables.
+
+``benchmarks.run`` starts ``celery -A benchmarks.bench_app worker`` with the environment below and
+builds the same app in its own process (:func:`build_app`) to declare the topology and publish.
+
+Environment:
+    BENCH_BROKER_URL: the AMQP broker.
+    BENCH_REDIS_URL: where completions are counted.
+    BENCH_KEY: per-run Redis key prefix (``<key>`` counter, ``<key>:times``, ``<key>:ready``).
+    BENCH_MODE: ``plain`` (a Celery app, nothing else) or ``events`` (``DomainEvents`` installed).
+    BENCH_TASK_QUEUE: the app's default task queue (unique per run, so that a benchmark worker
+        never takes tasks from the shared ``celery`` queue other people use).
+    BENCH_PREFETCH: ``worker_prefetch_multiplier`` (default 4, Celery's default).
+    BENCH_EXCHANGE, BENCH_UNROUTED, BENCH_SERVICE, BENCH_HANDLERS: ``events`` mode only.
+    BENCH_QUEUE_TYPE: ``classic`` (default) or ``quorum`` handler queues (``events`` mode).
+    BENCH_HUB_FLUSH: ``1`` adds :class:`FlushReadyBeforePoll`, an experiment (see there).
+
+Every piece of work (the plain no-op task and both handlers) does exactly the same thing,
+:func:`record_completion`: one Redis round trip that counts it and stores its completion time.
+So plain tasks/s and handler runs/s measure the same per-task work, and the times are taken in
+the worker itself, not by a poller that could be late.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import redis
+from celery import Celery, bootsteps, shared_task
+from celery.signals import worker_ready
+
+from celery_domain_events import DomainEvent, DomainEvents, domain_event_handler
+
+#: The task name of the plain no-op task.
+NOOP_TASK = "bench.noop"
+#: The routing key of the benchmark event; both handlers are bound to it.
+EVENT_NAME = "bench.happened"
+#: The benchmark's handlers (each one gets its own queue ``<service>.<name>``).
+HANDLERS = ("bench_a", "bench_b")
+
+
+class BenchHappened(DomainEvent):
+    """A small typed event, about the size of a real one (~400 bytes on the wire)."""
+
+    event_name: ClassVar[str] = EVENT_NAME
+    event_version: ClassVar[int] = 1
+
+    seq: int
+    payload: str
+
+
+class Completions:
+    """Counts completions in Redis and keeps the wall-clock time of each one.
+
+    One pipelined round trip per completion (INCR + RPUSH): the same cost for a plain task and a
+    handler. ``time.time()`` is comparable across the worker's processes on one machine.
+    """
+
+    def __init__(self, redis_url: str, key: str) -> None:
+        self.redis_url = redis_url
+        self.key = key
+
+    @functools.cached_property
+    def client(self) -> redis.Redis:
+        # Created on first use, so a prefork child gets its own connection (redis-py also
+        # resets a pool inherited across fork, but not creating one in the parent is simpler).
+        return redis.Redis.from_url(self.redis_url)
+
+    def record(self) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        pipe.incr(self.key)
+        pipe.rpush(f"{self.key}:times", repr(time.time()))
+        pipe.execute()
+
+    def mark_ready(self) -> None:
+        self.client.set(f"{self.key}:ready", repr(time.time()))
+
+
+# Set by build_app(); a worker process runs exactly one app, and prefork children inherit it.
+_completions: list[Completions] = []
+
+
+def record_completion() -> None:
+    """The whole body of every benchmark task and handler."""
+    _completions[-1].record()
+
+
+@shared_task(name=NOOP_TASK, acks_late=True, ignore_result=True)
+def noop() -> None:
+    """Plain Celery baseline; ``acks_late`` and no result, exactly like a handler task."""
+    record_completion()
+
+
+@domain_event_handler(EVENT_NAME, name=HANDLERS[0], retry=None)
+def bench_a(event: BenchHappened) -> None:
+    record_completion()
+
+
+@domain_event_handler(EVENT_NAME, name=HANDLERS[1], retry=None)
+def bench_b(event: BenchHappened) -> None:
+    record_completion()
+
+
+class FlushReadyBeforePoll(bootsteps.StartStopStep):
+    """EXPERIMENT, not a recommendation: run the hub's ready callbacks before it polls.
+
+    kombu 5.7's ``Hub.create_loop`` pops ``_ready``, runs those callbacks and then polls with a
+    timeout of up to 1 s, without looking at callbacks scheduled in the meantime. The amqp
+    reader reschedules itself with ``call_soon`` and, with the solo pool, runs the task inline;
+    the late ack is ``call_soon``-ed too. When every prefetched delivery is waiting for such an
+    ack, the broker sends nothing, the socket stays quiet and the worker sleeps in ``poll``
+    until a timer fires: a stall of up to a second. An ``on_tick`` callback runs right before
+    ``poll``, so flushing ``_ready`` there shows whether that is the whole story. It touches
+    private kombu attributes; the real fix belongs in kombu (check ``_ready`` before polling).
+    """
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def start(self, parent: Any) -> None:
+        hub = getattr(parent.controller, "hub", None)
+        if hub is None:
+            return  # no event loop (synloop): nothing to flush
+
+        def flush() -> None:
+            while hub._ready:
+                for callback in hub._pop_ready():
+                    if callback:  # a cancelled promise is falsy, as in create_loop
+                        callback()
+
+        hub.on_tick.add(flush)
+
+
+def build_app(env: Mapping[str, str]) -> Celery:
+    """Build the benchmark app from ``BENCH_*`` settings (see the module docstring)."""
+    completions = Completions(env["BENCH_REDIS_URL"], env["BENCH_KEY"])
+    _completions.append(completions)
+    app = Celery("bench", broker=env["BENCH_BROKER_URL"], set_as_current=True)
+    app.conf.update(
+        # Without this a worker takes ~9 s to shut down (DESIGN.md, "Testing here").
+        broker_heartbeat=None,
+        broker_connection_retry_on_startup=True,
+        task_default_queue=env["BENCH_TASK_QUEUE"],
+        worker_prefetch_multiplier=int(env.get("BENCH_PREFETCH", "4")),
+        worker_send_task_events=False,
+        task_ignore_result=True,
+    )
+    if env["BENCH_MODE"] == "events":
+        app.conf.update(
+            domain_events_exchange=env["BENCH_EXCHANGE"],
+            domain_events_unrouted_queue=env["BENCH_UNROUTED"],
+            domain_events_queue_type=env.get("BENCH_QUEUE_TYPE", "classic"),
+        )
+        handlers = [h for h in env.get("BENCH_HANDLERS", ",".join(HANDLERS)).split(",") if h]
+        DomainEvents(app, service=env["BENCH_SERVICE"], handlers=handlers)
+
+    if env.get("BENCH_HUB_FLUSH") == "1":
+        app.steps["consumer"].add(FlushReadyBeforePoll)
+
+    def on_ready(**_: Any) -> None:
+        completions.mark_ready()
+
+    # Only worker processes send worker_ready; the benchmark process never does.
+    worker_ready.connect(on_ready, weak=False)
+    return app
+
+
+@functools.cache
+def worker_app() -> Celery:
+    """The app of ``celery -A benchmarks.bench_app worker``, from this process's environment."""
+    return build_app(os.environ)
+
+
+def __getattr__(name: str) -> Any:
+    # `celery -A benchmarks.bench_app` looks up `app` on the module; building it lazily lets
+    # benchmarks.run import this module (for build_app and the event class) without BENCH_* set.
+    if name == "app":
+        return worker_app()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

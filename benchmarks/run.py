@@ -1,0 +1,832 @@
+"""Throughput of celery-domain-events against raw kombu and plain Celery, side by side.
+
+::
+
+    python -m benchmarks.run                    # N=10000, 3 repeats, the main table (~4 min)
+    python -m benchmarks.run --quick            # N=1000, 1 repeat: checks the harness (<1 min)
+    python -m benchmarks.run --prefetch-sweep --no-main   # solo pool, prefetch multiplier 1/4/16
+    python -m benchmarks.run --prefetch-sweep --no-main --hub-flush   # the stall experiment
+
+Scenarios (see benchmarks/README.md for the method and how to read the output):
+
+(a) raw kombu: publish N persistent messages on one confirm channel (batched confirms), then
+    consume them with basic.consume (prefetch 100), acking each: the broker's ceiling.
+(b) plain Celery: N no-op tasks pre-published, then a real ``celery worker`` drains them.
+(c) this library: N events transmitted to an exchange with 2 bound handlers (2N handler runs),
+    then a real worker with the same pool drains them. (c)/(b) compares handler runs/s with
+    no-op tasks/s: both do the identical side effect (bench_app.record_completion).
+(d) emit()+transmit() of N events vs raw kombu batched-confirm publishing of the same bodies
+    to the same exchange and routing key.
+
+Workers are timed from their ``worker_ready`` signal to the last completion, both recorded by
+the worker itself in Redis, so neither publishing nor polling is part of a measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import amqp
+import celery
+import kombu
+import redis
+from kombu import Connection
+
+from celery_domain_events import DomainEvents, emit, serialization, tracing, transmit
+
+from .bench_app import EVENT_NAME, NOOP_TASK, BenchHappened, build_app
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_BROKER = os.environ.get("DOMAIN_EVENTS_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
+DEFAULT_REDIS = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+#: The two pools compared; (b) and (c) always use the same one.
+POOLS: dict[str, tuple[str, ...]] = {
+    "solo": ("--pool", "solo"),
+    "prefork": ("--pool", "prefork", "--concurrency", "2"),
+}
+#: Celery's default worker_prefetch_multiplier, used by the main table.
+DEFAULT_PREFETCH = 4
+#: Celery sizes the prefetch as concurrency x multiplier, and a solo worker started without
+#: -c has the default concurrency, the CPU count, although it runs one task at a time: on
+#: this 2-CPU machine "solo, x4" allows 8 unacked deliveries, as does "prefork -c 2, x4".
+SOLO_CONCURRENCY = os.cpu_count() or 1
+SWEEP_PREFETCH = (1, 4, 16)
+#: Prefetch of the raw consumer in (a): high enough that the broker, not round trips, limits it.
+RAW_PREFETCH = 100
+#: A gap this long between two consecutive completions counts as a stall.
+STALL_GAP = 0.1
+#: Payload size that makes an event body about 400 bytes, like a small real event.
+PAYLOAD = "x" * 160
+#: Events per transmit() when pre-publishing for (c): bounded memory, realistic batches.
+PREPUBLISH_BATCH = 1000
+
+
+@dataclass
+class Bench:
+    """Options shared by every scenario."""
+
+    broker_url: str
+    redis_url: str
+    n: int
+    repeat: int
+    timeout: float
+    log_dir: Path
+    verbose: bool = False
+    #: Extra BENCH_* variables for every worker (the --hub-flush experiment).
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    def say(self, message: str) -> None:
+        if self.verbose:
+            print(f"  .. {message}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class Drain:
+    """One worker draining a pre-filled queue, as the worker recorded it."""
+
+    label: str
+    expected: int
+    done: int
+    #: Seconds from the worker's ready signal to the last completion (or to the timeout).
+    wall: float
+    #: Seconds from the ready signal to the first completion.
+    startup: float
+    #: Longest gap between two consecutive completions, in seconds.
+    max_gap: float
+    #: Seconds spent in gaps longer than STALL_GAP.
+    stalled: float
+    timed_out: bool
+    duplicates: int = 0
+    #: Worker CPU (main process and pool children, user + system) per completion, in us,
+    #: sampled between ready and done. On a CPU-bound 2-core box this, not wall time, is the
+    #: steadier measure of what each task costs.
+    cpu_us: float = float("nan")
+
+    @property
+    def rate(self) -> float:
+        return self.done / self.wall if self.wall > 0 else 0.0
+
+
+@dataclass
+class Results:
+    """Per-repeat values of every metric, plus the worker diagnostics."""
+
+    values: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    drains: dict[str, list[Drain]] = field(default_factory=lambda: defaultdict(list))
+
+    def add(self, key: str, value: float) -> None:
+        self.values[key].append(value)
+
+    def add_drain(self, key: str, drain: Drain) -> None:
+        self.drains[key].append(drain)
+        self.add(key, drain.rate)
+
+    def median(self, key: str) -> float:
+        return statistics.median(self.values[key])
+
+
+# --------------------------------------------------------------------------- raw AMQP
+
+
+class _ConfirmCounter:
+    """Counts publisher confirms, single or ``multiple``, without scanning outstanding tags."""
+
+    def __init__(self) -> None:
+        self.upto = 0  # every tag <= upto is confirmed
+        self.singles: set[int] = set()  # confirmed tags above upto
+        self.nacked = 0
+
+    @property
+    def confirmed(self) -> int:
+        return self.upto + len(self.singles)
+
+    def on_ack(self, tag: int, multiple: bool) -> None:
+        if multiple:
+            self.upto = max(self.upto, tag)
+            if self.singles:
+                self.singles = {t for t in self.singles if t > self.upto}
+        elif tag > self.upto:
+            self.singles.add(tag)
+
+    def on_nack(self, tag: int, multiple: bool) -> None:
+        self.nacked += 1
+        self.on_ack(tag, multiple)
+
+
+def raw_publish(
+    conn: Connection,
+    exchange: str,
+    routing_key: str,
+    bodies: Sequence[bytes],
+    content_type: str,
+    *,
+    properties: Sequence[dict[str, Any]] | None = None,
+) -> float:
+    """Publish ``bodies`` on one confirm channel and wait for every confirm; return seconds.
+
+    The same py-amqp calls confirm.py makes, without the library's bookkeeping: the floor.
+    ``properties`` (one dict per body) adds AMQP properties such as Celery's task headers.
+    """
+    channel = conn.channel()
+    try:
+        channel.confirm_select()
+        counter = _ConfirmCounter()
+        channel.events["basic_ack"].add(counter.on_ack)
+        channel.events["basic_nack"].add(counter.on_nack)
+        started = time.perf_counter()
+        for body, extra in zip(bodies, properties or itertools.repeat({}), strict=False):
+            message = amqp.Message(
+                body, content_type=content_type, content_encoding="utf-8", delivery_mode=2, **extra
+            )
+            channel.basic_publish(message, exchange=exchange, routing_key=routing_key)
+        while counter.confirmed < len(bodies):
+            conn.drain_events(timeout=30)
+        elapsed = time.perf_counter() - started
+    finally:
+        channel.close()
+    if counter.nacked:
+        raise RuntimeError(f"the broker nacked {counter.nacked} raw publish(es)")
+    return elapsed
+
+
+def raw_consume(conn: Connection, queue: str, n: int, prefetch: int) -> float:
+    """Consume ``n`` messages from ``queue`` with basic.consume, acking each; return seconds."""
+    channel = conn.channel()
+    received = 0
+
+    def on_message(message: Any) -> None:
+        nonlocal received
+        channel.basic_ack(message.delivery_tag)
+        received += 1
+
+    try:
+        channel.basic_qos(0, prefetch, False)
+        started = time.perf_counter()
+        tag = channel.basic_consume(queue, callback=on_message)
+        while received < n:
+            conn.drain_events(timeout=30)
+        elapsed = time.perf_counter() - started
+        channel.basic_cancel(tag)
+    finally:
+        channel.close()
+    return elapsed
+
+
+def delete_entities(broker_url: str, queues: Sequence[str], exchanges: Sequence[str]) -> None:
+    """Delete queues and exchanges, ignoring ones that are gone (each on a fresh channel)."""
+    with Connection(broker_url) as conn:
+        ops: list[Callable[[Any], Any]] = [
+            *(lambda ch, q=q: ch.queue_delete(q) for q in queues),
+            *(lambda ch, x=x: ch.exchange_delete(x) for x in exchanges),
+        ]
+        for op in ops:
+            channel = conn.channel()
+            try:
+                op(channel)
+                channel.close()
+            except conn.channel_errors:
+                pass  # the broker closed the channel; the next op opens a new one
+
+
+def event_bodies(n: int, service: str) -> list[bytes]:
+    """``n`` bodies exactly as transmit() encodes them (with a traceparent), for raw publishes."""
+    traceparent = tracing.new_traceparent()
+    return [
+        serialization.encode(
+            BenchHappened(seq=i, payload=PAYLOAD), service, traceparent=traceparent
+        )
+        for i in range(n)
+    ]
+
+
+def scenario_raw(b: Bench, res: Results) -> None:
+    """(a) raw kombu publish (batched confirms, one channel) and consume (prefetch, ack each)."""
+    queue = f"bench.{uuid.uuid4().hex[:8]}.raw"
+    bodies = event_bodies(b.n, "bench")
+    try:
+        with Connection(b.broker_url) as conn:
+            conn.connect()
+            conn.default_channel.queue_declare(queue, durable=True, auto_delete=False)
+            publish = raw_publish(conn, "", queue, bodies, serialization.CONTENT_TYPE)
+            consume = raw_consume(conn, queue, b.n, RAW_PREFETCH)
+    finally:
+        delete_entities(b.broker_url, [queue], [])
+    res.add("a.publish", b.n / publish)
+    res.add("a.consume", b.n / consume)
+    b.say(f"(a) publish {b.n / publish:,.0f}/s consume {b.n / consume:,.0f}/s")
+
+
+# --------------------------------------------------------------------------- (d) transmit
+
+
+def scenario_transmit(b: Bench, res: Results, transmit_first: bool) -> None:
+    """(d) emit()+transmit() of N events vs raw publish of the same bodies, same destination.
+
+    No handler is bound, so both go through the events exchange and its alternate exchange to
+    the unrouted queue: identical broker work. Both sides are warmed up first (connection,
+    channel, declarations), and their order alternates between repeats.
+    """
+    uid = uuid.uuid4().hex[:8]
+    env = run_env(b, uid, "events", DEFAULT_PREFETCH, handlers="")
+    app = build_app(env)
+    ext = DomainEvents.of(app)
+    events = [BenchHappened(seq=i, payload=PAYLOAD) for i in range(b.n)]
+    bodies = event_bodies(b.n, ext.settings.service)
+
+    def timed_transmit() -> float:
+        started = time.perf_counter()
+        for event in events:
+            emit(event)
+        transmit(app)
+        return time.perf_counter() - started
+
+    try:
+        with Connection(b.broker_url) as conn:
+            conn.connect()
+
+            def timed_raw() -> float:
+                return raw_publish(
+                    conn, env["BENCH_EXCHANGE"], EVENT_NAME, bodies, serialization.CONTENT_TYPE
+                )
+
+            for event in events[:10]:  # declares the exchange, opens the pooled connection
+                emit(event)
+            transmit(app)
+            raw_publish(
+                conn, env["BENCH_EXCHANGE"], EVENT_NAME, bodies[:10], serialization.CONTENT_TYPE
+            )
+            timings: dict[str, float] = {}
+            order = ("d.transmit", "d.raw") if transmit_first else ("d.raw", "d.transmit")
+            for key in order:
+                conn.default_channel.queue_purge(env["BENCH_UNROUTED"])
+                timings[key] = timed_transmit() if key == "d.transmit" else timed_raw()
+    finally:
+        app.close()
+        delete_entities(
+            b.broker_url,
+            [env["BENCH_UNROUTED"]],
+            [env["BENCH_EXCHANGE"], env["BENCH_UNROUTED"]],
+        )
+    for key, seconds in timings.items():
+        res.add(key, b.n / seconds)
+    b.say(
+        f"(d) transmit {res.values['d.transmit'][-1]:,.0f}/s raw {res.values['d.raw'][-1]:,.0f}/s"
+    )
+
+
+# --------------------------------------------------------------------------- workers
+
+
+def run_env(
+    b: Bench, uid: str, mode: str, prefetch: int, handlers: str | None = None
+) -> dict[str, str]:
+    """The BENCH_* environment of one run; every name is unique to the run."""
+    env = {
+        "BENCH_BROKER_URL": b.broker_url,
+        "BENCH_REDIS_URL": b.redis_url,
+        "BENCH_KEY": f"bench:{uid}",
+        "BENCH_MODE": mode,
+        "BENCH_TASK_QUEUE": f"bench.{uid}.tasks",
+        "BENCH_PREFETCH": str(prefetch),
+        "BENCH_EXCHANGE": f"bench.{uid}.events",
+        "BENCH_UNROUTED": f"bench.{uid}.unrouted",
+        "BENCH_SERVICE": f"b{uid}",
+    }
+    if handlers is not None:
+        env["BENCH_HANDLERS"] = handlers
+    return {**env, **b.extra_env}
+
+
+def prepublish_tasks(app: Any, queue_name: str, n: int) -> None:
+    """Publish ``n`` no-op task messages, as ``send_task`` would build them, in one batch.
+
+    ``app.send_task`` in a loop takes ~4 s per 10k here; building the same protocol-2 messages
+    with ``app.amqp.as_task_v2`` and publishing them in one confirmed batch keeps the default
+    run inside its time budget. Only the worker side is measured, so this changes no result.
+    """
+    body = json.dumps([[], {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}])
+    bodies = [body.encode()] * n
+    properties = []
+    for _ in range(n):
+        task = app.amqp.as_task_v2(str(uuid.uuid4()), NOOP_TASK, ignore_result=True)
+        properties.append({"application_headers": task.headers, **task.properties})
+    with Connection(app.conf.broker_url) as conn:
+        conn.connect()
+        raw_publish(conn, "", queue_name, bodies, "application/json", properties=properties)
+
+
+def prepublish(app: Any, mode: str, n: int) -> int:
+    """Fill the queues before the worker starts; return the number of completions to expect."""
+    queue_name = app.conf.task_default_queue
+    with app.connection_for_write() as conn:
+        app.amqp.queues[queue_name].declare(channel=conn.default_channel)
+        if mode == "events":
+            # Handler queues normally appear when a worker starts; declare them now so the
+            # events are waiting for it.
+            DomainEvents.of(app).declare(conn.default_channel)
+    if mode == "plain":
+        prepublish_tasks(app, queue_name, n)
+        return n
+    for start in range(0, n, PREPUBLISH_BATCH):
+        for seq in range(start, min(n, start + PREPUBLISH_BATCH)):
+            emit(BenchHappened(seq=seq, payload=PAYLOAD))
+        transmit(app)
+    return n * len(DomainEvents.of(app).handlers)
+
+
+def start_worker(
+    env: dict[str, str], pool: str, log_path: Path, uid: str
+) -> subprocess.Popen[bytes]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "benchmarks.bench_app",
+        "worker",
+        # WARNING: per-task INFO lines would measure log formatting, not the message path.
+        "--loglevel",
+        "WARNING",
+        "--without-mingle",
+        "--without-gossip",
+        "--without-heartbeat",
+        "--hostname",
+        f"bench-{uid}@%h",
+        *POOLS[pool],
+    ]
+    with log_path.open("ab") as log:
+        return subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            env={**os.environ, **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group, so prefork children can be killed
+        )
+
+
+def stop_worker(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)  # warm shutdown: the queues are drained by now
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+def _log_tail(path: Path, lines: int = 30) -> str:
+    text = path.read_text(errors="replace") if path.exists() else ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of ``pid`` and its descendants so far, from /proc (Linux)."""
+    total = 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    stack = [pid]
+    while stack:
+        current = stack.pop()
+        try:
+            # Fields after the ")" that ends the command name: utime and stime are 12th, 13th.
+            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+            for task in Path(f"/proc/{current}/task").iterdir():
+                stack.extend(int(c) for c in (task / "children").read_text().split())
+        except (OSError, IndexError, ValueError):
+            continue  # exited meanwhile (a lower bound then); without /proc the total is 0
+    return total
+
+
+def wait_ready(r: redis.Redis, key: str, proc: subprocess.Popen[bytes], log: Path) -> float:
+    """Return the time the worker's worker_ready signal recorded."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        ready = r.get(f"{key}:ready")
+        if ready is not None:
+            return float(ready)
+        if proc.poll() is not None:
+            raise RuntimeError(f"the worker exited with {proc.returncode}:\n{_log_tail(log)}")
+        time.sleep(0.05)
+    raise RuntimeError(f"the worker was not ready within 60 s:\n{_log_tail(log)}")
+
+
+def wait_done(
+    r: redis.Redis, key: str, expected: int, timeout: float, proc: subprocess.Popen[bytes]
+) -> bool:
+    """Wait until ``expected`` completions are counted; return False on timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if int(r.get(key) or 0) >= expected:
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.05)
+    return False
+
+
+def analyse(label: str, ready: float, times: list[float], expected: int, end: float) -> Drain:
+    """Turn the worker's completion times into a rate and its stall diagnostics."""
+    times = sorted(times)
+    done = min(len(times), expected)
+    timed_out = len(times) < expected
+    last = end if timed_out or not times else times[expected - 1]
+    gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
+    return Drain(
+        label=label,
+        expected=expected,
+        done=done,
+        wall=last - ready,
+        startup=(times[0] - ready) if times else float("nan"),
+        max_gap=max(gaps, default=0.0),
+        stalled=sum(g for g in gaps if g > STALL_GAP),
+        timed_out=timed_out,
+        duplicates=max(0, len(times) - expected),
+    )
+
+
+def scenario_worker(b: Bench, mode: str, pool: str, prefetch: int) -> Drain:
+    """(b) or (c): pre-fill the queue(s), start a real worker, time it from ready to done."""
+    uid = uuid.uuid4().hex[:8]
+    env = run_env(b, uid, mode, prefetch)
+    key = env["BENCH_KEY"]
+    label = f"{'c' if mode == 'events' else 'b'}.{pool}.pf{prefetch}"
+    log_path = b.log_dir / f"{label}-{uid}.log"
+    app = build_app(env)
+    r = redis.Redis.from_url(b.redis_url)
+    queues = [env["BENCH_TASK_QUEUE"]]
+    exchanges = [env["BENCH_TASK_QUEUE"]]  # Celery's default exchange is named after the queue
+    if mode == "events":
+        ext = DomainEvents.of(app)
+        for spec in ext.handlers:
+            queues += [ext.handler_queue_name(spec), ext.handler_queue_name(spec) + ".dlq"]
+        queues.append(env["BENCH_UNROUTED"])
+        exchanges += [
+            env["BENCH_EXCHANGE"],
+            env["BENCH_EXCHANGE"] + ".retry",
+            env["BENCH_UNROUTED"],
+        ]
+    try:
+        started = time.monotonic()
+        expected = prepublish(app, mode, b.n)
+        b.say(
+            f"{label}: pre-published {expected} completions' worth "
+            f"in {time.monotonic() - started:.1f} s"
+        )
+        proc = start_worker(env, pool, log_path, uid)
+        try:
+            ready = wait_ready(r, key, proc, log_path)
+            cpu_start, count_start = tree_cpu(proc.pid), int(r.get(key) or 0)
+            finished = wait_done(r, key, expected, b.timeout, proc)
+            end = time.time()
+            cpu_end, count_end = tree_cpu(proc.pid), int(r.get(key) or 0)
+        finally:
+            stop_worker(proc)
+        times = [float(t) for t in r.lrange(f"{key}:times", 0, -1)]
+        drain = analyse(label, ready, times, expected, end)
+        if count_end > count_start and cpu_end > 0:
+            drain.cpu_us = (cpu_end - cpu_start) / (count_end - count_start) * 1e6
+        if drain.duplicates:
+            print(
+                f"WARNING {label}: {drain.duplicates} completion(s) more than expected "
+                "(redeliveries?)",
+                file=sys.stderr,
+            )
+        if not finished:
+            print(
+                f"WARNING {label}: {drain.done}/{expected} done within {b.timeout:g} s "
+                f"(worker log: {log_path})",
+                file=sys.stderr,
+            )
+        b.say(
+            f"{label}: {drain.rate:,.0f}/s, startup {drain.startup:.2f} s, "
+            f"max gap {drain.max_gap * 1000:.0f} ms, stalled {drain.stalled:.2f} s, "
+            f"worker CPU {drain.cpu_us:.0f} us/task"
+        )
+        return drain
+    finally:
+        app.close()
+        r.delete(key, f"{key}:times", f"{key}:ready")
+        delete_entities(b.broker_url, queues, exchanges)
+
+
+# --------------------------------------------------------------------------- report
+
+MAIN_ROWS = (
+    ("a.publish", "(a) raw kombu publish, batched confirms", "msg/s"),
+    ("a.consume", f"(a) raw kombu consume, prefetch {RAW_PREFETCH}, ack each", "msg/s"),
+    ("b.solo", "(b) plain Celery no-op, solo", "tasks/s"),
+    ("c.solo", "(c) domain events, solo, 2 handlers", "runs/s"),
+    ("b.prefork", "(b) plain Celery no-op, prefork -c 2", "tasks/s"),
+    ("c.prefork", "(c) domain events, prefork -c 2", "runs/s"),
+    ("d.transmit", "(d) emit()+transmit(), one batch", "ev/s"),
+    ("d.raw", "(d) raw kombu publish, same bodies", "msg/s"),
+)
+MAIN_RATIOS = (
+    ("(c)/(b) solo", "c.solo", "b.solo", 1.0),
+    ("(c)/(b) prefork -c 2", "c.prefork", "b.prefork", 1.0),
+    ("(d) transmit/raw", "d.transmit", "d.raw", 0.8),
+)
+
+
+def _fmt_runs(values: Sequence[float], digits: int = 0) -> str:
+    return "[" + ", ".join(f"{v:,.{digits}f}" for v in values) + "]"
+
+
+def print_table(res: Results, rows: Sequence[tuple[str, str, str]]) -> None:
+    print(
+        f"{'scenario':<44} {'median':>9} {'unit':<8} {'max gap':>8} {'stalled':>8} "
+        f"{'startup':>8} {'cpu/task':>9}  runs"
+    )
+    for key, title, unit in rows:
+        if key not in res.values:
+            continue
+        drains = res.drains.get(key)
+        if drains:
+            diag = (
+                f"{statistics.median(d.max_gap for d in drains) * 1000:>6.0f}ms "
+                f"{statistics.median(d.stalled for d in drains):>7.2f}s "
+                f"{statistics.median(d.startup for d in drains):>7.2f}s "
+                f"{statistics.median(d.cpu_us for d in drains):>7.0f}us"
+            )
+            if any(d.timed_out for d in drains):
+                diag += "  TIMED OUT"
+        else:
+            diag = f"{'-':>8} {'-':>8} {'-':>8} {'-':>9}"
+        print(
+            f"{title:<44} {res.median(key):>9,.0f} {unit:<8} {diag}  {_fmt_runs(res.values[key])}"
+        )
+
+
+def print_cpu_ratios(res: Results, pairs: Sequence[tuple[str, str, str]]) -> None:
+    """Worker CPU per task, (b)/(c): 1.0 means a handler run costs what a no-op task costs.
+
+    Same direction as the throughput ratio, and what it converges to when the worker is
+    CPU-bound, but much less sensitive to other load on the machine.
+    """
+    print(f"\n{'worker CPU per task (b)/(c)':<30} {'of medians':>10}  per repeat (paired)")
+    for title, plain, events in pairs:
+        if plain not in res.drains or events not in res.drains:
+            continue
+        b_cpu = [d.cpu_us for d in res.drains[plain]]
+        c_cpu = [d.cpu_us for d in res.drains[events]]
+        paired = [x / y for x, y in zip(b_cpu, c_cpu, strict=False)]
+        value = statistics.median(b_cpu) / statistics.median(c_cpu)
+        print(f"{title:<30} {value:>10.2f}  {_fmt_runs(paired, 2)}")
+
+
+def print_ratios(res: Results, ratios: Sequence[tuple[str, str, str, float]]) -> None:
+    """Ratio of the medians and median of the paired ratios, each judged against the target.
+
+    The two halves of a pair ran back to back, so paired ratios cancel slow drift; when only
+    one of the two meets the target, the run was too noisy to conclude.
+    """
+    print(f"\n{'ratio':<30} {'of medians':>10} {'paired':>7}  {'target':<8} per repeat (paired)")
+    for title, num, den, target in ratios:
+        if num not in res.values or den not in res.values:
+            continue
+        value = res.median(num) / res.median(den)
+        paired = [a / c for a, c in zip(res.values[num], res.values[den], strict=False)]
+        paired_median = statistics.median(paired)
+        met = (value >= target, paired_median >= target)
+        verdict = "ok" if all(met) else "BELOW" if not any(met) else "unclear (noisy)"
+        print(
+            f"{title:<30} {value:>10.2f} {paired_median:>7.2f}  >= {target:<5} "
+            f"{_fmt_runs(paired, 2)} {verdict}"
+        )
+
+
+# --------------------------------------------------------------------------- main
+
+
+def source_digest() -> str:
+    """A short hash of the library's sources.
+
+    Workers import the sources afresh in every run, so a change in the middle of a benchmark
+    (someone's commit or edit) would mix two versions; main() warns when the hash moved.
+    """
+    digest = hashlib.sha1(usedforsecurity=False)
+    for path in sorted((ROOT / "celery_domain_events").rglob("*.py")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:8]
+
+
+def code_version() -> str:
+    try:
+        described = subprocess.run(
+            ["git", "describe", "--always", "--dirty"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        ).stdout.strip()
+    except OSError:
+        described = ""
+    return (
+        f"library {described or '?'} (sources {source_digest()}), "
+        f"celery {celery.__version__}, kombu {kombu.__version__}"
+    )
+
+
+def run_main(b: Bench, res: Results) -> None:
+    for i in range(b.repeat):
+        print(f"repeat {i + 1}/{b.repeat} ...", file=sys.stderr, flush=True)
+        scenario_raw(b, res)
+        for pool in POOLS:
+            # Alternate which of (b) and (c) goes first, so slow drift on a shared machine
+            # does not always favour the same one.
+            modes = ("plain", "events") if i % 2 == 0 else ("events", "plain")
+            for mode in modes:
+                drain = scenario_worker(b, mode, pool, DEFAULT_PREFETCH)
+                res.add_drain(f"{'c' if mode == 'events' else 'b'}.{pool}", drain)
+        scenario_transmit(b, res, transmit_first=i % 2 == 0)
+
+
+def run_sweep(b: Bench, res: Results) -> None:
+    for i in range(b.repeat):
+        print(f"prefetch sweep, repeat {i + 1}/{b.repeat} ...", file=sys.stderr, flush=True)
+        for prefetch in SWEEP_PREFETCH:
+            modes = ("plain", "events") if i % 2 == 0 else ("events", "plain")
+            for mode in modes:
+                drain = scenario_worker(b, mode, "solo", prefetch)
+                res.add_drain(f"{'c' if mode == 'events' else 'b'}.solo.pf{prefetch}", drain)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--events", type=int, help="N per scenario (default 10000; quick 1000)")
+    parser.add_argument("--repeat", type=int, help="runs per scenario (default 3; quick 1)")
+    parser.add_argument("--quick", action="store_true", help="small N, one repeat: a smoke test")
+    parser.add_argument(
+        "--prefetch-sweep",
+        action="store_true",
+        help=f"also run (b) and (c) with the solo pool at prefetch {SWEEP_PREFETCH}",
+    )
+    parser.add_argument("--no-main", action="store_true", help="skip the main table")
+    parser.add_argument(
+        "--hub-flush",
+        action="store_true",
+        help="EXPERIMENT: workers flush kombu's ready callbacks before polling "
+        "(bench_app.FlushReadyBeforePoll), to test the solo-pool stall diagnosis",
+    )
+    parser.add_argument(
+        "--timeout", type=float, help="seconds a worker may take to drain (default 120; quick 30)"
+    )
+    parser.add_argument("--broker", default=DEFAULT_BROKER, help="AMQP URL (RabbitMQ)")
+    parser.add_argument("--redis", default=DEFAULT_REDIS, help="Redis URL for the counters")
+    parser.add_argument("--json", type=Path, help="also write every value to this JSON file")
+    parser.add_argument("-v", "--verbose", action="store_true", help="progress on stderr")
+    args = parser.parse_args(argv)
+    if args.events is None:
+        args.events = 1000 if args.quick else 10000
+    if args.repeat is None:
+        args.repeat = 1 if args.quick else 3
+    if args.timeout is None:
+        args.timeout = 30.0 if args.quick else 120.0
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    log_dir = Path(tempfile.mkdtemp(prefix="bench-logs-"))
+    b = Bench(
+        broker_url=args.broker,
+        redis_url=args.redis,
+        n=args.events,
+        repeat=args.repeat,
+        timeout=args.timeout,
+        log_dir=log_dir,
+        verbose=args.verbose,
+        extra_env={"BENCH_HUB_FLUSH": "1"} if args.hub_flush else {},
+    )
+    redis.Redis.from_url(b.redis_url).ping()  # fail now, not after the first worker run
+    res = Results()
+    version = code_version()
+    digest = source_digest()
+    started = time.monotonic()
+    if not args.no_main:
+        run_main(b, res)
+    if args.prefetch_sweep:
+        run_sweep(b, res)
+    elapsed = time.monotonic() - started
+
+    print(
+        f"\ncelery-domain-events benchmarks: N={b.n} per scenario, {b.repeat} repeat(s), "
+        f"medians; {os.cpu_count()} CPUs; {elapsed:.0f} s; worker logs in {log_dir}"
+    )
+    print(version)
+    if source_digest() != digest:
+        print("WARNING: the library's sources changed during the run; results mix versions")
+    if args.hub_flush:
+        print("EXPERIMENT --hub-flush: workers run bench_app.FlushReadyBeforePoll")
+    if not args.no_main:
+        print_table(res, MAIN_ROWS)
+        print_ratios(res, MAIN_RATIOS)
+        print_cpu_ratios(res, [(f"{pool}", f"b.{pool}", f"c.{pool}") for pool in POOLS])
+    if args.prefetch_sweep:
+        print(
+            f"\nsolo pool by worker_prefetch_multiplier x{{1,4,16}} = unacked deliveries "
+            f"(N={b.n}; (c) = 2N handler runs)"
+        )
+        sweep_rows = []
+        sweep_ratios = []
+        for p in SWEEP_PREFETCH:
+            sweep_rows += [
+                (
+                    f"b.solo.pf{p}",
+                    f"(b) plain no-op, solo, x{p} = {SOLO_CONCURRENCY * p}",
+                    "tasks/s",
+                ),
+                (
+                    f"c.solo.pf{p}",
+                    f"(c) domain events, solo, x{p} = {SOLO_CONCURRENCY * p}",
+                    "runs/s",
+                ),
+            ]
+            sweep_ratios.append(
+                (f"(c)/(b) solo prefetch x{p}", f"c.solo.pf{p}", f"b.solo.pf{p}", 1.0)
+            )
+        print_table(res, sweep_rows)
+        print_ratios(res, sweep_ratios)
+        print_cpu_ratios(
+            res,
+            [(f"solo prefetch x{p}", f"b.solo.pf{p}", f"c.solo.pf{p}") for p in SWEEP_PREFETCH],
+        )
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "n": b.n,
+                    "repeat": b.repeat,
+                    "values": res.values,
+                    "drains": {k: [asdict(d) for d in v] for k, v in res.drains.items()},
+                },
+                indent=2,
+            )
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
