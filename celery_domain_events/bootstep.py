@@ -11,9 +11,12 @@
                                │ retry (a task message for this handler) ─► task handler as is
                                └ poison (not JSON, foreign task) ─► <queue>.dlq, then ack
 
-Consumers share the channel of Celery's own task consumer, so the worker's prefetch limit,
-ETA bookkeeping and connection recovery apply to events exactly as to tasks. On a reconnect
-Celery restarts the blueprint and this step declares and consumes again.
+Consumers share the channel of Celery's own task consumer, so its ETA bookkeeping and connection
+recovery apply to events as to tasks. Prefetch: on classic queues Celery sets a global QoS on
+that channel, so the task queue and every handler queue share one budget (concurrency x
+multiplier); quorum queues refuse global QoS, Celery then sets it per consumer, and a worker may
+hold (handlers + 1) x that many unacked deliveries. On a reconnect Celery restarts the blueprint
+and this step declares and consumes again.
 """
 
 from __future__ import annotations
