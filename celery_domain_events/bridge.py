@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
@@ -22,7 +23,14 @@ from .exceptions import EventDecodeError
 from .registry import HandlerSpec
 from .serialization import JSON_CONTENT_TYPES
 
-__all__ = ["TASK_ID_NAMESPACE", "event_text", "raw_body", "task_id_for", "to_task_message"]
+__all__ = [
+    "TASK_ID_NAMESPACE",
+    "event_text",
+    "raw_body",
+    "task_id_for",
+    "task_meta",
+    "to_task_message",
+]
 
 #: Namespace of the deterministic handler task ids.
 TASK_ID_NAMESPACE = uuid.UUID("6f1c1f0e-5a2b-4c69-9d51-6b8cf1f2a0de")
@@ -91,6 +99,28 @@ def event_text(message: Message) -> str:
         raise EventDecodeError(f"body is not UTF-8: {exc}") from exc
 
 
+def task_meta(
+    *,
+    queue: str,
+    exchange: str,
+    routing_key: str,
+    content_type: str | None,
+    content_encoding: str | None,
+    properties: Mapping[str, Any],
+    headers: Mapping[Any, Any],
+) -> dict[str, Any]:
+    """Return the ``meta`` task kwarg: what a dead letter needs to rebuild the delivery."""
+    return {
+        "queue": queue,
+        "exchange": exchange,
+        "routing_key": routing_key,
+        "content_type": content_type,
+        "content_encoding": content_encoding,
+        "properties": {k: _json_safe(properties[k]) for k in _KEPT_PROPERTIES if k in properties},
+        "headers": {str(k): _json_safe(v) for k, v in headers.items()},
+    }
+
+
 def to_task_message(message: Message, spec: HandlerSpec, queue: str) -> Message:
     """Wrap an event delivery on ``queue`` into a task message for ``spec``'s task.
 
@@ -104,15 +134,15 @@ def to_task_message(message: Message, spec: HandlerSpec, queue: str) -> Message:
     routing_key = delivery_info.get("routing_key", "")
     task_id = task_id_for(str(event_id), spec.name)
     headers = dict(message.headers or {})
-    meta = {
-        "queue": queue,
-        "exchange": delivery_info.get("exchange", ""),
-        "routing_key": routing_key,
-        "content_type": message.content_type,
-        "content_encoding": message.content_encoding,
-        "properties": {k: _json_safe(properties[k]) for k in _KEPT_PROPERTIES if k in properties},
-        "headers": {str(k): _json_safe(v) for k, v in headers.items()},
-    }
+    meta = task_meta(
+        queue=queue,
+        exchange=delivery_info.get("exchange", ""),
+        routing_key=routing_key,
+        content_type=message.content_type,
+        content_encoding=message.content_encoding,
+        properties=properties,
+        headers=headers,
+    )
     source = properties.get("app_id") or "?"
     summary = (
         f"{{'event': {routing_key!r}, 'version': {headers.get('eventversion', 1)!r}, "

@@ -136,16 +136,7 @@ def send(ext: DomainEvents, message: OutboundMessage) -> None:
     """
     spec = ext.handler_for_queue(message.routing_key.removesuffix(DLQ_SUFFIX))
     declare = [ext.dead_letter_queue(spec)] if spec is not None else []
-    if ext.transport is not None:
-        ext.transport(ext, [message])  # the in-process test harness
-    else:
-        publish_confirmed(
-            lambda: ext.app.pool.acquire(block=True),
-            [message],
-            timeout=ext.settings.confirm_timeout,
-            policy=ext.settings.publish_retry_policy,
-            declare=declare,
-        )
+    ext.publish([message], declare=declare)
     log.warning(
         "Dead-lettered event %s to %s: %s %s",
         message.properties.get("message_id", "?"),

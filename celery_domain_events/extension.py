@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from functools import cached_property
 from typing import Any
 
@@ -16,7 +16,7 @@ from kombu.utils.url import maybe_sanitize_url
 from . import taskscope, topology
 from .bootstep import DomainEventsStep, DomainEventsTopology
 from .config import Settings
-from .confirm import OutboundMessage
+from .confirm import OutboundMessage, publish_confirmed
 from .exceptions import ConfigurationError
 from .registry import EventRegistry, HandlerRegistry, HandlerSpec, default_events, default_handlers
 
@@ -113,6 +113,25 @@ class DomainEvents:
                 f"no DomainEvents installed on Celery app {app.main!r}; "
                 "call DomainEvents(app, service=...) where the app is created"
             ) from None
+
+    def publish(self, messages: list[OutboundMessage], declare: Sequence[Any] = ()) -> None:
+        """Publish ``messages`` from the app's connection pool with batched confirms.
+
+        The in-process test harness receives them instead when ``transport`` is set.
+
+        Raises:
+            PublishError: the broker did not confirm within the publish retry policy.
+        """
+        if self.transport is not None:
+            self.transport(self, messages)
+            return
+        publish_confirmed(
+            lambda: self.app.pool.acquire(block=True),
+            messages,
+            timeout=self.settings.confirm_timeout,
+            policy=self.settings.publish_retry_policy,
+            declare=declare,
+        )
 
     def check_broker(self) -> None:
         """Fail early and clearly on a broker URL no kombu transport understands.

@@ -60,7 +60,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from . import serialization, tracing
-from .confirm import OutboundMessage, publish_confirmed
+from .confirm import OutboundMessage
 from .events import AnyEvent
 from .exceptions import PublishError
 from .extension import DomainEvents
@@ -274,13 +274,7 @@ class Outbox:
             )
             for row in rows
         ]
-        publish_confirmed(
-            lambda: self.ext.app.pool.acquire(block=True),
-            messages,
-            timeout=settings.confirm_timeout,
-            policy=settings.publish_retry_policy,
-            declare=self.ext.publisher_entities(),
-        )
+        self.ext.publish(messages, declare=self.ext.publisher_entities())
 
     def _keep_unconfirmed(self, conn: Connection, ids: list[str], exc: PublishError) -> None:
         table = self.table

@@ -26,7 +26,7 @@ from celery import Celery
 from celery import current_app as _current_app
 
 from . import serialization, tracing
-from .confirm import OutboundMessage, publish_confirmed
+from .confirm import OutboundMessage
 from .events import AnyEvent, DomainEvent, GenericEvent
 from .exceptions import ConfigurationError, NoActiveScope, PublishError
 from .routing import validate_event_name
@@ -253,16 +253,7 @@ def publish_events(ext: DomainEvents, events: list[AnyEvent]) -> None:
     ext.check_broker()
     traceparent = tracing.current_traceparent() or tracing.new_traceparent()
     messages = outbound_messages(ext, events, traceparent)
-    if ext.transport is not None:
-        ext.transport(ext, messages)  # the in-process test harness
-    else:
-        publish_confirmed(
-            lambda: ext.app.pool.acquire(block=True),
-            messages,
-            timeout=ext.settings.confirm_timeout,
-            policy=ext.settings.publish_retry_policy,
-            declare=ext.publisher_entities(),
-        )
+    ext.publish(messages, declare=ext.publisher_entities())
     if not tracing.event_log.isEnabledFor(logging.INFO):
         return  # skip building the structured fields of a few thousand records nobody keeps
     trace = tracing.trace_id(traceparent)

@@ -54,7 +54,7 @@ from typing import Any, NamedTuple
 from celery import Celery, states
 
 from . import serialization
-from .bridge import task_id_for
+from .bridge import task_id_for, task_meta
 from .confirm import OutboundMessage
 from .deadletter import DeadLetter
 from .events import AnyEvent
@@ -252,15 +252,15 @@ class EventCapture:
     def _meta(self, delivery: _Delivery) -> dict[str, Any]:
         # What bridge.to_task_message gives the task in a worker, through the same JSON trip.
         message, spec = delivery
-        meta = {
-            "queue": self.ext.handler_queue_name(spec),
-            "exchange": message.exchange,
-            "routing_key": message.routing_key,
-            "content_type": message.content_type,
-            "content_encoding": message.content_encoding,
-            "properties": message.properties,
-            "headers": message.headers,
-        }
+        meta = task_meta(
+            queue=self.ext.handler_queue_name(spec),
+            exchange=message.exchange,
+            routing_key=message.routing_key,
+            content_type=message.content_type,
+            content_encoding=message.content_encoding,
+            properties=message.properties,
+            headers=message.headers,
+        )
         decoded: dict[str, Any] = json.loads(json.dumps(meta, default=str))
         return decoded
 

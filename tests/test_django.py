@@ -41,6 +41,7 @@ from celery_domain_events import (
     PublishError,
     emit,
 )
+from celery_domain_events import extension as extension_module
 from celery_domain_events import publisher as publisher_module
 from celery_domain_events.contrib.django import emit_on_commit
 
@@ -134,13 +135,13 @@ def probe(topology: Topology, app: Celery) -> Probe:
 def batches(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
     """The routing keys of each confirmed batch, one list per publish_confirmed() call."""
     calls: list[list[str]] = []
-    real = publisher_module.publish_confirmed
+    real = extension_module.publish_confirmed
 
     def spy(acquire: Any, messages: list[Any], **kwargs: Any) -> None:
         calls.append([m.routing_key for m in messages])
         real(acquire, messages, **kwargs)
 
-    monkeypatch.setattr(publisher_module, "publish_confirmed", spy)
+    monkeypatch.setattr(extension_module, "publish_confirmed", spy)
     return calls
 
 
