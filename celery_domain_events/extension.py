@@ -13,7 +13,7 @@ from celery import Celery
 from kombu import Exchange, Queue
 from kombu.utils.url import maybe_sanitize_url
 
-from . import taskscope, topology
+from . import topology
 from .bootstep import DomainEventsStep, DomainEventsTopology
 from .config import Settings
 from .confirm import OutboundMessage, publish_confirmed
@@ -87,7 +87,6 @@ class DomainEvents:
         self._broker_checked = False
         with _lock:
             _installed[app] = self
-        taskscope.connect()
         app.steps["worker"].add(DomainEventsTopology)
         app.steps["consumer"].add(DomainEventsStep)
         if app.configured:  # type: ignore[attr-defined]  # missing from celery-types

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from typing import Any, Generic, ParamSpec, TypeVar
+from typing import Any, Generic, ParamSpec, TypeVar, cast
 
 from celery import Celery, Task
 from celery import _state as celery_state
@@ -172,4 +172,7 @@ def bind_task(app: Celery, spec: HandlerSpec) -> Task[Any, Any]:
         handler_spec=spec,
         **{**retry_options, **spec.task_options},
     )
+    # After _task_from_fun, which wraps run in Celery's autoretry: the dead letter must see
+    # the final outcome, once retries are spent.
+    cast(DomainEventTask, task).guard_run()
     return task

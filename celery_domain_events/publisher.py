@@ -18,23 +18,22 @@ from __future__ import annotations
 
 import contextvars
 import logging
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any
 
 from celery import Celery
 from celery import current_app as _current_app
 
-from . import serialization, tracing
+from . import serialization, taskscope, tracing
 from .confirm import OutboundMessage
 from .events import AnyEvent, DomainEvent, GenericEvent
 from .exceptions import ConfigurationError, NoActiveScope, PublishError
+from .extension import DomainEvents
 from .routing import validate_event_name
 
-if TYPE_CHECKING:
-    from .extension import DomainEvents
-
 __all__ = [
+    "Scope",
     "as_event",
     "buffered",
     "close_buffer",
@@ -50,8 +49,20 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+
+class _Buffer(list[AnyEvent]):
+    """Buffered events, and the task run they belong to (see :mod:`.taskscope`)."""
+
+    __slots__ = ("owner",)
+
+    def __init__(self, owner: Any = None) -> None:
+        super().__init__()
+        #: The Celery request of the task run that opened this buffer, if any.
+        self.owner = owner
+
+
 # A fresh list per context: the default must not be a shared mutable object.
-_buffer: contextvars.ContextVar[list[AnyEvent] | None] = contextvars.ContextVar(
+_buffer: contextvars.ContextVar[_Buffer | None] = contextvars.ContextVar(
     "celery_domain_events_buffer", default=None
 )
 
@@ -103,20 +114,24 @@ def emit(
     """
     event = as_event(event, data, version=version)
     pending = _buffer.get()
-    if pending is None and _scope_required():
-        raise NoActiveScope(
-            f"emit({event.event_name!r}) outside a scope: open one with scope(), or emit from "
-            "a Celery task, a handler or a request with DomainEventsMiddleware"
-        )
-    if pending is None:
-        pending = []
+    run = taskscope.current_run()
+    if run is not None and (pending is None or pending.owner is not run):
+        # The run's first emit outside a scope of its own: its events leave with the run.
+        pending = _Buffer(run)
+        taskscope.track(run, _buffer.set(pending))
+    elif pending is None:
+        if _scope_required():
+            raise NoActiveScope(
+                f"emit({event.event_name!r}) outside a scope: open one with scope(), or emit "
+                "from a Celery task, a handler or a request with DomainEventsMiddleware"
+            )
+        pending = _Buffer()
         _buffer.set(pending)
     pending.append(event)
     return event
 
 
-@contextmanager
-def scope(app: Celery | None = None, *, transmit_on_exit: bool = True) -> Iterator[None]:
+def scope(app: Celery | None = None, *, transmit_on_exit: bool = True) -> Scope:
     """Run a unit of work with its own buffer: transmit it if the block succeeds, else discard.
 
     ::
@@ -128,31 +143,56 @@ def scope(app: Celery | None = None, *, transmit_on_exit: bool = True) -> Iterat
     Raises:
         PublishError: as for :func:`transmit`, when the block succeeded.
     """
-    token = open_buffer()
-    try:
-        yield
-        if transmit_on_exit:
-            transmit(app)
-    except BaseException:
-        discard()
-        raise
-    finally:
-        close_buffer(token)
+    return Scope(app, transmit_on_exit)
 
 
-def open_buffer() -> contextvars.Token[list[AnyEvent] | None]:
-    """Start a fresh, empty buffer in this context (for integrations); see :func:`scope`."""
-    return _buffer.set([])
+class Scope:
+    """The context manager :func:`scope` returns (a class: every handler run enters one)."""
+
+    __slots__ = ("_token", "app", "transmit_on_exit")
+
+    def __init__(self, app: Celery | None, transmit_on_exit: bool) -> None:
+        self.app = app
+        self.transmit_on_exit = transmit_on_exit
+
+    def __enter__(self) -> None:
+        self._token = open_buffer()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            if exc_type is None:
+                if self.transmit_on_exit:
+                    transmit(self.app)
+            else:
+                discard()
+        except BaseException:
+            discard()
+            raise
+        finally:
+            close_buffer(self._token)
 
 
-def close_buffer(token: contextvars.Token[list[AnyEvent] | None]) -> None:
+def open_buffer(*, owner: Any = ...) -> contextvars.Token[_Buffer | None]:
+    """Start a fresh, empty buffer in this context (for integrations); see :func:`scope`.
+
+    ``owner`` is the task run it belongs to; by default, the run of the task executing here.
+    """
+    if owner is ...:
+        owner = taskscope.current_run()
+    return _buffer.set(_Buffer(owner))
+
+
+def close_buffer(token: contextvars.Token[_Buffer | None]) -> None:
     """Restore the buffer that was current before :func:`open_buffer` returned ``token``."""
     _buffer.reset(token)
 
 
 def _scope_required() -> bool:
-    from .extension import DomainEvents  # noqa: PLC0415 (extension imports this module)
-
     try:
         return DomainEvents.of(_current_app).settings.require_scope
     except ConfigurationError:
@@ -166,7 +206,7 @@ def buffered() -> list[AnyEvent]:
 
 def discard() -> list[AnyEvent]:
     """Drop the buffered events (on rollback) and return them."""
-    pending = _buffer.get() or []
+    pending: list[AnyEvent] = _buffer.get() or []
     _buffer.set(None)
     return list(pending)
 
@@ -189,8 +229,6 @@ def transmit(app: Celery | None = None) -> list[AnyEvent]:
     pending = _buffer.get()
     if not pending:
         return []
-    from .extension import DomainEvents  # noqa: PLC0415 (extension imports this module)
-
     ext = DomainEvents.of(app or _current_app)
     batch = list(pending)
     publish_events(ext, batch)

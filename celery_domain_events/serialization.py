@@ -12,6 +12,7 @@ they are rejected as poison (:class:`~celery_domain_events.exceptions.EventDecod
 
 from __future__ import annotations
 
+import functools
 import json
 from datetime import datetime
 from typing import Any
@@ -84,22 +85,41 @@ def decode(body: bytes | str) -> Envelope:
         EventDecodeError: the body is not UTF-8 JSON or not a CloudEvents envelope.
     """
     try:
-        raw = json.loads(body)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise EventDecodeError(f"body is not valid UTF-8 JSON: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise EventDecodeError(f"body must be a JSON object, got {type(raw).__name__}")
-    try:
-        envelope = Envelope.model_validate(raw)
+        # One pass in pydantic's own JSON parser: this runs for every delivery.
+        envelope = Envelope.model_validate_json(body)
     except ValidationError as exc:
-        raise EventDecodeError(f"not a CloudEvents envelope: {_summary(exc)}") from exc
+        raise EventDecodeError(_decode_error(body, exc)) from exc
     if not envelope.specversion.startswith("1."):
         raise EventDecodeError(f"unsupported CloudEvents specversion {envelope.specversion!r}")
     try:
-        validate_event_name(envelope.type)
+        _validate_type(envelope.type)
     except ValueError as exc:
         raise EventDecodeError(str(exc)) from exc
     return envelope
+
+
+@functools.lru_cache(maxsize=1024)
+def _validate_type(name: str) -> None:
+    # A service sees a few event names over and over; a failure is not cached (it raises).
+    validate_event_name(name)
+
+
+def _decode_error(body: bytes | str, exc: ValidationError) -> str:
+    first = exc.errors(include_url=False)[0]
+    if first["type"] == "json_invalid":
+        if isinstance(body, bytes):
+            try:
+                body.decode("utf-8")
+            except UnicodeDecodeError as utf8_error:
+                return f"body is not valid UTF-8 JSON: {utf8_error}"
+        return f"body is not valid UTF-8 JSON: {first['msg']}"
+    if first["type"] == "model_type" and not first["loc"]:
+        try:
+            kind = type(json.loads(body)).__name__
+        except ValueError:
+            kind = "something else"
+        return f"body must be a JSON object, got {kind}"
+    return f"not a CloudEvents envelope: {_summary(exc)}"
 
 
 def to_event(envelope: Envelope, registry: EventRegistry = default_events) -> AnyEvent:

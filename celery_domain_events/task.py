@@ -4,9 +4,9 @@ A delivery reaches the task as ``run(raw_event=<the JSON body as text>, meta={..
 is decoded and validated here, in the pool, and the user's function receives the typed event.
 Two things differ from a plain Celery task:
 
-* ``retry()`` publishes to the handler's own queue through the default exchange. Celery would
-  re-publish to the original exchange and routing key, which for a topic exchange means every
-  other handler of the event would run again.
+* ``retry()`` publishes to the handler's own queue through the service's retry exchange
+  (``<exchange>.retry``, keyed by queue name). Celery would re-publish to the original exchange
+  and routing key, which for a topic exchange means every other handler would run again.
 * On the final failure (retries spent, or an error that is never retried), the original body
   is dead-lettered with a failure record and confirmed *before* Celery acks the delivery
   (``acks_late``). If the dead letter cannot be confirmed, the delivery is requeued instead.
@@ -14,6 +14,7 @@ Two things differ from a plain Celery task:
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import traceback
@@ -26,6 +27,7 @@ from celery.exceptions import Ignore, Reject, Retry
 from . import deadletter, publisher, serialization, tracing
 from .deadletter import FailureReason
 from .exceptions import NON_RETRYABLE, EventDecodeError
+from .extension import DomainEvents
 from .registry import HandlerSpec
 
 __all__ = ["DomainEventTask"]
@@ -51,10 +53,8 @@ class DomainEventTask(Task[Any, Any]):
 
     def deliver(self, raw_event: str) -> Any:
         """Decode ``raw_event``, validate it into its model and call the handler with it."""
-        from .extension import DomainEvents  # noqa: PLC0415 (extension imports this module)
-
-        envelope = serialization.decode(raw_event)
         ext = DomainEvents.of(self.app)
+        envelope = serialization.decode(raw_event)
         event = serialization.to_event(envelope, ext.events)
         started = time.monotonic()
         # Events the handler emits go out only if it succeeds (a failed transmit fails this
@@ -89,37 +89,44 @@ class DomainEventTask(Task[Any, Any]):
 
     def retry(self, *args: Any, **options: Any) -> Any:
         """Retry through this handler's own queue only (see the module docstring)."""
-        from .extension import DomainEvents  # noqa: PLC0415
-
         ext = DomainEvents.of(self.app)
         ext.register_retry_queues()
         options.setdefault("queue", ext.retry_queue(self.handler_spec))
         return super().retry(*args, **options)
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """Run the handler; on its final failure, dead-letter the event before Celery acks it.
+    def guard_run(self) -> None:
+        """Wrap ``run`` (and Celery's autoretry around it): dead-letter on the final failure.
 
-        Raises:
-            Reject: the dead letter could not be confirmed; the delivery is requeued instead
-                of being acked, so the event is not lost.
+        Called once, when the handler's task is created. A wrapper rather than ``__call__``:
+        a task class with its own ``__call__`` takes a slower path in Celery's tracer, which
+        pushes a second request context for every run.
+
+        The wrapper raises ``Reject(requeue=True)`` when the dead letter cannot be confirmed,
+        so the delivery is requeued instead of acked, and the event is not lost.
         """
-        retries = int(self.request.retries or 0)
-        try:
-            return super().__call__(*args, **kwargs)
-        except (Retry, Ignore, Reject):
-            raise
-        except Exception as exc:
+        run = self.run
+
+        @functools.wraps(run)
+        def run_or_dead_letter(*args: Any, **kwargs: Any) -> Any:
             try:
-                self._dead_letter(exc, kwargs, retries, traceback.format_exc())
-            except Exception as publish_error:
-                log.error(
-                    "Could not dead-letter event for %s[%s] (%r); requeueing the delivery",
-                    self.name,
-                    self.request.id,
-                    publish_error,
-                )
-                raise Reject(publish_error, requeue=True) from exc
-            raise
+                return run(*args, **kwargs)
+            except (Retry, Ignore, Reject):
+                raise
+            except Exception as exc:
+                retries = int(self.request.retries or 0)
+                try:
+                    self._dead_letter(exc, kwargs, retries, traceback.format_exc())
+                except Exception as publish_error:
+                    log.error(
+                        "Could not dead-letter event for %s[%s] (%r); requeueing the delivery",
+                        self.name,
+                        self.request.id,
+                        publish_error,
+                    )
+                    raise Reject(publish_error, requeue=True) from exc
+                raise
+
+        self.run = run_or_dead_letter  # type: ignore[method-assign]
 
     def on_failure(
         self,
@@ -149,8 +156,6 @@ class DomainEventTask(Task[Any, Any]):
     def _dead_letter(
         self, exc: Exception, kwargs: dict[str, Any], retries: int, traceback_text: str
     ) -> None:
-        from .extension import DomainEvents  # noqa: PLC0415
-
         raw_event = kwargs.get("raw_event")
         if not isinstance(raw_event, str):
             return  # called directly, not from a delivery: nothing to dead-letter

@@ -1,9 +1,16 @@
 """Events emitted inside a Celery task go out when the task succeeds, and never otherwise.
 
-Connected by ``DomainEvents`` (``domain_events_task_scope``, on by default) to Celery's
-``task_prerun``/``task_postrun`` signals: each task run gets its own buffer; on ``SUCCESS`` it
-is transmitted, on failure, retry or revocation it is discarded. A task that emits need not
-call ``transmit()`` itself.
+With ``domain_events_task_scope`` (on by default), the first ``emit()`` inside a run of a plain
+Celery task opens that run's own buffer; Celery's ``task_postrun`` signal then transmits it on
+``SUCCESS`` and discards it on failure, retry or revocation. A task that emits need not call
+``transmit()`` itself, and a buffer left open around the task (by an outer ``scope()``, or
+leaked in the worker's context) never collects its events. A ``scope()`` opened inside the task
+is its own unit of work, as anywhere else.
+
+The buffer opens on the first emit rather than in ``task_prerun``: a signal receiver costs
+every task of the process a dispatch, and most tasks never emit (handler tasks never need it,
+they scope their events themselves). ``task_postrun`` is connected the first time a task
+buffer opens in a process.
 
 Handler tasks do the same inside the task body instead (``DomainEventTask.deliver``), so that a
 failed transmit makes the attempt fail and be retried. For other tasks the task has already
@@ -19,37 +26,57 @@ import threading
 from typing import Any
 
 from celery import Task, states
-from celery.signals import task_postrun, task_prerun
+from celery._state import get_current_task
+from celery.signals import task_postrun
 
 from . import publisher
+from . import task as task_module
 from .exceptions import ConfigurationError, PublishError
+from .extension import DomainEvents
 
-__all__ = ["connect"]
+__all__ = ["current_run", "track"]
 
 log = logging.getLogger(__name__)
 
-_tokens: dict[str, contextvars.Token[Any]] = {}
+_tokens: dict[int, tuple[Any, contextvars.Token[Any]]] = {}
 _lock = threading.Lock()
 _connected = False
 
 
-def _enabled(task: Task[Any, Any] | None) -> bool:
-    from .extension import DomainEvents  # noqa: PLC0415 (extension imports this module)
-    from .task import DomainEventTask  # noqa: PLC0415
+def current_run() -> Any | None:
+    """Return the request of the task run whose events are task-scoped here, if any.
 
-    if task is None or isinstance(task, DomainEventTask):
-        return False
+    That is a run by Celery's tracer (a worker, or ``apply()``) of a task that is not a
+    handler, in an app whose ``DomainEvents`` has ``task_scope`` on. ``None`` otherwise.
+    """
+    task: Task[Any, Any] | None = get_current_task()
+    if task is None or _is_handler(task):
+        return None
+    request = task.request
+    if request.called_directly or not request.id:
+        return None
     try:
-        return DomainEvents.of(task.app).settings.task_scope
+        return request if DomainEvents.of(task.app).settings.task_scope else None
     except ConfigurationError:
-        return False
+        return None
 
 
-def _on_prerun(task_id: str | None = None, task: Task[Any, Any] | None = None, **_: Any) -> None:
-    if task_id is None or not _enabled(task):
-        return
+def _is_handler(task: Task[Any, Any]) -> bool:
+    # task_module is imported, perhaps still partially, by the time anything calls this.
+    return isinstance(task, task_module.DomainEventTask)
+
+
+def track(request: Any, token: contextvars.Token[Any]) -> None:
+    """Have ``task_postrun`` of run ``request`` close the buffer that ``token`` opened.
+
+    Only the run's first token is kept: resetting it restores the context as it was before the
+    run, whatever the run set since (a ``discard()``, say, then more emits).
+    """
+    _connect()
     with _lock:
-        _tokens[task_id] = publisher.open_buffer()
+        # Keyed by the request object, alive until its task_postrun (an eager retry nests a
+        # second run of the same task id inside the first).
+        _tokens.setdefault(id(request), (request, token))
 
 
 def _on_postrun(
@@ -58,10 +85,14 @@ def _on_postrun(
     state: str | None = None,
     **_: Any,
 ) -> None:
-    with _lock:
-        token = _tokens.pop(task_id or "", None)
-    if token is None or task is None:
+    if task is None:
         return
+    request = task.request  # still the run's: Celery sends task_postrun before popping it
+    with _lock:
+        entry = _tokens.pop(id(request), None)
+    if entry is None:
+        return
+    _, token = entry
     try:
         if state == states.SUCCESS:
             publisher.transmit(task.app)
@@ -76,19 +107,16 @@ def _on_postrun(
                     len(dropped),
                 )
     except PublishError as exc:
-        from .extension import DomainEvents  # noqa: PLC0415
-
         what = f"Task {task.name}[{task_id}] succeeded"
         publisher.log_unpublished(DomainEvents.of(task.app), exc, what)
     finally:
         publisher.close_buffer(token)
 
 
-def connect() -> None:
-    """Connect the signal handlers (once per process; each task checks its own app)."""
+def _connect() -> None:
     global _connected  # noqa: PLW0603 (a process-wide, idempotent switch)
     if _connected:
         return
-    task_prerun.connect(_on_prerun, weak=False, dispatch_uid="celery_domain_events.prerun")
-    task_postrun.connect(_on_postrun, weak=False, dispatch_uid="celery_domain_events.postrun")
-    _connected = True
+    with _lock:
+        task_postrun.connect(_on_postrun, weak=False, dispatch_uid="celery_domain_events.postrun")
+        _connected = True

@@ -42,7 +42,6 @@ dead-lettering take the production code path. Semantics:
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections import defaultdict, deque
@@ -250,9 +249,9 @@ class EventCapture:
         return outcome
 
     def _meta(self, delivery: _Delivery) -> dict[str, Any]:
-        # What bridge.to_task_message gives the task in a worker, through the same JSON trip.
+        # What bridge.to_task_message gives the task in a worker (JSON-safe, as retries need).
         message, spec = delivery
-        meta = task_meta(
+        return task_meta(
             queue=self.ext.handler_queue_name(spec),
             exchange=message.exchange,
             routing_key=message.routing_key,
@@ -261,8 +260,6 @@ class EventCapture:
             properties=message.properties,
             headers=message.headers,
         )
-        decoded: dict[str, Any] = json.loads(json.dumps(meta, default=str))
-        return decoded
 
     def _decode(self, message: OutboundMessage) -> AnyEvent:
         envelope = serialization.decode(message.body)

@@ -20,8 +20,7 @@ import contextvars
 import logging
 import re
 import secrets
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from typing import Any
 
 __all__ = [
@@ -37,6 +36,7 @@ __all__ = [
 event_log = logging.getLogger("celery_domain_events.events")
 
 _TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
+_INVALID_TRACE_ID = "0" * 32
 _current: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "celery_domain_events_traceparent", default=None
 )
@@ -50,7 +50,7 @@ def new_traceparent() -> str:
 def trace_id(traceparent: str | None) -> str | None:
     """Return the trace id of a valid ``traceparent``, else None."""
     match = _TRACEPARENT.match(traceparent or "")
-    if match is None or match.group(1) == "0" * 32:
+    if match is None or match.group(1) == _INVALID_TRACE_ID:
         return None
     return match.group(1)
 
@@ -58,7 +58,7 @@ def trace_id(traceparent: str | None) -> str | None:
 def child_of(traceparent: str | None) -> str:
     """Return a child span of ``traceparent`` (a new root if it is missing or invalid)."""
     match = _TRACEPARENT.match(traceparent or "")
-    if match is None or trace_id(traceparent) is None:
+    if match is None or match.group(1) == _INVALID_TRACE_ID:
         return new_traceparent()
     return f"00-{match.group(1)}-{secrets.token_hex(8)}-{match.group(3)}"
 
@@ -79,12 +79,22 @@ def current_traceparent() -> str | None:
     return _current.get() or _from_opentelemetry()
 
 
-@contextmanager
-def use_traceparent(traceparent: str | None) -> Iterator[str]:
+def use_traceparent(traceparent: str | None) -> AbstractContextManager[str]:
     """Run a block in the trace context ``traceparent`` (a new root if it is None)."""
     value = traceparent if traceparent and trace_id(traceparent) else new_traceparent()
-    token = _current.set(value)
-    try:
-        yield value
-    finally:
-        _current.reset(token)
+    return _TraceContext(value)
+
+
+class _TraceContext:
+    # A class, not @contextmanager: every handler run enters one.
+    __slots__ = ("_token", "value")
+
+    def __init__(self, value: str) -> None:
+        self.value = value
+
+    def __enter__(self) -> str:
+        self._token = _current.set(self.value)
+        return self.value
+
+    def __exit__(self, *exc_info: object) -> None:
+        _current.reset(self._token)
