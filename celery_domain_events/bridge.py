@@ -174,10 +174,7 @@ def to_task_message(message: Message, spec: HandlerSpec, queue: str) -> Message:
         headers=headers,
     )
     source = properties.get("app_id") or "?"
-    summary = (
-        f"{{'event': {routing_key!r}, 'version': {headers.get('eventversion', 1)!r}, "
-        f"'id': {str(event_id)!r}, 'source': {source!r}}}"
-    )
+    summary = f"{{'event': {routing_key!r}, 'id': {str(event_id)!r}, 'source': {source!r}}}"
     task_headers: dict[str, Any] = {
         "lang": "py",
         "task": spec.task_name,

@@ -80,10 +80,6 @@ def _message(model: type[DomainEvent], schemas: dict[str, Any]) -> dict[str, Any
         "title": f"{model.event_name} v{model.event_version}",
         "summary": (model.__doc__ or "").strip().splitlines()[0] if model.__doc__ else "",
         "contentType": CONTENT_TYPE,
-        "headers": {
-            "type": "object",
-            "properties": {"eventversion": {"const": model.event_version}},
-        },
         "payload": _envelope_schema(model, _data_schema(model, schemas)),
         "bindings": {"amqp": {"messageType": model.event_name, "bindingVersion": _AMQP_BINDING}},
     }

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import amqp
 from kombu import Connection
 from kombu.utils.url import maybe_sanitize_url
 
@@ -28,9 +29,13 @@ __all__ = ["OutboundMessage", "publish_confirmed"]
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class OutboundMessage:
-    """One message to publish: body, destination and AMQP properties."""
+    """One message to publish: body, destination and AMQP properties.
+
+    Treat it as immutable. It is not ``frozen``: a frozen dataclass sets each field through
+    ``object.__setattr__``, which doubled the cost of building one per event in transmit().
+    """
 
     body: bytes
     exchange: str
@@ -45,6 +50,10 @@ class OutboundMessage:
     must_route: bool = False
     #: What the caller gets back in ``PublishError.events`` if this message is not confirmed.
     source: Any = None
+
+
+# Properties publish() sets from the message's own fields (and every message is persistent).
+_SET_HERE = frozenset({"content_type", "content_encoding", "application_headers", "delivery_mode"})
 
 
 class _Unroutable(Exception):
@@ -72,7 +81,7 @@ class _ConfirmChannel:
         self.nacked: list[OutboundMessage] = []
         self.outstanding: dict[int, OutboundMessage] = {}
         self.returned: list[tuple[str, str]] = []
-        self.prepare = channel.prepare_message
+        self.native = isinstance(channel, amqp.Channel)
         # Bypass basic_publish_confirm (installed when the connection has confirm_publish):
         # it would wait for each ack in turn, and we wait for the whole batch.
         self.basic_publish = getattr(channel, "_basic_publish", channel.basic_publish)
@@ -110,16 +119,29 @@ class _ConfirmChannel:
 
     def publish(self, msg: OutboundMessage) -> int:
         properties = msg.properties
-        amqp_message = self.prepare(
-            msg.body,
-            priority=properties.get("priority"),
-            content_type=msg.content_type,
-            content_encoding=msg.content_encoding,
-            headers=msg.headers,
-            properties={"delivery_mode": 2, **properties}
-            if "priority" not in properties
-            else {k: v for k, v in properties.items() if k != "priority"} | {"delivery_mode": 2},
-        )
+        if not _SET_HERE.isdisjoint(properties):
+            properties = {k: v for k, v in properties.items() if k not in _SET_HERE}
+        if self.native:
+            # py-amqp: build its message directly. prepare_message() would take the same
+            # properties apart and put them together again, on every message of a batch.
+            amqp_message: Any = amqp.Message(
+                msg.body,
+                content_type=msg.content_type,
+                content_encoding=msg.content_encoding,
+                application_headers=msg.headers or None,  # an empty table still costs bytes
+                delivery_mode=2,
+                **properties,
+            )
+        else:
+            amqp_message = self.channel.prepare_message(
+                msg.body,
+                priority=properties.get("priority"),
+                content_type=msg.content_type,
+                content_encoding=msg.content_encoding,
+                headers=msg.headers or None,
+                properties={k: v for k, v in properties.items() if k != "priority"}
+                | {"delivery_mode": 2},
+            )
         self.basic_publish(
             amqp_message,
             exchange=msg.exchange,

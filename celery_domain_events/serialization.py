@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_core import to_json
 
-from .events import AnyEvent, DomainEvent, GenericEvent
+from .events import METADATA_FIELDS, AnyEvent, DomainEvent, GenericEvent
 from .exceptions import EventDecodeError, EventValidationError, UnknownEventError
 from .registry import EventRegistry, default_events
 from .routing import validate_event_name
@@ -30,6 +32,7 @@ __all__ = [
     "Envelope",
     "decode",
     "encode",
+    "encoder",
     "to_event",
 ]
 
@@ -55,27 +58,56 @@ class Envelope(BaseModel):
     data: dict[str, Any] | None = None
 
 
-# One encoder for every body: json.dumps() with arguments builds a new one per call, which
-# costs more than encoding a small envelope.
-_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+# Metadata travels in the envelope (id, time), not in "data".
+_NOT_DATA = set(METADATA_FIELDS)
 
 
 def encode(event: AnyEvent, source: str, **extensions: Any) -> bytes:
-    """Serialize ``event`` as a CloudEvents JSON body published by service ``source``."""
-    envelope: dict[str, Any] = {
-        "specversion": "1.0",
-        "id": str(event.event_id),
-        "source": source,
-        "type": event.event_name,
-        "time": event.occurred_at.isoformat(),
-        "datacontenttype": "application/json",
-        "eventversion": event.event_version,
-    }
-    for key, value in extensions.items():
-        if value is not None:
-            envelope[key] = value
-    envelope["data"] = event.event_data()
-    return _ENCODER.encode(envelope).encode()
+    """Serialize ``event`` as a CloudEvents JSON body published by service ``source``.
+
+    Raises:
+        PydanticSerializationError: an untyped event's data holds a value JSON cannot carry.
+    """
+    return encoder(source, **extensions)(event, str(event.event_id))
+
+
+def encoder(source: str, **extensions: Any) -> Callable[[AnyEvent, str], bytes]:
+    """Return ``encode`` for a batch: ``(event, str(event.event_id)) -> body``.
+
+    ``transmit()`` encodes thousands of events with the same source and trace context, and
+    already has each id as text (the ``message_id`` property): the shared parts are encoded
+    once, and pydantic-core writes the rest (several times faster than the json module).
+    """
+    shared = b"".join(
+        b',"%s":%s' % (key.encode(), to_json(value))
+        for key, value in extensions.items()
+        if value is not None
+    )
+    source_json = to_json(source)
+
+    def encode_event(event: AnyEvent, event_id: str) -> bytes:
+        if isinstance(event, GenericEvent):
+            data = to_json(event.data)
+        else:
+            data = type(event).__pydantic_serializer__.to_json(event, exclude=_NOT_DATA)
+        # The id is a UUID's text and needs no escaping; everything else goes through to_json.
+        return _ENVELOPE % (
+            event_id.encode(),
+            source_json,
+            to_json(event.event_name),
+            to_json(event.occurred_at),
+            event.event_version,
+            shared,
+            data,
+        )
+
+    return encode_event
+
+
+_ENVELOPE = (
+    b'{"specversion":"1.0","id":"%s","source":%s,"type":%s,"time":%s,'
+    b'"datacontenttype":"application/json","eventversion":%d%s,"data":%s}'
+)
 
 
 def decode(body: bytes | str) -> Envelope:

@@ -157,8 +157,8 @@ def test_rows_share_the_business_transaction(
     }
     assert relayed[0].properties["content_type"] == "application/cloudevents+json"
     assert relayed[0].properties["message_id"] == str(paid.event_id)
-    assert relayed[1].headers["eventversion"] == 2
-    assert relayed[0].headers.keys() == direct.headers.keys()
+    assert json.loads(relayed[1].body)["eventversion"] == 2
+    assert (relayed[0].headers or {}) == (direct.headers or {}) == {}
     assert json.loads(relayed[0].body).keys() == json.loads(direct.body).keys()
 
 
