@@ -26,6 +26,7 @@ from celery import Celery
 from celery import current_app as _current_app
 
 from . import serialization, taskscope, tracing
+from .config import KeyFormat
 from .confirm import OutboundMessage
 from .events import AnyEvent, DomainEvent, GenericEvent
 from .exceptions import ConfigurationError, NoActiveScope, PublishError
@@ -252,20 +253,23 @@ def outbound_messages(
     service = settings.service
     exchange = settings.exchange
     mandatory = settings.unrouted_queue is None
-    routing_key = ext.routing_key
+    # Plain keys are the event names; only other formats need the per-event call.
+    routing_key = None if settings.key_format is KeyFormat.PLAIN else ext.routing_key
     encode = serialization.encoder(service, traceparent=traceparent)
+    content_type = serialization.CONTENT_TYPE
     messages = []
     for event in events:
         event_id = str(event.event_id)
+        name = event.event_name
         messages.append(
             OutboundMessage(
-                body=encode(event, event_id),
-                exchange=exchange,
-                routing_key=routing_key(event),
-                content_type=serialization.CONTENT_TYPE,
+                encode(event, event_id),
+                exchange,
+                name if routing_key is None else routing_key(event),
+                content_type,
                 properties={
                     "message_id": event_id,
-                    "type": event.event_name,
+                    "type": name,
                     "timestamp": int(event.occurred_at.timestamp()),
                     "app_id": service,
                 },

@@ -59,7 +59,7 @@ class DomainEventTask(Task[Any, Any]):
         started = time.monotonic()
         # Events the handler emits go out only if it succeeds (a failed transmit fails this
         # attempt, which is retried like any other), and continue the emitter's trace.
-        with tracing.use_traceparent(tracing.child_of(envelope.traceparent)) as traceparent:
+        with tracing.child_context(envelope.traceparent) as traceparent:
             with publisher.scope(self.app):
                 result = self.handler_spec.fn(event)
             if tracing.event_log.isEnabledFor(logging.INFO):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import sys
 import threading
 from typing import Any
 
@@ -38,6 +39,8 @@ __all__ = ["current_run", "track"]
 
 log = logging.getLogger(__name__)
 
+# Where Celery's tracer lives; a run pushes its request from there.
+_TRACER = "celery.app.trace"
 _tokens: dict[int, tuple[Any, contextvars.Token[Any]]] = {}
 _lock = threading.Lock()
 _connected = False
@@ -49,6 +52,11 @@ def current_run() -> Any | None:
     That is a run by Celery's tracer (a worker, or ``apply()``) of a task that is not a
     handler, in an app whose ``DomainEvents`` has ``task_scope`` on. ``None`` otherwise.
     """
+    if _TRACER not in sys.modules:
+        # Nothing has traced a task in this process (a web process, say): no run can be in
+        # progress. Cheaper than asking Celery's thread-local stack, which raises and
+        # catches two exceptions per call when it is empty, on every emit().
+        return None
     task: Task[Any, Any] | None = get_current_task()
     if task is None or _is_handler(task):
         return None

@@ -18,12 +18,18 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import random
 import re
-import secrets
 from contextlib import AbstractContextManager
 from typing import Any
 
+try:  # optional; imported once, since a failed import searches sys.path again every time
+    from opentelemetry import trace as _otel_trace
+except ImportError:  # pragma: no cover - depends on the environment
+    _otel_trace = None
+
 __all__ = [
+    "child_context",
     "child_of",
     "current_traceparent",
     "event_log",
@@ -44,7 +50,13 @@ _current: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 
 def new_traceparent() -> str:
     """Return the traceparent of a new, sampled root span."""
-    return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"
+    return f"00-{_random_id(128):032x}-{_random_id(64):016x}-01"
+
+
+def _random_id(bits: int) -> int:
+    # As OpenTelemetry's RandomIdGenerator: ids need to be unique, not secret, and every
+    # handler run makes one (os.urandom is a system call). random reseeds in forked children.
+    return random.getrandbits(bits) or 1  # all zeros is the W3C "invalid" id
 
 
 def trace_id(traceparent: str | None) -> str | None:
@@ -60,15 +72,21 @@ def child_of(traceparent: str | None) -> str:
     match = _TRACEPARENT.match(traceparent or "")
     if match is None or match.group(1) == _INVALID_TRACE_ID:
         return new_traceparent()
-    return f"00-{match.group(1)}-{secrets.token_hex(8)}-{match.group(3)}"
+    return f"00-{match.group(1)}-{_random_id(64):016x}-{match.group(3)}"
+
+
+def child_context(traceparent: str | None) -> AbstractContextManager[str]:
+    """Run a block in a child span of ``traceparent`` (a new root if it is missing or invalid).
+
+    What a handler runs in: ``use_traceparent(child_of(traceparent))``, validated once.
+    """
+    return _TraceContext(child_of(traceparent))
 
 
 def _from_opentelemetry() -> str | None:
-    try:
-        from opentelemetry import trace  # noqa: PLC0415 (optional dependency)
-    except ImportError:
+    if _otel_trace is None:
         return None
-    context: Any = trace.get_current_span().get_span_context()
+    context: Any = _otel_trace.get_current_span().get_span_context()
     if not context.is_valid:
         return None
     return f"00-{context.trace_id:032x}-{context.span_id:016x}-{int(context.trace_flags):02x}"
