@@ -725,6 +725,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--no-main", action="store_true", help="skip the main table")
     parser.add_argument(
+        "--instructions",
+        action="store_true",
+        help="also count instructions per task with valgrind's callgrind (noise-free; ~5 min; "
+        "see benchmarks/instructions.py)",
+    )
+    parser.add_argument(
         "--hub-flush",
         action="store_true",
         help="EXPERIMENT: workers flush kombu's ready callbacks before polling "
@@ -769,6 +775,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_main(b, res)
     if args.prefetch_sweep:
         run_sweep(b, res)
+    counts = None
+    if args.instructions:
+        from . import instructions
+
+        if not instructions.available():
+            raise SystemExit("--instructions needs valgrind (callgrind_control) on PATH")
+        print("instruction counts (callgrind) ...", file=sys.stderr, flush=True)
+        counts = instructions.run_instructions(b)
     elapsed = time.monotonic() - started
 
     print(
@@ -813,6 +827,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             res,
             [(f"solo prefetch x{p}", f"b.solo.pf{p}", f"c.solo.pf{p}") for p in SWEEP_PREFETCH],
         )
+    if counts is not None:
+        from . import instructions
+
+        instructions.print_instructions(counts)
     if args.json:
         args.json.write_text(
             json.dumps(
@@ -821,6 +839,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "repeat": b.repeat,
                     "values": res.values,
                     "drains": {k: [asdict(d) for d in v] for k, v in res.drains.items()},
+                    "instructions": counts,
                 },
                 indent=2,
             )

@@ -259,11 +259,11 @@ def outbound_messages(
     content_type = serialization.CONTENT_TYPE
     messages = []
     for event in events:
-        event_id = str(event.event_id)
+        body, event_id = encode(event)
         name = event.event_name
         messages.append(
             OutboundMessage(
-                encode(event, event_id),
+                body,
                 exchange,
                 name if routing_key is None else routing_key(event),
                 content_type,

@@ -14,7 +14,7 @@ from typing import ClassVar
 import pytest
 
 import celery_domain_events as cde
-from celery_domain_events import exceptions, serialization
+from celery_domain_events import bridge, exceptions, serialization
 from celery_domain_events.config import Settings
 from celery_domain_events.events import DomainEvent, GenericEvent
 from celery_domain_events.registry import EventRegistry, default_events
@@ -229,3 +229,52 @@ def test_every_setting_is_documented_in_the_readme() -> None:
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     documented = set(re.findall(r"^\| `domain_events_(\w+)` \|", readme, flags=re.MULTILINE))
     assert documented == set(Settings.model_fields)
+
+
+@pytest.mark.parametrize("event_id", [str(uuid.uuid4()), "not-a-uuid", "é/ü"])
+def test_task_ids_are_uuid5_of_event_and_handler(event_id: str) -> None:
+    expected = uuid.uuid5(bridge.TASK_ID_NAMESPACE, f"{event_id}/send_welcome")
+    assert bridge.task_id_for(event_id, "send_welcome") == str(expected)
+
+
+class UnitShipped(DomainEvent):
+    event_name: ClassVar[str] = "unit.order.shipped"
+    event_version: ClassVar[int] = 2
+
+    order_id: int
+
+
+def test_batch_encoder_writes_the_same_envelope_as_encode() -> None:
+    typed = UnitShipped(order_id=7)
+    untyped = GenericEvent(event_name="x.y", event_version=3, data={"at": datetime(2026, 1, 1)})
+    encode = serialization.encoder("billing", traceparent="00-abc-def-01")
+    for event in (typed, untyped):
+        body, event_id = encode(event)
+        assert event_id == str(event.event_id)
+        assert json.loads(body) == json.loads(
+            serialization.encode(event, "billing", traceparent="00-abc-def-01")
+        )
+        envelope = serialization.decode(body)
+        assert (envelope.id, envelope.type, envelope.eventversion, envelope.source) == (
+            event_id,
+            event.event_name,
+            event.event_version,
+            "billing",
+        )
+        assert envelope.time == event.occurred_at
+        assert envelope.traceparent == "00-abc-def-01"
+    assert json.loads(encode(untyped)[0])["data"] == {"at": "2026-01-01T00:00:00"}
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b'{"id": ', "not valid UTF-8 JSON"),
+        (b"\xff\xfe{}", "not valid UTF-8 JSON"),
+        (b"[1, 2]", "must be a JSON object, got list"),
+        (b'{"id": "x", "source": "s"}', "not a CloudEvents envelope: type"),
+    ],
+)
+def test_decode_errors_say_what_is_wrong(body: bytes, message: str) -> None:
+    with pytest.raises(exceptions.EventDecodeError, match=re.escape(message)):
+        serialization.decode(body)
