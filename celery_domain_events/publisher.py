@@ -56,10 +56,15 @@ class _Buffer(list[AnyEvent]):
 
     __slots__ = ("owner",)
 
-    def __init__(self, owner: Any = None) -> None:
-        super().__init__()
-        #: The Celery request of the task run that opened this buffer, if any.
-        self.owner = owner
+    #: The Celery request of the task run that opened this buffer, if any.
+    owner: Any
+
+
+def _new_buffer(owner: Any = None) -> _Buffer:
+    # Not an __init__ override: list's own is C, and every handler run opens a buffer.
+    buffer = _Buffer()
+    buffer.owner = owner
+    return buffer
 
 
 # A fresh list per context: the default must not be a shared mutable object.
@@ -118,7 +123,7 @@ def emit(
     run = taskscope.current_run()
     if run is not None and (pending is None or pending.owner is not run):
         # The run's first emit outside a scope of its own: its events leave with the run.
-        pending = _Buffer(run)
+        pending = _new_buffer(run)
         taskscope.track(run, _buffer.set(pending))
     elif pending is None:
         if _scope_required():
@@ -126,7 +131,7 @@ def emit(
                 f"emit({event.event_name!r}) outside a scope: open one with scope(), or emit "
                 "from a Celery task, a handler or a request with DomainEventsMiddleware"
             )
-        pending = _Buffer()
+        pending = _new_buffer()
         _buffer.set(pending)
     pending.append(event)
     return event
@@ -185,7 +190,7 @@ def open_buffer(*, owner: Any = ...) -> contextvars.Token[_Buffer | None]:
     """
     if owner is ...:
         owner = taskscope.current_run()
-    return _buffer.set(_Buffer(owner))
+    return _buffer.set(_new_buffer(owner))
 
 
 def close_buffer(token: contextvars.Token[_Buffer | None]) -> None:

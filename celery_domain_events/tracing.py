@@ -61,18 +61,18 @@ def _random_id(bits: int) -> int:
 
 def trace_id(traceparent: str | None) -> str | None:
     """Return the trace id of a valid ``traceparent``, else None."""
-    match = _TRACEPARENT.match(traceparent or "")
-    if match is None or match.group(1) == _INVALID_TRACE_ID:
+    if not traceparent or _TRACEPARENT.match(traceparent) is None:
         return None
-    return match.group(1)
+    trace = traceparent[3:35]
+    return None if trace == _INVALID_TRACE_ID else trace
 
 
 def child_of(traceparent: str | None) -> str:
     """Return a child span of ``traceparent`` (a new root if it is missing or invalid)."""
-    match = _TRACEPARENT.match(traceparent or "")
-    if match is None or match.group(1) == _INVALID_TRACE_ID:
+    if traceparent is None or trace_id(traceparent) is None:
         return new_traceparent()
-    return f"00-{match.group(1)}-{_random_id(64):016x}-{match.group(3)}"
+    # Valid, so fixed width: "00-" trace id (32) "-" span id (16) "-" flags (2).
+    return f"{traceparent[:36]}{_random_id(64):016x}{traceparent[52:]}"
 
 
 def child_context(traceparent: str | None) -> AbstractContextManager[str]:

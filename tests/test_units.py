@@ -14,7 +14,7 @@ from typing import ClassVar
 import pytest
 
 import celery_domain_events as cde
-from celery_domain_events import bridge, exceptions, serialization
+from celery_domain_events import bridge, exceptions, serialization, tracing
 from celery_domain_events.config import Settings
 from celery_domain_events.events import DomainEvent, GenericEvent
 from celery_domain_events.registry import EventRegistry, default_events
@@ -278,3 +278,17 @@ def test_batch_encoder_writes_the_same_envelope_as_encode() -> None:
 def test_decode_errors_say_what_is_wrong(body: bytes, message: str) -> None:
     with pytest.raises(exceptions.EventDecodeError, match=re.escape(message)):
         serialization.decode(body)
+
+
+def test_child_spans_keep_the_trace_and_flags_and_reject_invalid_parents() -> None:
+    parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    child = tracing.child_of(parent)
+    assert re.fullmatch(r"00-4bf92f3577b34da6a3ce929d0e0e4736-[0-9a-f]{16}-01", child)
+    assert child != parent
+    assert tracing.child_of(parent.replace("-01", "-00"))[-3:] == "-00"
+    zero_trace = "00-" + "0" * 32 + "-00f067aa0ba902b7-01"
+    for invalid in (None, "", "garbage", zero_trace, parent.upper(), parent + "x"):
+        root = tracing.child_of(invalid)
+        assert tracing.trace_id(root) not in (None, "4bf92f3577b34da6a3ce929d0e0e4736")
+    assert tracing.trace_id(zero_trace) is None
+    assert tracing.trace_id(parent) == "4bf92f3577b34da6a3ce929d0e0e4736"
