@@ -108,7 +108,7 @@ def dead_letter_message(
         "task-id": task_id or "",
     }
     failure = {HEADER_PREFIX + k: v for k, v in record.items()}
-    # Original headers survive (eventversion, traceparent, ...), minus an older failure record.
+    # The publisher's own headers survive (ours send none), minus an older failure record.
     kept = {k: v for k, v in (headers or {}).items() if not str(k).startswith(HEADER_PREFIX)}
     size = sum(len(str(k)) + len(str(v)) for k, v in {**kept, **failure}.items())
     if size > MAX_HEADERS_BYTES:
