@@ -7,9 +7,10 @@
                                                                         │ queues, bindings, DLQs
                                                                         ▼
       <service>.<handler> ─► kombu Consumer (Celery's task channel, its prefetch/QoS)
-                               │ raw event ─► bridge.to_task_message ─► Celery task handler
-                               │ retry (a task message for this handler) ─► task handler as is
-                               └ poison (not JSON, foreign task) ─► <queue>.dlq, then ack
+                               │ CloudEvent (first delivery, retry or replay)
+                               │   ─► inbound.check ─► bridge.to_task_message ─► task handler
+                               └ poison (not a CloudEvent, a task message, too large or deep)
+                                   ─► <queue>.dlq with an x-failure-* record, then ack
 
 Consumers share the channel of Celery's own task consumer, so its ETA bookkeeping and connection
 recovery apply to events as to tasks. Prefetch: on classic queues Celery sets a global QoS on
@@ -22,7 +23,6 @@ and this step declares and consumes again.
 from __future__ import annotations
 
 import logging
-import traceback
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -36,8 +36,8 @@ from kombu.transport.native_delayed_delivery import (
 )
 from kombu.utils.url import maybe_sanitize_url
 
-from . import deadletter
-from .bridge import raw_body, to_task_message
+from . import deadletter, inbound
+from .bridge import to_task_message
 from .config import QueueType
 from .deadletter import FailureReason
 from .exceptions import EventDecodeError
@@ -52,7 +52,11 @@ log = logging.getLogger(__name__)
 
 
 class _Dispatch:
-    """The ``on_message`` callback of one handler queue (runs in the worker's main thread)."""
+    """The ``on_message`` callback of one handler queue (runs in the worker's main thread).
+
+    Every delivery ends as a task for this handler or as a poison dead letter: nothing that
+    arrives on the queue can raise out of here, which would stop the worker.
+    """
 
     def __init__(
         self,
@@ -65,54 +69,62 @@ class _Dispatch:
         self.spec = spec
         self.queue = queue
         self.on_task_received = on_task_received
+        self.max_bytes = ext.settings.max_event_bytes
+        self.retry_exchanges = frozenset({ext.retry_exchange().name})
+        self.max_delay = (spec.retry.max_delay if spec.retry is not None else 0.0) + 1.0
 
     def __call__(self, message: Message) -> None:
-        task = (message.headers or {}).get("task")
-        if task == self.spec.task_name:
-            # A retry Celery published to this queue: already a task message.
-            self.on_task_received(message)
-            return
         try:
-            if task is not None:
-                # Never run another task because a message on an event queue names it.
-                raise EventDecodeError(f"task message for {task!r} on event queue {self.queue!r}")
-            task_message = to_task_message(message, self.spec, self.queue)
+            checked = inbound.check(
+                message,
+                max_bytes=self.max_bytes,
+                retry_exchanges=self.retry_exchanges,
+                max_delay=self.max_delay,
+            )
+            task_message = to_task_message(message, checked, self.spec, self.queue)
         except EventDecodeError as exc:
             self.dead_letter(message, exc)
+            return
+        except Exception as exc:  # untrusted input must never stop the worker
+            log.exception("Could not read a delivery on %s; dead-lettering it", self.queue)
+            self.dead_letter(message, EventDecodeError(f"unreadable delivery: {exc!r}"[:500]))
             return
         self.on_task_received(task_message)
 
     def dead_letter(self, message: Message, exc: EventDecodeError) -> None:
         delivery_info = message.delivery_info or {}
-        body = raw_body(message.body, message.content_encoding)
+        body = inbound.raw_body(message.body, message.content_encoding)
         record = deadletter.dead_letter_message(
             body=body,
             queue=self.queue,
             handler=self.spec.name,
             reason=FailureReason.POISON,
             exc=exc,
-            traceback="".join(traceback.format_exception(exc)),
-            exchange=delivery_info.get("exchange", ""),
-            routing_key=delivery_info.get("routing_key", ""),
+            traceback="",
+            attempts=1,
+            exchange=str(delivery_info.get("exchange", "")),
+            routing_key=str(delivery_info.get("routing_key", "")),
             content_type=message.content_type,
             content_encoding=message.content_encoding,
             properties={
                 k: v
                 for k, v in (message.properties or {}).items()
-                if k in ("message_id", "type", "app_id", "correlation_id")
+                if k in ("message_id", "type", "timestamp", "app_id", "correlation_id")
             },
             headers=message.headers,
         )
         try:
             deadletter.send(self.ext, record)
-        except Exception:
-            log.exception(
-                "Could not dead-letter a poison message from %s; requeueing it", self.queue
+        except Exception as send_error:
+            log.error(
+                "Could not dead-letter a poison message from %s (%r); requeueing it",
+                self.queue,
+                send_error,
             )
             message.reject(requeue=True)
             return
         message.ack()
-        log.error("Poison message on %s dead-lettered: %s", self.queue, exc)
+        log.error("Poison message on %s dead-lettered: %s", self.queue, str(exc)[:500])
 
 
 class DomainEventsStep(bootsteps.StartStopStep):

@@ -101,6 +101,8 @@ class Settings(BaseModel):
     require_scope: bool = False
     #: Transmit what a Celery task emitted when it succeeds; discard it when it fails.
     task_scope: bool = True
+    #: Largest event body a worker accepts, in bytes; a larger one is dead-lettered as poison.
+    max_event_bytes: int = Field(default=1024 * 1024, ge=1024)
     #: Reconnection policy of ``transmit()``.
     publish_retry_policy: PublishRetryPolicy = PublishRetryPolicy()
 

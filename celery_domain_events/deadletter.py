@@ -4,12 +4,15 @@
 
     billing.on_user_created ──(retries spent / poison / RejectEvent)──► billing.on_user_created.dlq
       body:    the event exactly as published (byte-identical)
-      headers: x-failure-reason, -exception, -message, -traceback, -attempts, -handler,
-               -queue, -exchange, -routing-key, -time, -task-id   (all under 16 KiB)
+      headers: the publisher's own (up to 64 KiB; larger ones named in -dropped-headers), and
+               x-failure-reason, -exception, -message, -traceback, -attempts, -handler,
+               -queue, -exchange, -routing-key, -time, -task-id   (under 16 KiB)
 
 The record is published with a publisher confirm *before* the original delivery is acked, so a
-crash in between can only duplicate a dead letter, never lose the event. Retries are counted by
-Celery (``request.retries``), never from ``x-death``.
+crash in between can only duplicate a dead letter, never lose the event. The headers are
+bounded so a dead letter always fits one AMQP frame: a message is never dropped because its
+failure record would not fit. Retries are counted from the worker's own retry header
+(``x-retries``, trusted only on the retry exchange), never from ``x-death``.
 """
 
 from __future__ import annotations
@@ -24,9 +27,18 @@ from typing import TYPE_CHECKING, Any
 
 from kombu import Connection
 from kombu.common import ignore_errors
+from pydantic_core import from_json
 
-from .bridge import raw_body
+from ._compat import encoded_table_size
 from .confirm import OutboundMessage, publish_confirmed
+from .inbound import (
+    MAX_HEADER_DEPTH,
+    ORIGIN_EXCHANGE_HEADER,
+    ORIGIN_ROUTING_KEY_HEADER,
+    RETRIES_HEADER,
+    RETRY_AT_HEADER,
+    raw_body,
+)
 from .serialization import CONTENT_TYPE
 from .topology import DLQ_SUFFIX, RETRY_SUFFIX
 
@@ -36,6 +48,7 @@ if TYPE_CHECKING:
 __all__ = [
     "HEADER_PREFIX",
     "MAX_HEADERS_BYTES",
+    "MAX_KEPT_HEADERS_BYTES",
     "DeadLetter",
     "FailureReason",
     "dead_letter_message",
@@ -51,6 +64,13 @@ log = logging.getLogger(__name__)
 HEADER_PREFIX = "x-failure-"
 #: Upper bound of all failure headers together; RabbitMQ's frame limits make larger ones risky.
 MAX_HEADERS_BYTES = 16 * 1024
+#: Upper bound of the publisher's own headers a dead letter keeps (larger ones are dropped
+#: and named in ``x-failure-dropped-headers``).
+MAX_KEPT_HEADERS_BYTES = 64 * 1024
+_SHOW_NAME = 64
+_RETRY_HEADERS = frozenset(
+    {RETRIES_HEADER, RETRY_AT_HEADER, ORIGIN_EXCHANGE_HEADER, ORIGIN_ROUTING_KEY_HEADER}
+)
 _MAX_MESSAGE = 2 * 1024
 _MAX_TRACEBACK = 10 * 1024
 _SHORT = 1024
@@ -76,6 +96,64 @@ def _truncate(text: str, limit: int) -> str:
     return "...[truncated]..." + data[-limit:].decode("utf-8", "ignore")
 
 
+def _text_of(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except Exception:  # a handler's exception whose __str__ fails must not lose the event
+        return f"<{type(exc).__name__}: str() failed>"
+
+
+def _header_size(key: str, value: Any) -> int | None:
+    # None: the header cannot travel again (nested too deep, or not encodable).
+    if _depth(value, 0) > MAX_HEADER_DEPTH:
+        return None
+    try:
+        return encoded_table_size({key: value})
+    except Exception:
+        return None
+
+
+def _depth(value: Any, depth: int) -> int:
+    if depth > MAX_HEADER_DEPTH:
+        return depth
+    if isinstance(value, Mapping):
+        return max((_depth(v, depth + 1) for v in value.values()), default=depth + 1)
+    if isinstance(value, list | tuple):
+        return max((_depth(v, depth + 1) for v in value), default=depth + 1)
+    return depth
+
+
+def _kept_headers(headers: Mapping[Any, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Return the publisher's headers a dead letter keeps, and the names of those dropped.
+
+    A dead letter must always be publishable: the headers it keeps stay under
+    :data:`MAX_KEPT_HEADERS_BYTES`, so that with the failure record they fit in one AMQP frame
+    (RabbitMQ's ``frame_max`` is 128 KiB by default). Larger headers go first.
+    """
+    if not headers:
+        return {}, []
+    sized: list[tuple[int, str, Any]] = []
+    dropped: list[str] = []
+    for key, value in headers.items():
+        name = str(key)
+        if name.startswith(HEADER_PREFIX) or name in _RETRY_HEADERS:
+            continue  # an older failure record; retry bookkeeping (a replay starts afresh)
+        size = _header_size(name, value)
+        if size is None:
+            dropped.append(name)
+        else:
+            sized.append((size, name, value))
+    total = sum(size for size, _, _ in sized)
+    for size, name, _ in sorted(sized, key=lambda item: item[0], reverse=True):
+        if total <= MAX_KEPT_HEADERS_BYTES:
+            break
+        total -= size
+        dropped.append(name)
+    gone = set(dropped)
+    kept = {name: value for _, name, value in sized if name not in gone}
+    return kept, [name[:_SHOW_NAME] for name in dropped]
+
+
 def dead_letter_message(
     *,
     body: bytes,
@@ -97,7 +175,7 @@ def dead_letter_message(
     record: dict[str, Any] = {
         "reason": reason.value,
         "exception": f"{type(exc).__module__}.{type(exc).__qualname__}",
-        "message": _truncate(str(exc), _MAX_MESSAGE),
+        "message": _truncate(_text_of(exc), _MAX_MESSAGE),
         "traceback": _truncate(traceback, _MAX_TRACEBACK),
         "attempts": attempts,
         "handler": handler,
@@ -108,12 +186,9 @@ def dead_letter_message(
         "task-id": task_id or "",
     }
     failure = {HEADER_PREFIX + k: v for k, v in record.items()}
-    # The publisher's own headers survive (ours send none), minus an older failure record.
-    kept = {k: v for k, v in (headers or {}).items() if not str(k).startswith(HEADER_PREFIX)}
-    size = sum(len(str(k)) + len(str(v)) for k, v in {**kept, **failure}.items())
-    if size > MAX_HEADERS_BYTES:
-        failure[HEADER_PREFIX + "traceback"] = _truncate(traceback, _SHORT)
-        kept = {k: v for k, v in kept.items() if len(str(v)) < _SHORT}
+    kept, dropped = _kept_headers(headers or {})
+    if dropped:
+        failure[HEADER_PREFIX + "dropped-headers"] = _truncate(", ".join(dropped), _SHORT)
     props = {k: v for k, v in (properties or {}).items() if v is not None}
     return OutboundMessage(
         body=body,
@@ -169,8 +244,16 @@ class DeadLetter:
 
     @property
     def event_id(self) -> str:
-        """The event id (``message_id``), or ``?`` if the publisher set none."""
-        return str(self.properties.get("message_id") or "?")
+        """The event id: the CloudEvents ``id`` (``message_id``, else read from the body)."""
+        message_id = self.properties.get("message_id")
+        if message_id:
+            return str(message_id)
+        try:
+            envelope = from_json(self.body[:_PEEK_BYTES]) if len(self.body) <= _PEEK_BYTES else {}
+        except ValueError:
+            return "?"
+        event_id = envelope.get("id") if isinstance(envelope, dict) else None
+        return event_id if isinstance(event_id, str) and event_id else "?"
 
     @property
     def event_name(self) -> str:
@@ -192,9 +275,11 @@ class DeadLetter:
         headers = {
             k: v
             for k, v in self.headers.items()
-            if not str(k).startswith(HEADER_PREFIX) and k != "x-death"
+            if not str(k).startswith(HEADER_PREFIX) and k != "x-death" and k not in _RETRY_HEADERS
         }
         headers["x-replayed"] = int(self.headers.get("x-replayed", 0)) + 1
+        headers[ORIGIN_EXCHANGE_HEADER] = str(self.failure("exchange") or "")
+        headers[ORIGIN_ROUTING_KEY_HEADER] = str(self.failure("routing-key") or self.event_name)
         return OutboundMessage(
             body=self.body,
             exchange=retry_exchange,
@@ -208,6 +293,8 @@ class DeadLetter:
         )
 
 
+# Bodies larger than this are not parsed just to find their id (a dead letter may be huge).
+_PEEK_BYTES = 4 * 1024 * 1024
 _REPLAYED_PROPERTIES = ("message_id", "type", "timestamp", "app_id", "correlation_id", "priority")
 
 

@@ -31,6 +31,10 @@ __all__ = ["DomainEvent", "GenericEvent", "utcnow"]
 METADATA_FIELDS = frozenset({"event_id", "occurred_at"})
 
 
+def _new_id() -> str:
+    return str(uuid.uuid4())
+
+
 def utcnow() -> datetime:
     """Return the current time as an aware UTC datetime."""
     return datetime.now(timezone.utc)
@@ -46,7 +50,8 @@ class DomainEvent(BaseModel):
     #: Schema version, sent as the ``eventversion`` extension attribute.
     event_version: ClassVar[int] = 1
 
-    event_id: uuid.UUID = Field(default_factory=uuid.uuid4)
+    #: The CloudEvents ``id``: any non-empty string (a new UUID unless given).
+    event_id: str = Field(default_factory=_new_id, min_length=1)
     occurred_at: datetime = Field(default_factory=utcnow)
 
     @classmethod
@@ -67,19 +72,23 @@ class DomainEvent(BaseModel):
 
 
 class GenericEvent(BaseModel):
-    """An event whose name no :class:`DomainEvent` subclass declares: untyped ``data``."""
+    """An event whose name no :class:`DomainEvent` subclass declares: untyped ``data``.
+
+    ``data`` is whatever JSON value the event carries (usually an object; CloudEvents allows
+    any), or ``bytes`` for a ``data_base64`` event whose content type is not JSON.
+    """
 
     model_config = ConfigDict(frozen=True)
 
     event_name: str
     event_version: int = 1
-    data: dict[str, Any] = Field(default_factory=dict)
-    event_id: uuid.UUID = Field(default_factory=uuid.uuid4)
+    data: Any = Field(default_factory=dict)
+    event_id: str = Field(default_factory=_new_id, min_length=1)
     occurred_at: datetime = Field(default_factory=utcnow)
 
-    def event_data(self) -> dict[str, Any]:
+    def event_data(self) -> Any:
         """Return the payload as JSON-ready data."""
-        return dict(self.data)
+        return dict(self.data) if isinstance(self.data, dict) else self.data
 
 
 #: What ``emit()`` accepts and what a handler receives.

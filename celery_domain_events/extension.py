@@ -13,7 +13,7 @@ from celery import Celery
 from kombu import Exchange, Queue
 from kombu.utils.url import maybe_sanitize_url
 
-from . import topology
+from . import _compat, topology
 from .bootstep import DomainEventsStep, DomainEventsTopology
 from .config import Settings
 from .confirm import OutboundMessage, publish_confirmed
@@ -85,6 +85,8 @@ class DomainEvents:
         #: The in-process test harness (``celery_domain_events.testing``) uses it.
         self.transport: Callable[[DomainEvents, list[OutboundMessage]], None] | None = None
         self._broker_checked = False
+        # Every process that uses the library reads messages others may have published.
+        _compat.harden_amqp_decoder()
         with _lock:
             _installed[app] = self
         app.steps["worker"].add(DomainEventsTopology)

@@ -50,6 +50,13 @@ class RetryPolicy:
         if self.backoff_max < 0 or self.countdown < 0:
             raise ConfigurationError("RetryPolicy delays must be >= 0")
 
+    @property
+    def max_delay(self) -> float:
+        """The longest delay this policy puts before a retry, in seconds."""
+        if not self.max_retries:
+            return 0.0
+        return float(self.backoff_max) if self.backoff else float(self.countdown)
+
     def task_options(self) -> dict[str, Any]:
         """Return the Celery task options implementing this policy."""
         options: dict[str, Any] = {

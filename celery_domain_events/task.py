@@ -4,12 +4,17 @@ A delivery reaches the task as ``run(raw_event=<the JSON body as text>, meta={..
 is decoded and validated here, in the pool, and the user's function receives the typed event.
 Two things differ from a plain Celery task:
 
-* ``retry()`` publishes to the handler's own queue through the service's retry exchange
-  (``<exchange>.retry``, keyed by queue name). Celery would re-publish to the original exchange
-  and routing key, which for a topic exchange means every other handler would run again.
+* ``retry()`` re-publishes the *event* (the CloudEvent body byte for byte, its properties and
+  headers, plus ``x-retries``) to the handler's own queue through the service's retry exchange
+  (``<exchange>.retry``, keyed by queue name), confirmed, with the countdown as ``x-retry-at``
+  (classic queues) or through RabbitMQ's native delayed delivery (quorum queues). Celery would
+  re-publish a task message to the original exchange and routing key: every other handler
+  would run again, and the worker would have to trust a task body read from a queue.
 * On the final failure (retries spent, or an error that is never retried), the original body
   is dead-lettered with a failure record and confirmed *before* Celery acks the delivery
   (``acks_late``). If the dead letter cannot be confirmed, the delivery is requeued instead.
+  A hard time limit is dead-lettered by :class:`HandlerRequest` in the worker's main process,
+  under the same rule.
 """
 
 from __future__ import annotations
@@ -18,25 +23,34 @@ import functools
 import logging
 import time
 import traceback
-from typing import Any
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from typing import Any, cast
 
-from billiard.einfo import ExceptionInfo
+from billiard.exceptions import TimeLimitExceeded
 from celery import Task
 from celery.exceptions import Ignore, Reject, Retry
+from celery.worker import state as worker_state
+from celery.worker.request import Request
+from kombu.transport.native_delayed_delivery import calculate_routing_key
 
 from . import deadletter, publisher, serialization, tracing
+from .config import QueueType
+from .confirm import OutboundMessage
 from .deadletter import FailureReason
 from .exceptions import NON_RETRYABLE, EventDecodeError
 from .extension import DomainEvents
+from .inbound import (
+    ORIGIN_EXCHANGE_HEADER,
+    ORIGIN_ROUTING_KEY_HEADER,
+    RETRIES_HEADER,
+    RETRY_AT_HEADER,
+)
 from .registry import HandlerSpec
 
-__all__ = ["DomainEventTask"]
+__all__ = ["DomainEventTask", "HandlerRequest", "retry_message"]
 
 log = logging.getLogger(__name__)
-
-# Set on the request once its event is dead-lettered, so on_failure does not do it twice. Not
-# on the exception: Celery hands on_failure a wrapper instead when the exception won't pickle.
-_DEAD_LETTERED = "domain_events_dead_lettered"
 
 
 class DomainEventTask(Task[Any, Any]):
@@ -50,6 +64,8 @@ class DomainEventTask(Task[Any, Any]):
     ignore_result = True
     #: Set per handler when the task class is created.
     handler_spec: HandlerSpec
+    #: Dead-letters hard time limits in the worker's main process (see HandlerRequest).
+    Request = "celery_domain_events.task:HandlerRequest"
 
     def deliver(self, raw_event: str) -> Any:
         """Decode ``raw_event``, validate it into its model and call the handler with it."""
@@ -87,12 +103,60 @@ class DomainEventTask(Task[Any, Any]):
             },
         )
 
-    def retry(self, *args: Any, **options: Any) -> Any:
-        """Retry through this handler's own queue only (see the module docstring)."""
+    def retry(  # noqa: PLR0917 (Celery's own signature)
+        self,
+        args: Any = None,
+        kwargs: Any = None,
+        exc: Exception | None = None,
+        throw: bool = True,
+        eta: datetime | None = None,
+        countdown: float | None = None,
+        max_retries: int | None = None,
+        **options: Any,
+    ) -> Any:
+        """Retry through this handler's own queue only (see the module docstring).
+
+        Raises:
+            Retry: the retry is published and confirmed; the worker acks this delivery.
+            Reject: the retry could not be confirmed; the delivery is requeued instead.
+        """
+        request = self.request
+        delivery = request.kwargs or {}
+        if request.called_directly or request.is_eager or "meta" not in delivery:
+            # In-process (the test harness, a direct call): Celery's own eager retry.
+            return super().retry(args, kwargs, exc, throw, eta, countdown, max_retries, **options)
+        retries = int(request.retries or 0) + 1
+        limit = self.max_retries if max_retries is None else max_retries
+        if limit is not None and retries > limit:
+            if exc is not None:
+                raise exc
+            raise self.MaxRetriesExceededError(
+                f"Can't retry {self.name}[{request.id}]: {limit} retries spent"
+            )
+        if countdown is None:
+            countdown = (
+                max(0.0, (eta - datetime.now(timezone.utc)).total_seconds())
+                if eta is not None
+                else float(self.default_retry_delay or 0)
+            )
         ext = DomainEvents.of(self.app)
-        ext.register_retry_queues()
-        options.setdefault("queue", ext.retry_queue(self.handler_spec))
-        return super().retry(*args, **options)
+        message = retry_message(
+            ext, self.handler_spec, delivery["raw_event"], delivery["meta"], retries, countdown
+        )
+        try:
+            ext.publish([message])
+        except Exception as publish_error:
+            log.error(
+                "Could not publish the retry of %s[%s] (%r); requeueing the delivery",
+                self.name,
+                request.id,
+                publish_error,
+            )
+            raise Reject(publish_error, requeue=True) from exc
+        ret = Retry(exc=exc, when=countdown)  # type: ignore[arg-type]  # stubs: numbers.Real
+        if throw:
+            raise ret
+        return ret
 
     def guard_run(self) -> None:
         """Wrap ``run`` (and Celery's autoretry around it): dead-letter on the final failure.
@@ -113,9 +177,14 @@ class DomainEventTask(Task[Any, Any]):
             except (Retry, Ignore, Reject):
                 raise
             except Exception as exc:
-                retries = int(self.request.retries or 0)
                 try:
-                    self._dead_letter(exc, kwargs, retries, traceback.format_exc())
+                    self.dead_letter(
+                        exc,
+                        kwargs,
+                        retries=int(self.request.retries or 0),
+                        task_id=self.request.id,
+                        traceback_text=traceback.format_exc(),
+                    )
                 except Exception as publish_error:
                     log.error(
                         "Could not dead-letter event for %s[%s] (%r); requeueing the delivery",
@@ -128,41 +197,29 @@ class DomainEventTask(Task[Any, Any]):
 
         self.run = run_or_dead_letter  # type: ignore[method-assign]
 
-    def on_failure(
+    def dead_letter(
         self,
         exc: BaseException,
-        task_id: str,
-        args: Any,
-        kwargs: Any,
-        einfo: ExceptionInfo | None,
+        kwargs: Mapping[str, Any],
+        *,
+        retries: int,
+        task_id: str | None,
+        traceback_text: str,
     ) -> None:
-        """Dead-letter failures raised outside the handler's call (a hard time limit)."""
-        if getattr(self.request, _DEAD_LETTERED, False) or not isinstance(exc, Exception):
-            return
-        traceback_text = str(einfo.traceback) if einfo is not None else ""
-        retries = int((self.request.retries if self.request.id == task_id else 0) or 0)
-        try:
-            self._dead_letter(exc, kwargs or {}, retries, traceback_text)
-        except Exception:
-            # Celery acks after this (the pool process is gone): keep the body in the log.
-            log.critical(
-                "Could not dead-letter event for %s[%s]; body follows: %s",
-                self.name,
-                task_id,
-                (kwargs or {}).get("raw_event"),
-                exc_info=True,
-            )
+        """Dead-letter the delivery ``kwargs`` describe, and wait for the broker's confirm.
 
-    def _dead_letter(
-        self, exc: Exception, kwargs: dict[str, Any], retries: int, traceback_text: str
-    ) -> None:
+        Does nothing for a direct call (no delivery behind it).
+
+        Raises:
+            PublishError: the dead letter was not confirmed.
+        """
         raw_event = kwargs.get("raw_event")
         if not isinstance(raw_event, str):
-            return  # called directly, not from a delivery: nothing to dead-letter
+            return
         meta: dict[str, Any] = kwargs.get("meta") or {}
         ext = DomainEvents.of(self.app)
         message = deadletter.dead_letter_message(
-            body=raw_event.encode("utf-8"),
+            body=raw_event.encode("utf-8", "surrogatepass"),
             queue=ext.handler_queue_name(self.handler_spec),
             handler=self.handler_spec.name,
             reason=self._failure_reason(exc),
@@ -171,14 +228,13 @@ class DomainEventTask(Task[Any, Any]):
             attempts=retries + 1,
             exchange=meta.get("exchange", ""),
             routing_key=meta.get("routing_key", ""),
-            task_id=self.request.id,
+            task_id=task_id,
             content_type=meta.get("content_type"),
             content_encoding=meta.get("content_encoding"),
             properties=meta.get("properties"),
             headers=meta.get("headers"),
         )
         deadletter.send(ext, message)
-        setattr(self.request, _DEAD_LETTERED, True)
 
     def _failure_reason(self, exc: BaseException) -> FailureReason:
         if isinstance(exc, EventDecodeError):
@@ -189,3 +245,86 @@ class DomainEventTask(Task[Any, Any]):
             exc, (*NON_RETRYABLE, *dont_retry_for)
         )
         return FailureReason.RETRIES_EXHAUSTED if retryable else FailureReason.REJECTED
+
+
+#: Exchange of RabbitMQ native delayed delivery that takes delays of up to 2**28 - 1 s.
+_DELAYED_EXCHANGE = "celery_delayed_27"
+
+
+def retry_message(  # noqa: PLR0917
+    ext: DomainEvents,
+    spec: HandlerSpec,
+    raw_event: str,
+    meta: Mapping[str, Any],
+    retries: int,
+    countdown: float,
+) -> OutboundMessage:
+    """Build the retry of one delivery: the same event, to this handler's queue only."""
+    queue = ext.handler_queue_name(spec)
+    headers = {k: v for k, v in (meta.get("headers") or {}).items() if k != RETRY_AT_HEADER}
+    headers[RETRIES_HEADER] = retries
+    headers[ORIGIN_EXCHANGE_HEADER] = meta.get("exchange", "")
+    headers[ORIGIN_ROUTING_KEY_HEADER] = meta.get("routing_key", "")
+    exchange, routing_key = ext.retry_exchange().name, queue
+    if countdown >= 1 and ext.settings.queue_type is QueueType.QUORUM:
+        # Quorum queues cannot hold a delivery in the worker: the broker delays it.
+        exchange, routing_key = _DELAYED_EXCHANGE, calculate_routing_key(int(countdown), queue)
+    elif countdown > 0:
+        headers[RETRY_AT_HEADER] = time.time() + countdown
+    return OutboundMessage(
+        body=raw_event.encode("utf-8", "surrogatepass"),
+        exchange=exchange,
+        routing_key=routing_key,
+        content_type=meta.get("content_type") or serialization.CONTENT_TYPE,
+        content_encoding=meta.get("content_encoding") or "utf-8",
+        properties=dict(meta.get("properties") or {}),
+        headers=headers,
+        mandatory=True,
+        must_route=True,
+    )
+
+
+class HandlerRequest(Request):
+    """The worker-side request of a handler run: dead-letters a hard time limit.
+
+    A hard time limit kills the pool process, so the handler's own guard never sees it; the
+    pool reports it here, in the main process, and Celery then acks the delivery. The event is
+    dead-lettered (confirmed) first; if the dead letter cannot be confirmed, the delivery is
+    requeued instead, and Celery's ack does nothing.
+    """
+
+    def on_failure(
+        self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False
+    ) -> None:
+        """Dead-letter a run that hit its hard time limit, then let Celery finish as usual."""
+        exc = getattr(exc_info, "exception", None)
+        exc = getattr(exc, "exc", exc)  # billiard's ExceptionWithTraceback wraps it
+        task = cast(DomainEventTask, self.task)
+        if (
+            isinstance(exc, TimeLimitExceeded)
+            and not self.acknowledged
+            and not worker_state.should_terminate
+            and task.acks_late
+            and getattr(task, "acks_on_timeout", True)
+        ):
+            self._dead_letter_time_limit(task, exc)
+        super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
+
+    def _dead_letter_time_limit(self, task: DomainEventTask, exc: TimeLimitExceeded) -> None:
+        try:
+            task.dead_letter(
+                exc,
+                self.kwargs or {},
+                retries=int(self.request_dict.get("retries") or 0),
+                task_id=self.id,
+                traceback_text=f"Hard time limit exceeded for {self.name}: {exc!r}",
+            )
+        except Exception as publish_error:
+            log.error(
+                "Could not dead-letter event for %s[%s] after its hard time limit (%r); "
+                "requeueing the delivery",
+                self.name,
+                self.id,
+                publish_error,
+            )
+            self.reject(requeue=True)

@@ -51,6 +51,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
 from celery import Celery, states
+from pydantic_core import from_json
 
 from . import serialization
 from .bridge import task_id_for, task_meta
@@ -230,7 +231,7 @@ class EventCapture:
             first_letter = len(self._dead_letters)
         result = task.apply(
             kwargs={"raw_event": message.body.decode("utf-8"), "meta": self._meta(delivery)},
-            task_id=task_id_for(str(message.properties.get("message_id")), spec.name),
+            task_id=task_id_for(_event_id(message), spec.name),
             throw=False,
         )
         outcome: Any = result.result
@@ -337,3 +338,13 @@ def capture_events(app: Celery, *, fail_fast: bool = True) -> Iterator[EventCapt
     finally:
         ext.transport = previous
         capture._close()
+
+
+def _event_id(message: OutboundMessage) -> str:
+    # As a worker does: the CloudEvents id from the body, whatever message_id says.
+    try:
+        envelope = from_json(message.body)
+    except ValueError:
+        envelope = None
+    event_id = envelope.get("id") if isinstance(envelope, dict) else None
+    return event_id if isinstance(event_id, str) else str(message.properties.get("message_id"))

@@ -85,7 +85,7 @@ def test_flower_lists_handler_runs_by_name_with_the_event(
     worker = worker_process(["flaky", "sibling"])
     url = flower(worker)  # first, so that it sees the worker's events from the start
     worker.start()
-    event = emit("probe.retry", {"order": 7})
+    event = emit("probe.retry", {"order": 7, "email": "customer@example.com"})
     transmit(topology.app("pub"))
     sibling_id = task_id_for(str(event.event_id), "sibling")
     flaky_id = task_id_for(str(event.event_id), "flaky")
@@ -109,3 +109,27 @@ def test_flower_lists_handler_runs_by_name_with_the_event(
     assert flaky["name"] == "domain_events.tests.worker_app.flaky"
     assert "flaky handler failed" in flaky["exception"]
     assert flaky["retries"] == 2
+    # Every attempt, retries included, shows the summary only: never the event's data.
+    summary = (
+        f"{{'event': 'probe.retry', 'version': 1, 'id': '{event.event_id}', "
+        f"'source': '{topology.service('pub')}'}}"
+    )
+    assert sibling["kwargs"] == summary
+    assert flaky["kwargs"] == summary
+
+    # A replayed run (from the DLQ, through the retry exchange) shows the same summary.
+    from celery_domain_events import DomainEvents
+    from celery_domain_events.deadletter import process, replay
+
+    dlq = worker.queue("flaky") + ".dlq"
+    wait_for(lambda: topology.queue_depth(dlq) == 1, timeout=30)
+    app = topology.app("pub")
+    ext = DomainEvents.of(app)
+    ext.settings  # noqa: B018 (read before the replay, as the CLI does)
+    with app.connection_for_write() as conn:
+        assert len(process(conn, dlq, act=lambda letter: replay(ext, conn, letter))) == 1
+    wait_for(lambda: len(worker.marker_lines("flaky", event.event_id)) == 6, timeout=60)
+    wait_for(lambda: topology.queue_depth(dlq) == 1, timeout=30)
+    wait_for(lambda: tasks()[flaky_id].get("state") == "FAILURE", timeout=30, interval=0.5)
+    assert tasks()[flaky_id]["kwargs"] == summary
+    assert "customer@example.com" not in json.dumps(tasks())

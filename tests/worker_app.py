@@ -28,6 +28,11 @@ app.conf.update(
     if os.environ.get("TEST_DELIVERY_LIMIT")
     else None,
 )
+if os.environ.get("TEST_PUBLISH_RETRIES"):
+    app.conf.domain_events_publish_retry_policy = {
+        "max_retries": int(os.environ["TEST_PUBLISH_RETRIES"]),
+        "interval_start": 0.2,
+    }
 DomainEvents(
     app, service=os.environ["TEST_SERVICE"], handlers=os.environ["TEST_HANDLERS"].split(",")
 )
@@ -85,3 +90,27 @@ def flaky(event: DomainEvent) -> None:
 def sibling(event: DomainEvent) -> None:
     """Shares the routing key with `flaky`; must run exactly once."""
     _append("sibling", event)
+
+
+@app.task(name="tests.plant_marker")
+def plant_marker(path: str) -> None:
+    """A task no message on a handler queue may ever cause to run: it leaves a file."""
+    Path(path).touch()
+
+
+@domain_event_handler("probe.timeout", retry=None, time_limit=1)
+def times_out(event: DomainEvent) -> None:
+    """Runs past its hard time limit every time: the pool process is killed."""
+    _append("times_out", event)
+    time.sleep(30)
+
+
+class Typed(DomainEvent):
+    event_name: ClassVar[str] = "probe.typed"
+    n: int
+
+
+@domain_event_handler("probe.typed", "probe.untyped", retry=None)
+def typed_or_not(event: DomainEvent) -> None:
+    """Records every event it handles, typed (probe.typed) or untyped."""
+    _append("typed_or_not", event)

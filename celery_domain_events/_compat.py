@@ -1,0 +1,151 @@
+"""Details of Celery, kombu and py-amqp that this library relies on beyond their documented API.
+
+Each one lives here, behind a function of ours, with a canary test in ``tests/test_compat.py``
+that fails on an upgrade that changes it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping
+from struct import unpack_from
+from typing import Any
+
+from amqp import serialization
+
+__all__ = [
+    "MAX_DECODED_TABLE_DEPTH",
+    "UNDECODABLE_HEADER",
+    "encoded_table_size",
+    "harden_amqp_decoder",
+]
+
+#: Nesting of AMQP tables and arrays that py-amqp decodes; deeper ones stay raw bytes.
+MAX_DECODED_TABLE_DEPTH = 32
+
+
+def encoded_table_size(table: Mapping[str, Any]) -> int:
+    """Return the bytes ``table`` takes as AMQP application headers (py-amqp's encoder).
+
+    Raises:
+        Exception: the table cannot be encoded (a key over 255 bytes, an unsupported value).
+    """
+    return len(serialization.dumps("F", (table,)))
+
+
+_TABLE, _ARRAY = ord("F"), ord("A")
+_local = threading.local()
+_original_read_item: Callable[[Any, int], tuple[Any, int]] | None = None
+
+
+def _read_item_bounded(buf: Any, offset: int) -> tuple[Any, int]:
+    # py-amqp decodes tables and arrays by recursion with no depth limit: a header nested a
+    # thousand levels deep (7 KB, which RabbitMQ forwards) raises RecursionError inside the
+    # connection's frame handler, and Celery exits with "Unrecoverable error" on every restart.
+    # Past MAX_DECODED_TABLE_DEPTH the value is skipped by its length prefix and returned as
+    # its raw bytes, so the frame stays in sync and the message is delivered, to be refused.
+    assert _original_read_item is not None
+    if buf[offset] not in (_TABLE, _ARRAY):
+        return _original_read_item(buf, offset)
+    depth: int = getattr(_local, "depth", 0)
+    if depth >= MAX_DECODED_TABLE_DEPTH:
+        (length,) = unpack_from(">I", buf, offset + 1)
+        end = offset + 5 + length
+        return bytes(buf[offset:end]), end
+    _local.depth = depth + 1
+    try:
+        return _original_read_item(buf, offset)
+    finally:
+        _local.depth = depth
+
+
+#: Set instead of the application headers when py-amqp cannot decode them: the error's text.
+UNDECODABLE_HEADER = "x-undecodable-headers"
+# basic.properties in wire order: (flag bit, name, kind); kind "s" short string, "F" table,
+# "o" octet, "Q" 64-bit timestamp (AMQP 0-9-1, section 4.2.6 / py-amqp's PROPERTIES).
+_BASIC_PROPERTIES = (
+    (0x8000, "content_type", "s"),
+    (0x4000, "content_encoding", "s"),
+    (0x2000, "application_headers", "F"),
+    (0x1000, "delivery_mode", "o"),
+    (0x0800, "priority", "o"),
+    (0x0400, "correlation_id", "s"),
+    (0x0200, "reply_to", "s"),
+    (0x0100, "expiration", "s"),
+    (0x0080, "message_id", "s"),
+    (0x0040, "timestamp", "Q"),
+    (0x0020, "type", "s"),
+    (0x0010, "user_id", "s"),
+    (0x0008, "app_id", "s"),
+    (0x0004, "cluster_id", "s"),
+)
+_original_decode_properties: Callable[[Any, int], tuple[dict[str, Any], int]] | None = None
+
+
+def _salvage_properties(buf: Any, offset: int, error: Exception) -> tuple[dict[str, Any], int]:
+    # The content-header frame is a buffer of its own: reading it again, tolerantly, keeps the
+    # connection in sync. Text that is not UTF-8 is replaced; a header table that does not
+    # decode is replaced by one header naming the error, so the message can be refused.
+    properties: dict[str, Any] = {}
+    headers: dict[str, Any] = {}
+    try:
+        (flags,) = unpack_from(">H", buf, offset)
+        offset += 2
+        for bit, name, kind in _BASIC_PROPERTIES:
+            if not flags & bit:
+                continue
+            if kind == "s":
+                size = buf[offset]
+                properties[name] = bytes(buf[offset + 1 : offset + 1 + size]).decode(
+                    "utf-8", "replace"
+                )
+                offset += 1 + size
+            elif kind == "o":
+                properties[name] = buf[offset]
+                offset += 1
+            elif kind == "Q":
+                (properties[name],) = unpack_from(">Q", buf, offset)
+                offset += 8
+            else:
+                (size,) = unpack_from(">I", buf, offset)
+                try:
+                    headers = serialization.loads("F", buf, offset)[0][0]
+                except Exception as table_error:
+                    headers = {UNDECODABLE_HEADER: repr(table_error)[:200]}
+                offset += 4 + size
+    except Exception as frame_error:
+        headers = {UNDECODABLE_HEADER: repr(frame_error)[:200]}
+    headers.setdefault(UNDECODABLE_HEADER, repr(error)[:200])
+    properties["application_headers"] = headers
+    return properties, offset
+
+
+def _decode_properties_safely(buf: Any, offset: int) -> tuple[dict[str, Any], int]:
+    # py-amqp turns table values into Python objects that can fail on values RabbitMQ
+    # forwards: a timestamp past year 9999 (OverflowError, ValueError, or OSError, which
+    # kombu takes for a lost connection: a reconnect-and-redeliver loop), a short string that
+    # is not UTF-8 (UnicodeDecodeError). Raised in the frame handler, each stops a worker.
+    assert _original_decode_properties is not None
+    try:
+        return _original_decode_properties(buf, offset)
+    except Exception as error:
+        return _salvage_properties(buf, offset, error)
+
+
+def harden_amqp_decoder() -> None:
+    """Make py-amqp's decoding of message properties safe against any sender (idempotent).
+
+    Two replacements, in the places py-amqp looks them up: ``serialization._read_item`` (a
+    module global, used by ``loads`` and by its own recursion) bounds table nesting, and
+    ``serialization.PROPERTY_CLASSES`` (the content-header decoder per class) never raises.
+    """
+    global _original_read_item, _original_decode_properties  # noqa: PLW0603 (once per process)
+    current = getattr(serialization, "_read_item")  # noqa: B009 (missing from the stubs)
+    if current is not _read_item_bounded:
+        _original_read_item = current
+        setattr(serialization, "_read_item", _read_item_bounded)  # noqa: B010
+    classes: dict[int, Any] = getattr(serialization, "PROPERTY_CLASSES")  # noqa: B009
+    basic = serialization.Basic.CLASS_ID
+    if classes[basic] is not _decode_properties_safely:
+        _original_decode_properties = classes[basic]
+        classes[basic] = _decode_properties_safely
