@@ -39,6 +39,7 @@ from kombu.utils.url import maybe_sanitize_url
 from . import deadletter, inbound
 from .bridge import to_task_message
 from .config import QueueType
+from .confirm import OutboundMessage
 from .deadletter import FailureReason
 from .exceptions import EventDecodeError
 from .registry import HandlerSpec
@@ -92,9 +93,30 @@ class _Dispatch:
         self.on_task_received(task_message)
 
     def dead_letter(self, message: Message, exc: EventDecodeError) -> None:
+        try:
+            record = self._dead_letter_message(message, exc)
+        except Exception:
+            # Last resort: the broker dead-letters it to the same DLQ (x-death, no record).
+            log.exception("Could not build the dead letter of a message on %s", self.queue)
+            message.reject(requeue=False)
+            return
+        try:
+            deadletter.send(self.ext, record)
+        except Exception as send_error:
+            log.error(
+                "Could not dead-letter a poison message from %s (%r); requeueing it",
+                self.queue,
+                send_error,
+            )
+            message.reject(requeue=True)
+            return
+        message.ack()
+        log.error("Poison message on %s dead-lettered: %s", self.queue, str(exc)[:500])
+
+    def _dead_letter_message(self, message: Message, exc: EventDecodeError) -> OutboundMessage:
         delivery_info = message.delivery_info or {}
         body = inbound.raw_body(message.body, message.content_encoding)
-        record = deadletter.dead_letter_message(
+        return deadletter.dead_letter_message(
             body=body,
             queue=self.queue,
             handler=self.spec.name,
@@ -113,18 +135,6 @@ class _Dispatch:
             },
             headers=message.headers,
         )
-        try:
-            deadletter.send(self.ext, record)
-        except Exception as send_error:
-            log.error(
-                "Could not dead-letter a poison message from %s (%r); requeueing it",
-                self.queue,
-                send_error,
-            )
-            message.reject(requeue=True)
-            return
-        message.ack()
-        log.error("Poison message on %s dead-lettered: %s", self.queue, str(exc)[:500])
 
 
 class DomainEventsStep(bootsteps.StartStopStep):

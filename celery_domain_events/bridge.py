@@ -57,7 +57,7 @@ def task_id_for(event_id: str, handler: str) -> str:
 
 
 def _utf8(text: str) -> bytes:
-    # A JSON id may hold a lone surrogate: hash it rather than fail on it.
+    # Any str hashes, even one a non-UTF-8 source left a lone surrogate in.
     return text.encode("utf-8", "surrogatepass")
 
 

@@ -10,9 +10,9 @@ anything from the message, never recurses without bound, and reads at most
 * a ``task`` header (a Celery task message) is poison: a handler queue carries CloudEvents
   only, so no message can name a task, a callback, a chain or a chord to run;
 * the content type must be JSON (pickle and every other serializer are never decoded);
-* the body must fit ``domain_events_max_event_bytes``, be UTF-8, parse as JSON nested at most
-  :data:`~.serialization.MAX_JSON_DEPTH` levels, and be an object with a non-empty string
-  ``id`` and ``type``;
+* the body must fit ``domain_events_max_event_bytes``, be UTF-8, parse as JSON (no ``NaN``)
+  nested at most :data:`~.serialization.MAX_JSON_DEPTH` levels, and be an object with a
+  non-empty string ``id`` and ``type``;
 * application headers may nest at most :data:`MAX_HEADER_DEPTH` tables deep.
 
 The full CloudEvents validation of the envelope and the event model runs in the pool
@@ -26,6 +26,7 @@ mean nothing.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ from pydantic_core import from_json
 
 from ._compat import UNDECODABLE_HEADER
 from .exceptions import EventDecodeError
-from .serialization import JSON_CONTENT_TYPES, MAX_JSON_DEPTH
+from .serialization import JSON_CONTENT_TYPES, json_error
 
 __all__ = [
     "DELAYED_EXCHANGE_PREFIX",
@@ -102,8 +103,8 @@ def raw_body(body: Any, content_encoding: str | None) -> bytes:
     if isinstance(body, str):
         try:
             return body.encode(content_encoding or "utf-8")
-        except (LookupError, UnicodeEncodeError):
-            return body.encode("utf-8", "surrogateescape")
+        except (LookupError, UnicodeError):  # an unknown codec, or one that cannot round-trip
+            return body.encode("utf-8", "surrogatepass")
     return bytes(body or b"")
 
 
@@ -167,7 +168,7 @@ def _retry_state(headers: Mapping[str, Any], max_delay: float) -> tuple[int, flo
     retries = headers.get(RETRIES_HEADER, 0)
     retries = retries if type(retries) is int and 0 <= retries <= _MAX_RETRIES else 0
     due = headers.get(RETRY_AT_HEADER)
-    if not isinstance(due, int | float) or isinstance(due, bool):
+    if not isinstance(due, int | float) or isinstance(due, bool) or not math.isfinite(due):
         return retries, None
     now = time.time()
     if due <= now:
@@ -207,11 +208,9 @@ def check(
     headers = _bounded(raw_headers, 0) if raw_headers else {}
     text = _text(message, max_bytes)
     try:
-        envelope = from_json(text)
-    except ValueError as exc:
-        if "recursion limit" in str(exc):
-            raise EventDecodeError(f"body nests JSON deeper than {MAX_JSON_DEPTH} levels") from exc
-        raise EventDecodeError(f"body is not valid JSON: {str(exc)[:_SHOWN]}") from exc
+        envelope = from_json(text, allow_inf_nan=False)
+    except (ValueError, TypeError) as exc:  # TypeError: a str with a lone surrogate
+        raise EventDecodeError(json_error(text, exc)) from exc
     if not isinstance(envelope, dict):
         raise EventDecodeError(f"body must be a JSON object, got {type(envelope).__name__}")
     event_id = envelope.get("id")

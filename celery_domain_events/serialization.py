@@ -56,8 +56,9 @@ JSON_CONTENT_TYPES = frozenset({CONTENT_TYPE, "application/json"})
 MAX_JSON_DEPTH = 200
 _INT32 = (-(2**31), 2**31 - 1)
 _EXTENSION_NAME = re.compile(r"[a-z0-9]+")
-_ABSOLUTE_URI = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*:\S*")
-_NO_SPACE = re.compile(r"\S+")
+# Anchored: pydantic's ``pattern`` searches, it does not match the whole string.
+_ABSOLUTE_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:\S*$")
+_NO_SPACE = re.compile(r"^\S+$")
 _RFC3339 = re.compile(
     r"\d{4}-\d\d-\d\d[Tt]\d\d:\d\d:\d\d(?:\.\d+)?(?:[Zz]|[+-]\d\d:\d\d)", re.ASCII
 )
@@ -214,34 +215,33 @@ def decode(body: bytes | str) -> Envelope:
     """Parse a message body into an :class:`Envelope`.
 
     Raises:
-        EventDecodeError: the body is not UTF-8 JSON, nests deeper than :data:`MAX_JSON_DEPTH`,
-            or is not a valid CloudEvents 1.0 envelope.
+        EventDecodeError: the body is not UTF-8 JSON (``NaN`` and ``Infinity`` are not JSON),
+            nests deeper than :data:`MAX_JSON_DEPTH`, or is not a valid CloudEvents 1.0
+            envelope.
     """
     try:
-        # One pass in pydantic's own JSON parser, whose recursion limit bounds the nesting.
-        return Envelope.model_validate_json(body)
+        # pydantic-core's parser: its recursion limit bounds the nesting.
+        raw = from_json(body, allow_inf_nan=False)
+    except (ValueError, TypeError) as exc:
+        raise EventDecodeError(json_error(body, exc)) from exc
+    if not isinstance(raw, dict):
+        raise EventDecodeError(f"body must be a JSON object, got {type(raw).__name__}")
+    try:
+        return Envelope.model_validate(raw)
     except ValidationError as exc:
-        raise EventDecodeError(_decode_error(body, exc)) from exc
+        raise EventDecodeError(f"not a CloudEvents 1.0 envelope: {_summary(exc)}") from exc
 
 
-def _decode_error(body: bytes | str, exc: ValidationError) -> str:
-    first = exc.errors(include_url=False, include_input=False)[0]
-    if first["type"] == "json_invalid":
-        if isinstance(body, bytes):
-            try:
-                body.decode("utf-8")
-            except UnicodeDecodeError as utf8_error:
-                return f"body is not valid UTF-8 JSON: {utf8_error}"
-        if "recursion limit" in first["msg"]:
-            return f"body nests JSON deeper than {MAX_JSON_DEPTH} levels"
-        return f"body is not valid UTF-8 JSON: {first['msg']}"
-    if first["type"] == "model_type" and not first["loc"]:
+def json_error(body: bytes | str, exc: Exception) -> str:
+    """Say why ``body`` did not parse as JSON, in one line."""
+    if isinstance(body, bytes):
         try:
-            kind = type(from_json(body)).__name__
-        except ValueError:
-            kind = "something else"
-        return f"body must be a JSON object, got {kind}"
-    return f"not a CloudEvents 1.0 envelope: {_summary(exc)}"
+            body.decode("utf-8")
+        except UnicodeDecodeError as utf8_error:
+            return f"body is not valid UTF-8 JSON: {utf8_error}"
+    if "recursion limit" in str(exc):
+        return f"body nests JSON deeper than {MAX_JSON_DEPTH} levels"
+    return f"body is not valid UTF-8 JSON: {str(exc)[:200]}"
 
 
 def to_event(envelope: Envelope, registry: EventRegistry = default_events) -> AnyEvent:

@@ -6,7 +6,6 @@ silently stop applying, or py-amqp may have fixed the problem itself (then drop 
 
 from __future__ import annotations
 
-import sys
 from datetime import datetime, timezone
 from typing import Any
 
@@ -16,29 +15,13 @@ from amqp.basic_message import Message as AmqpMessage
 
 from celery_domain_events import _compat
 
-
-class FarFuture(datetime):
-    """A 'T' header value py-amqp encodes but cannot decode (2**60 s after the epoch)."""
-
-    def utctimetuple(self) -> Any:
-        return (1970, 1, 1, 0, 0, 2**60, 0, 1, 0)
+from .hostile import FarFuture, deep_recursion, nested
 
 
 def encoded_properties(**properties: Any) -> bytes:
-    limit = sys.getrecursionlimit()
-    sys.setrecursionlimit(50_000)  # py-amqp encodes tables recursively too
-    try:
+    with deep_recursion():
         raw = bytes(AmqpMessage(**properties)._serialize_properties())
-        return raw.replace(b"\x01\x02\x03", b"\xff\xfe\xfd")
-    finally:
-        sys.setrecursionlimit(limit)
-
-
-def nested(depth: int) -> Any:
-    value: Any = 1
-    for _ in range(depth):
-        value = {"a": value}
-    return value
+    return raw.replace(b"\x01\x02\x03", b"\xff\xfe\xfd")
 
 
 POISON = {

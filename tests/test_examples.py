@@ -42,6 +42,10 @@ def test_demo_runs_every_handler_in_a_prefork_worker(topology: Topology) -> None
                     conn.default_channel.queue_delete(name)
     assert result.returncode == 0, result.stdout + result.stderr
     handled = [line for line in result.stdout.splitlines() if "HANDLED" in line]
-    assert len(handled) == 5, result.stdout
+    assert len(handled) == 7, result.stdout
     assert any("welcome mail to ada@example.com" in line for line in handled)
-    assert sum("audit_trail" in line for line in handled) == 3
+    assert any("welcome mail to grace@example.com" in line for line in handled)  # foreign
+    assert sum("audit_trail" in line for line in handled) == 4
+    poison = [line for line in result.stdout.splitlines() if "Poison message" in line]
+    assert len(poison) == 2, result.stdout  # the task message, on both user.created queues
+    assert all("Celery task message" in line for line in poison)

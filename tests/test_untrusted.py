@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import json
 import pickle
-import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from datetime import datetime
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +22,7 @@ from kombu import Connection, Producer
 from celery_domain_events.deadletter import HEADER_PREFIX
 
 from .conftest import Topology, WorkerProcess, drain, wait_for
+from .hostile import FarFuture, deep_recursion, nested
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.worker, pytest.mark.slow]
 
@@ -69,31 +67,6 @@ def publish(
             headers=headers or {},
             **properties,
         )
-
-
-@contextmanager
-def deep_recursion() -> Iterator[None]:
-    # py-amqp encodes header tables recursively: let this test process publish deep ones.
-    limit = sys.getrecursionlimit()
-    sys.setrecursionlimit(50_000)
-    try:
-        yield
-    finally:
-        sys.setrecursionlimit(limit)
-
-
-class FarFuture(datetime):
-    """A 'T' header value py-amqp encodes but cannot decode (2**60 s after the epoch)."""
-
-    def utctimetuple(self) -> Any:
-        return (1970, 1, 1, 0, 0, 2**60, 0, 1, 0)
-
-
-def nested(depth: int, leaf: Any = 1) -> Any:
-    value = leaf
-    for _ in range(depth):
-        value = {"a": value}
-    return value
 
 
 def letters(topology: Topology, dlq: str) -> list[Any]:
