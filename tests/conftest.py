@@ -322,3 +322,23 @@ def drain(broker_url: str, queue: str) -> list[Any]:
         while (message := channel.basic_get(queue, no_ack=True)) is not None:
             messages.append(message)
     return messages
+
+
+@pytest.fixture
+def private_node(tmp_path: Path) -> Iterator[Any]:
+    """A RabbitMQ node of this test's own (ports, data, logs), stopped afterwards.
+
+    For tests that stop or break a broker: the suite's own broker is never touched.
+    """
+    from .rabbitnode import RabbitNode, node_support
+
+    why_not = node_support()
+    if why_not is not None:
+        if os.environ.get("CI"):
+            pytest.fail(why_not)
+        pytest.skip(why_not)
+    node = RabbitNode(f"de{uuid.uuid4().hex[:8]}")
+    try:
+        yield node.start()
+    finally:
+        node.stop()

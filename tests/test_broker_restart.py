@@ -1,17 +1,14 @@
 """RabbitMQ stops in the middle of transmit() and comes back: not one event is lost.
 
-This test stops the broker application (``rabbitmqctl stop_app``), so it needs to run on the
-machine that hosts RabbitMQ, as root, and must not share the broker with other test runs: it
-runs only when ``DOMAIN_EVENTS_RESTART_BROKER=1`` (``scripts/test`` sets it).
+The broker stopped is a private node this test starts (tests/rabbitnode.py), never the one the
+suite runs against.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -28,24 +25,17 @@ EVENTS = 1_000
 BATCH = 50
 
 
-def rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=120)
-
-
 @pytest.fixture
-def broker_control() -> Any:
-    if not os.environ.get("DOMAIN_EVENTS_RESTART_BROKER"):
-        pytest.skip("stops RabbitMQ: set DOMAIN_EVENTS_RESTART_BROKER=1 (scripts/test does)")
-    if shutil.which("rabbitmqctl") is None:
-        pytest.skip("rabbitmqctl is not available: the broker is not on this machine")
-    yield rabbitmqctl
-    rabbitmqctl("start_app")  # whatever happened, leave the broker running
-    rabbitmqctl("await_startup")
+def topology_on(private_node: Any) -> Iterator[Topology]:
+    topo = Topology(private_node.url)
+    yield topo
+    topo.cleanup()
 
 
 def test_no_event_is_lost_when_the_broker_restarts_during_transmit(
-    topology: Topology, broker_control: Any, record_property: Any
+    private_node: Any, topology_on: Topology, record_property: Any
 ) -> None:
+    topology = topology_on
     app = topology.app()
     probe = Queue(
         f"test.{topology.uid}.probe",
@@ -76,10 +66,9 @@ def test_no_event_is_lost_when_the_broker_restarts_during_transmit(
     publisher = threading.Thread(target=publish_all)
     publisher.start()
     assert first_batch_done.wait(30)
-    broker_control("stop_app")
+    private_node.stop_app()
     time.sleep(3)
-    broker_control("start_app")
-    broker_control("await_startup")
+    private_node.start_app()
     publisher.join(timeout=180)
     assert not publisher.is_alive()
     assert errors == []
