@@ -23,7 +23,7 @@ from pydantic import (
 from .exceptions import ConfigurationError
 from .routing import validate_word
 
-__all__ = ["PREFIX", "KeyFormat", "PublishRetryPolicy", "QueueType", "Settings"]
+__all__ = ["PREFIX", "KeyFormat", "QueueType", "Settings"]
 
 #: Prefix of every app.conf key this library reads.
 PREFIX = "domain_events_"
@@ -49,31 +49,6 @@ class KeyFormat(str, enum.Enum):
     PETISCO = "petisco"
 
 
-class PublishRetryPolicy(BaseModel):
-    """How long ``transmit()`` keeps reconnecting before it raises ``PublishError``.
-
-    The defaults wait about 85 s in total, which outlasts a RabbitMQ restart.
-    """
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    #: Reconnection attempts after the first failure.
-    max_retries: int = Field(default=20, ge=0)
-    #: Seconds before the first retry.
-    interval_start: float = Field(default=0.0, ge=0)
-    #: Seconds added to the interval after each retry.
-    interval_step: float = Field(default=1.0, ge=0)
-    #: Longest interval between two retries, in seconds.
-    interval_max: float = Field(default=5.0, ge=0)
-
-    def intervals(self) -> list[float]:
-        """Return the sleep before each retry, in order."""
-        return [
-            min(self.interval_start + i * self.interval_step, self.interval_max)
-            for i in range(self.max_retries)
-        ]
-
-
 class Settings(BaseModel):
     """Validated settings of one app; see the README for each key."""
 
@@ -89,8 +64,9 @@ class Settings(BaseModel):
     queue_type: QueueType = QueueType.CLASSIC
     #: Quorum queues only: deliveries before RabbitMQ dead-letters a message (crash loops).
     delivery_limit: int | None = Field(default=None, ge=1)
-    #: Seconds ``transmit()`` waits for the broker's publisher confirms.
-    confirm_timeout: float = Field(default=30.0, gt=0)
+    #: The deadline, in seconds, of one publish: ``transmit()``, a retry, a dead letter, one
+    #: outbox batch; connecting, publishing and confirming included. Fits a web request.
+    publish_timeout: float = Field(default=10.0, gt=0)
     #: Routing key format; ``petisco`` needs ``organization``.
     key_format: KeyFormat = KeyFormat.PLAIN
     #: Organization prefix of petisco-style keys (one word).
@@ -103,8 +79,6 @@ class Settings(BaseModel):
     task_scope: bool = True
     #: Largest event body a worker accepts, in bytes; a larger one is dead-lettered as poison.
     max_event_bytes: int = Field(default=1024 * 1024, ge=1024)
-    #: Reconnection policy of ``transmit()``.
-    publish_retry_policy: PublishRetryPolicy = PublishRetryPolicy()
 
     @field_validator("service")
     @classmethod

@@ -2,9 +2,10 @@
 
 Confirming each message costs a round trip (about 1k msg/s here); publishing the whole batch and
 then waiting for the acks is about 8x faster and just as safe. A failed batch is retried on a
-fresh connection (per :class:`~celery_domain_events.config.PublishRetryPolicy`) and only the
-messages not yet confirmed are sent again, so a broker restart costs duplicates at worst, never
-losses. Transports without confirms (kombu's ``memory://``) publish without waiting.
+fresh connection (kombu's connection retry) until one deadline, ``domain_events_publish_timeout``,
+and only the messages not yet confirmed are sent again, so a broker restart costs duplicates of
+unconfirmed messages at worst, never losses. Transports without confirms (kombu's
+``memory://``) publish without waiting.
 """
 
 from __future__ import annotations
@@ -15,13 +16,12 @@ import time
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import amqp
 from kombu import Connection
 from kombu.utils.url import maybe_sanitize_url
 
-from .config import PublishRetryPolicy
 from .exceptions import PublishError
 
 __all__ = ["OutboundMessage", "publish_confirmed"]
@@ -178,7 +178,7 @@ def _confirm_channel(conn: Connection, declare: Sequence[Any]) -> _ConfirmChanne
 def _publish_once(
     conn: Connection,
     batch: Sequence[OutboundMessage],
-    timeout: float,
+    give_up_at: float,
     confirmed: set[int],
     declare: Sequence[Any],
 ) -> list[OutboundMessage]:
@@ -198,11 +198,10 @@ def _publish_once(
         if not cc.supports_confirms:
             cc.acked.extend(batch)
             return []
-        deadline = time.monotonic() + timeout
         while cc.outstanding:
-            remaining = deadline - time.monotonic()
+            remaining = give_up_at - time.monotonic()
             if remaining <= 0:
-                raise TimeoutError(f"no publisher confirm within {timeout:g} s")
+                raise TimeoutError(f"{len(cc.outstanding)} publisher confirm(s) still missing")
             try:
                 conn.drain_events(timeout=min(remaining, 1.0))
             except TimeoutError:
@@ -226,37 +225,89 @@ def _publish_once(
     return list(cc.nacked)
 
 
+def _connect(conn: Connection, give_up_at: float) -> None:
+    """Connect ``conn`` with kombu's own retry, giving up at ``give_up_at`` (monotonic).
+
+    Refused credentials or an unknown vhost are not retried: kombu retries only the
+    recoverable connection errors. Each connection attempt is cut to the time left, so a
+    broker that does not answer cannot hold the caller past the deadline.
+    """
+    if conn.connected:
+        return
+    own_timeout = conn.connect_timeout
+
+    def remaining() -> float:
+        return give_up_at - time.monotonic()
+
+    def errback(exc: BaseException, interval: float) -> None:
+        # kombu sleeps ``interval`` after this, then tries the next URL of a failover list.
+        left = remaining() - interval
+        if left <= 0:
+            raise exc  # no time for another attempt
+        log.warning(
+            "Cannot reach %s (%r); retrying for another %.1f s",
+            maybe_sanitize_url(conn.as_uri()),
+            exc,
+            left,
+        )
+        conn.connect_timeout = max(0.05, min(own_timeout or left, left))
+
+    try:
+        conn.connect_timeout = max(0.05, min(own_timeout or remaining(), remaining()))
+        # The stubs know an older signature (no timeout, int intervals).
+        cast(Any, conn).ensure_connection(
+            errback=errback,
+            max_retries=None,
+            interval_start=0.1,
+            interval_step=0.2,
+            interval_max=1.0,
+            timeout=max(0.0, remaining()),
+        )
+    finally:
+        conn.connect_timeout = own_timeout
+
+
 def publish_confirmed(
     acquire: Callable[[], Any],
     batch: Sequence[OutboundMessage],
     *,
     timeout: float,
-    policy: PublishRetryPolicy,
     declare: Sequence[Any] = (),
 ) -> None:
     """Publish ``batch`` and return once RabbitMQ has confirmed every message.
 
+    One deadline bounds everything: connecting (kombu's retry), publishing, waiting for the
+    confirms, and publishing again what a lost connection left unconfirmed.
+
     Args:
         acquire: returns a context manager yielding a kombu Connection (``app.pool.acquire``).
         batch: the messages, published in order on one channel.
-        timeout: seconds to wait for the confirms of one attempt.
-        policy: how often and how long to retry after a connection failure or a nack.
+        timeout: the deadline, in seconds (``domain_events_publish_timeout``).
         declare: kombu entities (exchanges, queues) to declare on each new channel first.
 
     Raises:
-        PublishError: some messages were still unconfirmed when the policy ran out; their
+        PublishError: some messages were still unconfirmed at the deadline, or the broker
+            refused the connection (credentials, vhost); exactly the unconfirmed messages'
             ``source`` objects are in ``PublishError.events``.
     """
+    give_up_at = time.monotonic() + timeout
     pending = list(batch)
     confirmed: set[int] = set()
-    intervals = iter(policy.intervals())
     url = "<broker>"
+    error: BaseException | str | None = None
     while True:
+        if time.monotonic() >= give_up_at:
+            raise PublishError(
+                f"could not publish {len(pending)} message(s) to {url} within "
+                f"{timeout:g} s (domain_events_publish_timeout): {error!r}",
+                [m.source if m.source is not None else m for m in pending],
+            ) from error if isinstance(error, BaseException) else None
         try:
             with acquire() as conn:
                 url = maybe_sanitize_url(conn.as_uri())
+                _connect(conn, give_up_at)
                 try:
-                    pending = _publish_once(conn, pending, timeout, confirmed, declare)
+                    pending = _publish_once(conn, pending, give_up_at, confirmed, declare)
                 except (
                     *conn.connection_errors,
                     *conn.channel_errors,
@@ -276,11 +327,17 @@ def publish_confirmed(
                         raise  # wrong credentials or vhost: waiting will not fix it
                     raise _Retry from exc
         except _Retry as retry:
-            error: BaseException | None = retry.__cause__
+            error = retry.__cause__
             pending = [m for m in pending if id(m) not in confirmed]
+            log.warning(
+                "Publishing to %s failed (%r); %d message(s) unconfirmed, retrying",
+                url,
+                error,
+                len(pending),
+            )
         except Exception as exc:
             # Not a broker outage (refused credentials, a bad URL scheme, an unencodable
-            # header): retrying would only delay the same error.
+            # header), or kombu's own retry gave up at the deadline.
             raise PublishError(
                 f"could not publish {len(pending)} message(s) to {url}: {exc!r}",
                 [m.source if m.source is not None else m for m in pending],
@@ -288,20 +345,5 @@ def publish_confirmed(
         else:
             if not pending:
                 return
-            error = None
-        try:
-            delay = next(intervals)
-        except StopIteration:
-            reason = f"{error!r}" if error else f"{len(pending)} message(s) nacked by the broker"
-            raise PublishError(
-                f"could not publish {len(pending)} message(s) to {url}: {reason}",
-                [m.source if m.source is not None else m for m in pending],
-            ) from error
-        log.warning(
-            "Publishing to %s failed (%r); retrying %d message(s) in %.1f s",
-            url,
-            error or "nack",
-            len(pending),
-            delay,
-        )
-        time.sleep(delay)
+            error = f"{len(pending)} message(s) nacked by the broker"
+            time.sleep(max(0.0, min(0.5, give_up_at - time.monotonic())))

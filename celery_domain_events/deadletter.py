@@ -207,7 +207,7 @@ def send(ext: DomainEvents, message: OutboundMessage) -> None:
     """Publish a dead letter and wait for its confirm (declaring the DLQ if needed).
 
     Raises:
-        PublishError: the broker did not confirm within the publish retry policy.
+        PublishError: the broker did not confirm within ``domain_events_publish_timeout``.
     """
     spec = ext.handler_for_queue(message.routing_key.removesuffix(DLQ_SUFFIX))
     declare = [ext.dead_letter_queue(spec)] if spec is not None else []
@@ -368,7 +368,6 @@ def replay(ext: DomainEvents, conn: Connection, letter: DeadLetter) -> None:
     publish_confirmed(
         lambda: nullcontext(conn),
         [letter.replay_message(ext.settings.exchange + RETRY_SUFFIX)],
-        timeout=ext.settings.confirm_timeout,
-        policy=ext.settings.publish_retry_policy,
+        timeout=ext.settings.publish_timeout,
     )
     log.info("Replayed event %s to %s", letter.event_id, letter.handler_queue)

@@ -121,7 +121,8 @@ class DomainEvents:
         The in-process test harness receives them instead when ``transport`` is set.
 
         Raises:
-            PublishError: the broker did not confirm within the publish retry policy.
+            PublishError: the broker did not confirm within ``domain_events_publish_timeout``,
+                or refused the connection.
         """
         if self.transport is not None:
             self.transport(self, messages)
@@ -129,8 +130,7 @@ class DomainEvents:
         publish_confirmed(
             lambda: self.app.pool.acquire(block=True),
             messages,
-            timeout=self.settings.confirm_timeout,
-            policy=self.settings.publish_retry_policy,
+            timeout=self.settings.publish_timeout,
             declare=declare,
         )
 

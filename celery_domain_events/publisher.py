@@ -9,9 +9,11 @@
     # or, on rollback:
     discard()
 
-``transmit()`` returns only when RabbitMQ has confirmed every event. If it cannot, it raises
-:class:`~celery_domain_events.exceptions.PublishError` with the unconfirmed events attached and
-leaves them in the buffer, so the caller can retry or store them: nothing is dropped silently.
+``transmit()`` returns only when RabbitMQ has confirmed every event. If it cannot by the
+deadline (``domain_events_publish_timeout``), it raises
+:class:`~celery_domain_events.exceptions.PublishError` with exactly the unconfirmed events
+attached and left in the buffer, so the caller can retry or store them: nothing is dropped
+silently, and nothing confirmed is sent twice.
 """
 
 from __future__ import annotations
@@ -228,8 +230,10 @@ def transmit(app: Celery | None = None) -> list[AnyEvent]:
         The events published, in emit order.
 
     Raises:
-        PublishError: the broker stayed unreachable or did not confirm; the unconfirmed events
-            stay buffered and are attached to the error.
+        PublishError: the broker stayed unreachable until ``domain_events_publish_timeout``,
+            refused the connection, or did not confirm. Exactly the unconfirmed events stay
+            buffered and are attached to the error; those RabbitMQ confirmed leave the buffer,
+            so transmitting again never sends them twice.
         ConfigurationError: the app has no ``DomainEvents``.
     """
     pending = _buffer.get()
@@ -237,8 +241,13 @@ def transmit(app: Celery | None = None) -> list[AnyEvent]:
         return []
     ext = DomainEvents.of(app or _current_app)
     batch = list(pending)
-    publish_events(ext, batch)
-    # Keep whatever was emitted meanwhile (by a callback during the wait, say).
+    try:
+        publish_events(ext, batch)
+    except PublishError as exc:
+        unconfirmed = {id(event) for event in exc.events}
+        # Keep whatever was emitted meanwhile (by a callback during the wait, say).
+        pending[: len(batch)] = [event for event in batch if id(event) in unconfirmed]
+        raise
     del pending[: len(batch)]
     return batch
 

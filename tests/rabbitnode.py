@@ -8,6 +8,7 @@ developer's own). A test that needs a broker failure starts its own node here: i
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -122,11 +123,22 @@ class RabbitNode:
         self._await_startup()
 
     def stop(self) -> None:
-        """Halt the node and remove its files."""
-        try:
+        """Halt the node (killing it if it does not answer) and remove its files."""
+        with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
             self.ctl("stop", timeout=60)
-        except (RuntimeError, subprocess.TimeoutExpired):
-            pid = self.dir / "pid"
-            if pid.exists():
-                subprocess.run(["kill", "-9", pid.read_text().strip()], check=False)
+        for pid in self._pids():  # whatever is left of it, even if it never finished booting
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _pids(self) -> list[int]:
+        # The node's name is in its environment, not on its command line.
+        marker = f"RABBITMQ_NODENAME={self.node}".encode()
+        pids = []
+        for environ in Path("/proc").glob("[0-9]*/environ"):
+            try:
+                if marker in environ.read_bytes().split(b"\0"):
+                    pids.append(int(environ.parent.name))
+            except OSError:
+                continue
+        return pids

@@ -49,7 +49,6 @@ from .conftest import Topology, wait_for
 
 pytestmark = [pytest.mark.rabbitmq]
 
-FAST = {"max_retries": 1, "interval_start": 0.1, "interval_step": 0.1, "interval_max": 0.1}
 
 #: The app DOMAIN_EVENTS_CELERY_APP names in the middleware tests (set per test).
 CELERY_APP: Celery | None = None
@@ -249,7 +248,7 @@ def write_and_emit(app: Celery, emitted: list[Any]) -> None:
 def down() -> Celery:
     """An app whose broker is down: nothing listens on port 5999, so nothing is declared."""
     app = Celery("django-down", broker="amqp://guest:guest@127.0.0.1:5999//", set_as_current=False)
-    app.conf.update(broker_heartbeat=None, domain_events_publish_retry_policy=FAST)
+    app.conf.update(broker_heartbeat=None, domain_events_publish_timeout=1)
     DomainEvents(app, service="django-down")
     return app
 

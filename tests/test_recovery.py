@@ -223,7 +223,7 @@ def test_event_is_requeued_when_its_dead_letter_cannot_be_confirmed(
 ) -> None:
     app = topology.app(
         handlers=[handlers.rejects],
-        domain_events_publish_retry_policy={"max_retries": 1, "interval_start": 0.2},
+        domain_events_publish_timeout=1,
     )
     queue = f"{topology.service()}.rejects"
     with running_worker(app):

@@ -253,7 +253,7 @@ def test_publish_failure_after_commit_raises_with_the_events(
         app,
         service=topology.service("down"),
         exchange=topology.exchange,
-        publish_retry_policy={"max_retries": 0},
+        publish_timeout=1,
     )
     maker = sessionmaker(engine)
     install(maker, app)

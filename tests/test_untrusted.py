@@ -257,7 +257,7 @@ def test_every_hard_time_limit_is_dead_lettered(topology: Topology, worker_proce
 def test_a_hard_time_limit_whose_dead_letter_fails_is_requeued(
     topology: Topology, worker_process: Make
 ) -> None:
-    worker = worker_process(["times_out"], TEST_PUBLISH_RETRIES="1").start(*POOLS["prefork"])
+    worker = worker_process(["times_out"], TEST_PUBLISH_TIMEOUT="1").start(*POOLS["prefork"])
     queue = worker.queue("times_out")
     with Connection(topology.broker_url) as conn:
         conn.default_channel.queue_delete(queue + ".dlq")

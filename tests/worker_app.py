@@ -28,11 +28,8 @@ app.conf.update(
     if os.environ.get("TEST_DELIVERY_LIMIT")
     else None,
 )
-if os.environ.get("TEST_PUBLISH_RETRIES"):
-    app.conf.domain_events_publish_retry_policy = {
-        "max_retries": int(os.environ["TEST_PUBLISH_RETRIES"]),
-        "interval_start": 0.2,
-    }
+if os.environ.get("TEST_PUBLISH_TIMEOUT"):
+    app.conf.domain_events_publish_timeout = float(os.environ["TEST_PUBLISH_TIMEOUT"])
 DomainEvents(
     app, service=os.environ["TEST_SERVICE"], handlers=os.environ["TEST_HANDLERS"].split(",")
 )
