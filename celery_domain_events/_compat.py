@@ -18,6 +18,7 @@ __all__ = [
     "UNDECODABLE_HEADER",
     "encoded_table_size",
     "harden_amqp_decoder",
+    "route_queue_control",
 ]
 
 #: Nesting of AMQP tables and arrays that py-amqp decodes; deeper ones stay raw bytes.
@@ -149,3 +150,32 @@ def harden_amqp_decoder() -> None:
     if classes[basic] is not _decode_properties_safely:
         _original_decode_properties = classes[basic]
         classes[basic] = _decode_properties_safely
+
+
+def route_queue_control(
+    consumer: Any,
+    owns: Callable[[str], bool],
+    pause: Callable[[str], None],
+    resume: Callable[[str], None],
+) -> None:
+    """Send Celery's ``cancel_consumer`` / ``add_consumer`` for queues we consume to us.
+
+    Celery's remote control commands (``celery.worker.control``) call the worker consumer's
+    ``cancel_task_queue`` and ``add_task_queue``, which know only Celery's own task consumer:
+    a handler queue would keep being consumed, and ``add_consumer`` would even make Celery's
+    task consumer read raw events. Instance attributes shadow those methods (idempotent: a
+    restarted consumer keeps Celery's originals underneath).
+    """
+    cancel = getattr(consumer.cancel_task_queue, "__wrapped__", consumer.cancel_task_queue)
+    add = getattr(consumer.add_task_queue, "__wrapped__", consumer.add_task_queue)
+
+    def cancel_task_queue(queue: str) -> Any:
+        return pause(queue) if owns(queue) else cancel(queue)
+
+    def add_task_queue(queue: str, *args: Any, **kwargs: Any) -> Any:
+        return resume(queue) if owns(queue) else add(queue, *args, **kwargs)
+
+    cancel_task_queue.__wrapped__ = cancel  # type: ignore[attr-defined]
+    add_task_queue.__wrapped__ = add  # type: ignore[attr-defined]
+    consumer.cancel_task_queue = cancel_task_queue
+    consumer.add_task_queue = add_task_queue

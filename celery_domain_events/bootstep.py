@@ -36,7 +36,7 @@ from kombu.transport.native_delayed_delivery import (
 )
 from kombu.utils.url import maybe_sanitize_url
 
-from . import deadletter, inbound
+from . import _compat, deadletter, inbound
 from .bridge import to_task_message
 from .config import QueueType
 from .confirm import OutboundMessage
@@ -148,6 +148,10 @@ class DomainEventsStep(bootsteps.StartStopStep):
         from .extension import DomainEvents  # noqa: PLC0415 (extension installs this step)
 
         self.consumers: list[Consumer] = []
+        #: queue name -> (its consumer, the queue): what pause and resume act on.
+        self.by_queue: dict[str, tuple[Consumer, Any]] = {}
+        #: Handler queues paused by ``celery control cancel_consumer``; kept across restarts.
+        self.paused: set[str] = set()
         # All steps are built before any starts: registering the queues here lets Celery's
         # Tasks step turn global QoS off and DelayedDelivery switch on for quorum queues.
         DomainEvents.of(parent.app).register_retry_queues()
@@ -158,6 +162,14 @@ class DomainEventsStep(bootsteps.StartStopStep):
         from .extension import DomainEvents  # noqa: PLC0415 (extension installs this step)
 
         ext = DomainEvents.of(parent.app)
+        if not ext.handlers:
+            log.warning(
+                "Domain events: app %r has no handlers, so this worker consumes no events. "
+                "Import the modules that define them in the worker (Celery(include=[...]), "
+                "app.autodiscover_tasks(related_name='handlers'), or import them in the "
+                "module that creates the app).",
+                parent.app.main,
+            )
         channel = parent.task_consumer.channel
         ext.declare(channel)
         if ext.settings.queue_type is QueueType.QUORUM:
@@ -173,7 +185,11 @@ class DomainEventsStep(bootsteps.StartStopStep):
                 no_ack=False,
             )
             self.consumers.append(consumer)
+            self.by_queue[queue.name] = (consumer, queue)
         self._consume_with(parent.task_consumer)
+        _compat.route_queue_control(parent, self.by_queue.__contains__, self.pause, self.resume)
+        for name in sorted(self.paused):
+            log.warning("Domain events: handler queue %s stays paused", name)
         log.info(
             "Domain events: consuming %d handler queue(s) of service %r on exchange %r: %s",
             len(self.consumers),
@@ -188,21 +204,49 @@ class DomainEventsStep(bootsteps.StartStopStep):
         # Consuming here already would let a delivery arrive while a later step waits on the
         # connection, and reach a pool that cannot take work yet.
         consume = task_consumer.consume
-        consumers = self.consumers
+        by_queue = self.by_queue
+        paused = self.paused
 
         def consume_all(*args: Any, **kwargs: Any) -> Any:
             result = consume(*args, **kwargs)
-            for consumer in consumers:
-                consumer.consume()  # idempotent: active queues are skipped
+            for name, (consumer, _) in by_queue.items():
+                if name not in paused:
+                    consumer.consume()  # idempotent: active queues are skipped
             return result
 
         task_consumer.consume = consume_all
+
+    def pause(self, queue: str) -> None:
+        """Stop consuming one handler queue (``celery control cancel_consumer <queue>``).
+
+        Its events wait in the queue; deliveries already prefetched still run.
+        """
+        consumer, _ = self.by_queue[queue]
+        self.paused.add(queue)
+        if consumer.consuming_from(queue):
+            consumer.cancel_by_queue(queue)
+        log.warning(
+            "Domain events: paused handler queue %s; its events wait there. Resume it with "
+            "`celery control add_consumer %s`",
+            queue,
+            queue,
+        )
+
+    def resume(self, queue: str) -> None:
+        """Consume a paused handler queue again (``celery control add_consumer <queue>``)."""
+        consumer, entity = self.by_queue[queue]
+        self.paused.discard(queue)
+        if not consumer.consuming_from(queue):
+            consumer.add_queue(entity)
+            consumer.consume()
+        log.warning("Domain events: resumed handler queue %s", queue)
 
     def stop(self, parent: Any) -> None:
         """Cancel the handler consumers (the channel belongs to Celery's task consumer)."""
         for consumer in self.consumers:
             ignore_errors(parent.connection, consumer.cancel)
         self.consumers = []
+        self.by_queue = {}
 
     shutdown = stop
 

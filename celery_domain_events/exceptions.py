@@ -6,6 +6,7 @@ Every error derives from :class:`DomainEventsError`::
     ├── ConfigurationError(DomainEventsError, ValueError)     bad setting or broker URL
     │   └── InvalidRoutingPattern                             not dotted words / * / #
     ├── RegistrationError(DomainEventsError)                  duplicate event or handler
+    ├── EventDefinitionError(DomainEventsError, TypeError)    event class or handler defined wrong
     ├── PublishError(DomainEventsError)                       unreachable or unconfirmed publish
     │   └── NoActiveScope                                     emit() with no open scope
     ├── EventDecodeError(DomainEventsError)                   malformed JSON or envelope (poison)
@@ -27,6 +28,7 @@ __all__ = [
     "ConfigurationError",
     "DomainEventsError",
     "EventDecodeError",
+    "EventDefinitionError",
     "EventValidationError",
     "InvalidRoutingPattern",
     "NoActiveScope",
@@ -51,6 +53,14 @@ class InvalidRoutingPattern(ConfigurationError):
 
 class RegistrationError(DomainEventsError):
     """An event type or handler is registered twice under the same name."""
+
+
+class EventDefinitionError(DomainEventsError, TypeError):
+    """An event class or handler is defined wrongly; raised where the mistake is used first.
+
+    An event class without ``event_name`` at ``emit()``, untyped data JSON cannot carry at
+    ``emit()``, a handler whose parameter is not an event type at decoration.
+    """
 
 
 class PublishError(DomainEventsError):

@@ -11,14 +11,14 @@ from typing import Any
 from amqp.exceptions import PreconditionFailed
 from celery import Celery
 from kombu import Exchange, Queue
-from kombu.utils.url import maybe_sanitize_url
 
 from . import _compat, topology
 from .bootstep import DomainEventsStep, DomainEventsTopology
-from .config import Settings
+from .config import PREFIX, Settings
 from .confirm import OutboundMessage, publish_confirmed
 from .exceptions import ConfigurationError
 from .registry import EventRegistry, HandlerRegistry, HandlerSpec, default_events, default_handlers
+from .urls import RedactedURL, redact
 
 __all__ = ["DomainEvents"]
 
@@ -26,13 +26,17 @@ _installed: weakref.WeakKeyDictionary[Celery, DomainEvents] = weakref.WeakKeyDic
 _lock = threading.Lock()
 
 
-def _confirm_worker_publishes(sender: Celery, **_: Any) -> None:
+def _on_configure(sender: Celery, **_: Any) -> None:
     # Retries and dead letters are published from the worker; unconfirmed, they could be lost
     # between the publish and the ack of the delivery they replace. An explicit
     # confirm_publish=False in broker_transport_options is respected.
     options = dict(sender.conf.broker_transport_options or {})
     options.setdefault("confirm_publish", True)
     sender.conf.broker_transport_options = options
+    # Celery's report masks only the settings it knows: hide our URL's password from it too.
+    url = sender.conf.get(PREFIX + "management_url")
+    if isinstance(url, str) and not isinstance(url, RedactedURL):
+        sender.conf[PREFIX + "management_url"] = RedactedURL(url)
 
 
 class DomainEvents:
@@ -92,9 +96,9 @@ class DomainEvents:
         app.steps["worker"].add(DomainEventsTopology)
         app.steps["consumer"].add(DomainEventsStep)
         if app.configured:  # type: ignore[attr-defined]  # missing from celery-types
-            _confirm_worker_publishes(app)
+            _on_configure(app)
         else:
-            app.on_after_configure.connect(_confirm_worker_publishes, sender=app, weak=False)
+            app.on_after_configure.connect(_on_configure, sender=app, weak=False)
 
     @classmethod
     def of(cls, app: Celery) -> DomainEvents:
@@ -146,9 +150,7 @@ class DomainEvents:
             conn = self.app.connection_for_write()
             _ = conn.transport
         except (KeyError, ImportError, ValueError) as exc:
-            url = maybe_sanitize_url(
-                str(self.app.conf.broker_write_url or self.app.conf.broker_url)
-            )
+            url = redact(self.app.conf.broker_write_url or self.app.conf.broker_url)
             raise ConfigurationError(f"unusable broker URL {url}: {exc}") from exc
         conn.release()
         self._broker_checked = True

@@ -14,6 +14,8 @@ its own durable queue ``<service>.<name>`` bound by its patterns when a worker s
 from __future__ import annotations
 
 import inspect
+import types
+import typing
 from collections.abc import Callable
 from typing import Any, Generic, ParamSpec, TypeVar, cast
 
@@ -21,7 +23,8 @@ from celery import Celery, Task
 from celery import _state as celery_state
 from celery import current_app as _current_app
 
-from .exceptions import ConfigurationError
+from .events import DomainEvent, GenericEvent
+from .exceptions import ConfigurationError, EventDefinitionError
 from .registry import HandlerRegistry, HandlerSpec, default_handlers
 from .retry import RetryPolicy
 from .routing import validate_pattern, validate_word
@@ -101,6 +104,7 @@ def domain_event_handler(
     Raises:
         InvalidRoutingPattern: a pattern is malformed.
         ConfigurationError: no pattern, an unknown option or an ``async def`` function.
+        EventDefinitionError: the function does not take one event argument.
         RegistrationError: another function already has this handler name.
     """
     if not patterns:
@@ -119,6 +123,7 @@ def domain_event_handler(
             raise ConfigurationError(f"{fn!r} is already a domain event handler")
         if inspect.iscoroutinefunction(fn):
             raise ConfigurationError("Celery runs handlers synchronously; use a plain function")
+        _check_signature(fn)
         handler_name = name or fn.__name__
         validate_word(handler_name, "handler name")  # queue names are <service>.<handler>
         spec = HandlerSpec(
@@ -133,6 +138,46 @@ def domain_event_handler(
         return Handler(spec)
 
     return decorate
+
+
+def _check_signature(fn: Callable[..., Any]) -> None:
+    """Refuse, at decoration, a handler that cannot take one event.
+
+    Raises:
+        EventDefinitionError: it does not take exactly one argument, or that argument is
+            annotated with a type that is no event (an unresolvable forward reference is
+            let through: the worker checks nothing more about it).
+    """
+    name = getattr(fn, "__qualname__", repr(fn))
+    try:
+        signature = inspect.signature(fn)
+        signature.bind(object())
+    except (TypeError, ValueError) as exc:
+        raise EventDefinitionError(
+            f"handler {name} must take one argument, the event: {exc}"
+        ) from exc
+    first = next(iter(signature.parameters.values()), None)
+    if first is None or first.kind is inspect.Parameter.VAR_POSITIONAL:
+        return
+    try:
+        annotation = typing.get_type_hints(fn).get(first.name, Any)
+    except Exception:  # a forward reference the module defines later
+        return
+    if not _is_event_type(annotation):
+        raise EventDefinitionError(
+            f"handler {name} takes {first.name}: {annotation!r}, which is no event type; "
+            "annotate it with a DomainEvent subclass, GenericEvent, or a union of them"
+        )
+
+
+def _is_event_type(annotation: Any) -> bool:
+    if annotation in (Any, object, inspect.Parameter.empty):
+        return True
+    if isinstance(annotation, type):
+        return issubclass(annotation, DomainEvent | GenericEvent)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return all(arg is type(None) or _is_event_type(arg) for arg in typing.get_args(annotation))
+    return False
 
 
 def _register_task_on_apps(spec: HandlerSpec) -> None:

@@ -2,7 +2,8 @@
 
 AMQP cannot list bindings, so ``domain-events topology show/diff`` asks the management plugin
 (``rabbitmq-plugins enable rabbitmq_management``). The URL defaults to port 15672 on the
-broker's host with the broker's credentials; ``domain_events_management_url`` overrides it.
+broker's host with the broker's credentials, for a single broker on port 5672 (anything else
+must set ``domain_events_management_url``).
 Credentials never appear in errors or logs.
 """
 
@@ -15,14 +16,12 @@ import urllib.request
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
-from kombu.utils.url import maybe_sanitize_url, url_to_parts
+from kombu.utils.url import url_to_parts
 
 from .exceptions import ConfigurationError
+from .urls import default_management_url, redact, split
 
 __all__ = ["ManagementClient"]
-
-#: Default port of the management plugin.
-DEFAULT_PORT = 15672
 
 
 class ManagementClient:
@@ -39,19 +38,19 @@ class ManagementClient:
         self.base = urlunsplit((parts.scheme or "http", netloc, parts.path.rstrip("/"), "", ""))
         self.vhost = vhost
         self.timeout = timeout
-        self.safe_url = maybe_sanitize_url(url)
+        self.safe_url = redact(url)
 
     @classmethod
     def for_broker(cls, broker_url: str, management_url: str | None = None) -> ManagementClient:
-        """Build a client for the broker at ``broker_url`` (its host, user and vhost)."""
-        parts = url_to_parts(broker_url)
-        vhost = parts.path or "/"
-        if management_url is None:
-            user = quote(parts.username or "guest", safe="")
-            password = quote(parts.password or "guest", safe="")
-            host = parts.hostname or "127.0.0.1"
-            management_url = f"http://{user}:{password}@{host}:{DEFAULT_PORT}"
-        return cls(management_url, vhost=vhost)
+        """Build a client for the broker at ``broker_url`` (its vhost; host and user too).
+
+        Raises:
+            ConfigurationError: no ``management_url`` and none can be guessed (see
+                :func:`.urls.default_management_url`).
+        """
+        first = split(broker_url)[0] if split(broker_url) else "amqp://127.0.0.1//"
+        vhost = url_to_parts(first).path or "/"
+        return cls(management_url or default_management_url(broker_url), vhost=vhost)
 
     def _request(self, method: str, path: str) -> Any:
         request = urllib.request.Request(

@@ -26,12 +26,13 @@ from typing import Any
 
 from celery import Celery
 from celery import current_app as _current_app
+from pydantic_core import PydanticSerializationError, to_json
 
 from . import serialization, taskscope, tracing
 from .config import KeyFormat
 from .confirm import OutboundMessage
 from .events import AnyEvent, DomainEvent, GenericEvent
-from .exceptions import ConfigurationError, NoActiveScope, PublishError
+from .exceptions import ConfigurationError, EventDefinitionError, NoActiveScope, PublishError
 from .extension import DomainEvents
 from .routing import validate_event_name
 
@@ -86,16 +87,38 @@ def as_event(
     Raises:
         InvalidRoutingPattern: an untyped event name is not dotted words.
         TypeError: ``data`` was given with a typed event, or ``event`` is not an event.
+        EventDefinitionError: the event's class has no ``event_name``, or an untyped event's
+            data holds a value JSON cannot carry.
     """
     if isinstance(event, str):
-        return GenericEvent(
+        generic = GenericEvent(
             event_name=validate_event_name(event), event_version=version, data=dict(data or {})
         )
+        _check_json(generic)
+        return generic
     if data is not None:
         raise TypeError("data= is only for untyped events: emit('name', {...})")
-    if not isinstance(event, DomainEvent | GenericEvent):
+    if isinstance(event, GenericEvent):
+        _check_json(event)
+        return event
+    if not isinstance(event, DomainEvent):
         raise TypeError(f"emit() takes a DomainEvent or an event name, not {type(event).__name__}")
+    if not isinstance(getattr(type(event), "event_name", None), str):
+        raise EventDefinitionError(
+            f"{type(event).__qualname__} has no event_name, so it cannot be published; "
+            'declare one: event_name: ClassVar[str] = "thing.happened"'
+        )
     return event
+
+
+def _check_json(event: GenericEvent) -> None:
+    # Found now, not at transmit(), where the bad event would stay in the buffer.
+    try:
+        to_json(event.data)
+    except PydanticSerializationError as exc:
+        raise EventDefinitionError(
+            f"the data of {event.event_name!r} cannot be sent as JSON: {exc}"
+        ) from exc
 
 
 def emit(
@@ -117,6 +140,8 @@ def emit(
     Raises:
         InvalidRoutingPattern: an untyped event name is not dotted words.
         TypeError: ``data`` was given with a typed event.
+        EventDefinitionError: the event cannot be published as it is (see :func:`as_event`);
+            nothing is buffered.
         NoActiveScope: the current app sets ``domain_events_require_scope`` and no scope is
             open here.
     """

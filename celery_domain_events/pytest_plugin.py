@@ -53,11 +53,11 @@ from celery import _state as celery_state
 from celery.contrib.testing.worker import start_worker
 from kombu import Connection
 from kombu.common import ignore_errors
-from kombu.utils.url import maybe_sanitize_url
 
 from .extension import DomainEvents
 from .publisher import discard
 from .testing import EventCapture, capture_events
+from .urls import redact
 
 __all__ = [
     "BROKER_URL_ENV",
@@ -119,7 +119,7 @@ def domain_events_broker_url() -> str:
     url = os.environ.get(BROKER_URL_ENV) or DEFAULT_BROKER_URL
     problem = _unreachable(url)
     if problem is not None:
-        message = f"RabbitMQ is not reachable at {maybe_sanitize_url(url)}: {problem}"
+        message = f"RabbitMQ is not reachable at {redact(url)}: {problem}"
         if os.environ.get("CI"):
             pytest.fail(message, pytrace=False)
         pytest.skip(message)

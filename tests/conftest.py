@@ -205,6 +205,7 @@ class WorkerProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, *args: str) -> WorkerProcess:
+        self.hostname = f"t{uuid.uuid4().hex[:8]}@{socket.gethostname()}"
         cmd = [
             sys.executable,
             "-m",
@@ -217,7 +218,7 @@ class WorkerProcess:
             "--without-mingle",
             "--without-gossip",
             "--hostname",
-            f"t{uuid.uuid4().hex[:8]}@%h",
+            self.hostname,
             *(args or ("-P", "prefork", "-c", "2")),
         ]
         log = self.log_path.open("ab")

@@ -28,10 +28,14 @@ app.conf.update(
     if os.environ.get("TEST_DELIVERY_LIMIT")
     else None,
 )
+if os.environ.get("TEST_MANAGEMENT_URL"):
+    app.conf.domain_events_management_url = os.environ["TEST_MANAGEMENT_URL"]
 if os.environ.get("TEST_PUBLISH_TIMEOUT"):
     app.conf.domain_events_publish_timeout = float(os.environ["TEST_PUBLISH_TIMEOUT"])
 DomainEvents(
-    app, service=os.environ["TEST_SERVICE"], handlers=os.environ["TEST_HANDLERS"].split(",")
+    app,
+    service=os.environ["TEST_SERVICE"],
+    handlers=[h for h in os.environ["TEST_HANDLERS"].split(",") if h],
 )
 
 
@@ -111,3 +115,9 @@ class Typed(DomainEvent):
 def typed_or_not(event: DomainEvent) -> None:
     """Records every event it handles, typed (probe.typed) or untyped."""
     _append("typed_or_not", event)
+
+
+@domain_event_handler("probe.untyped", retry=None)
+def also_untyped(event: DomainEvent) -> None:
+    """A second handler of probe.untyped (for pausing one and not the other)."""
+    _append("also_untyped", event)
