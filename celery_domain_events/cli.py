@@ -16,6 +16,8 @@ Installed as a ``celery.commands`` plugin, so ``-A`` resolves the app as for any
 from __future__ import annotations
 
 import json
+import logging
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -24,17 +26,18 @@ import click
 from celery import Celery
 from kombu import Connection
 from kombu.common import ignore_errors
-from kombu.utils.url import maybe_sanitize_url
 
 from . import catalogue, deadletter
+from .confirm import connect
 from .deadletter import DeadLetter
-from .exceptions import DomainEventsError
+from .exceptions import ConfigurationError, DomainEventsError
 from .extension import DomainEvents
 from .management import ManagementClient
 from .outbox_cli import outbox
 from .registry import HandlerSpec
 from .routing import matches, validate_pattern
 from .topology import diff_bindings
+from .urls import redact
 
 __all__ = ["domain_events"]
 
@@ -54,15 +57,38 @@ def extension_of(ctx: click.Context) -> DomainEvents:
         raise click.UsageError(str(exc)) from exc
 
 
+#: Exit codes (documented in the README): 0 done, 1 a difference or nothing found,
+#: 2 a usage error (click), 3 the broker cannot be reached or refused us, 4 the management API.
+EXIT_FOUND_DIFFERENCE = 1
+EXIT_BROKER = 3
+EXIT_MANAGEMENT = 4
+
+
+class BrokerUnreachable(click.ClickException):
+    """The broker could not be reached within the publish deadline, or refused the login."""
+
+    exit_code = EXIT_BROKER
+
+
+class ManagementUnavailable(click.ClickException):
+    """The RabbitMQ management API could not be read."""
+
+    exit_code = EXIT_MANAGEMENT
+
+
 @contextmanager
 def _connection(ext: DomainEvents) -> Iterator[Connection]:
     conn = ext.app.connection_for_write()
+    deadline = time.monotonic() + ext.settings.publish_timeout
     try:
-        conn.ensure_connection(max_retries=3)
-    except conn.recoverable_connection_errors as exc:
-        raise click.ClickException(
-            f"cannot reach the broker at {maybe_sanitize_url(conn.as_uri())}: {exc}"
-        ) from exc
+        connect(conn, deadline, level=logging.DEBUG)  # the one-line error below says it all
+    except Exception as exc:
+        conn.release()
+        cause = exc.__cause__ or exc
+        raise BrokerUnreachable(
+            f"cannot reach the broker at {redact(ext.app.conf.broker_url)} within "
+            f"{ext.settings.publish_timeout:g} s: {cause}".splitlines()[0]
+        ) from None
     try:
         yield conn
     finally:
@@ -139,6 +165,7 @@ filter_options = [
     click.option("--reason", help="Only this reason (retries-exhausted, rejected, poison, ...)."),
     click.option("--limit", type=click.IntRange(min=1), help="At most this many per queue."),
     click.option("--dry-run", is_flag=True, help="Show what would be done; change nothing."),
+    click.option("--json", "as_json", is_flag=True, help="Print JSON."),
 ]
 
 
@@ -240,10 +267,12 @@ def _run(
     reason: str | None,
     limit: int | None,
     dry_run: bool,
+    as_json: bool,
 ) -> None:
     ext = extension_of(ctx)
     select = _selector(event, ids, reason)
     total = 0
+    acted: list[dict[str, Any]] = []
     with _connection(ext) as conn:
         for queue in _nonempty_dlqs(ext, conn, handlers):
             done = deadletter.process(
@@ -254,9 +283,13 @@ def _run(
                 limit=limit,
             )
             verb, done_verb = verbs
-            for letter in done:
+            acted.extend(_summary(letter) for letter in done)
+            for letter in [] if as_json else done:
                 click.echo(f"{'would ' + verb if dry_run else done_verb}:{_line(letter)}")
             total += len(done)
+    if as_json:
+        click.echo(json.dumps({"dry_run": dry_run, verbs[1]: acted}, indent=2, default=str))
+        return
     click.echo(f"{total} dead letter(s) {'would be ' if dry_run else ''}{verbs[1]}")
 
 
@@ -286,14 +319,19 @@ def topology() -> None:
 
 def _management(ext: DomainEvents) -> ManagementClient:
     broker_url = str(ext.app.conf.broker_write_url or ext.app.conf.broker_url)
-    return ManagementClient.for_broker(broker_url, ext.settings.management_url)
+    try:
+        return ManagementClient.for_broker(broker_url, ext.settings.management_url)
+    except ConfigurationError as exc:
+        raise ManagementUnavailable(str(exc)) from None
 
 
 def _queue_bindings(ext: DomainEvents, client: ManagementClient) -> list[tuple[str, str]]:
+    try:
+        found = client.bindings_from(ext.settings.exchange)
+    except ConfigurationError as exc:
+        raise ManagementUnavailable(str(exc)) from None
     return [
-        (b["destination"], b["routing_key"])
-        for b in client.bindings_from(ext.settings.exchange)
-        if b.get("destination_type") == "queue"
+        (b["destination"], b["routing_key"]) for b in found if b.get("destination_type") == "queue"
     ]
 
 
@@ -306,6 +344,13 @@ def _stats(conn: Connection, queue: str) -> tuple[int, int] | None:
         return None
     finally:
         ignore_errors(conn, channel.close)
+
+
+def _queue_type(client: ManagementClient, name: str) -> str | None:
+    try:
+        return (client.queue(name) or {}).get("type")
+    except ConfigurationError as exc:
+        raise ManagementUnavailable(str(exc)) from None
 
 
 @topology.command("show")
@@ -329,7 +374,7 @@ def topology_show(ctx: click.Context, as_json: bool) -> None:
                     "task": spec.task_name,
                     "queue": name,
                     "declared": stats is not None,
-                    "type": (client.queue(name) or {}).get("type"),
+                    "type": _queue_type(client, name),
                     "messages": stats[0] if stats else None,
                     "consumers": stats[1] if stats else None,
                     "dlq": ext.dead_letter_queue(spec).name,
@@ -368,12 +413,24 @@ def topology_show(ctx: click.Context, as_json: bool) -> None:
 
 
 @topology.command("declare")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
-def topology_declare(ctx: click.Context) -> None:
+def topology_declare(ctx: click.Context, as_json: bool) -> None:
     """Declare everything now (before any worker runs, so no event is missed)."""
     ext = extension_of(ctx)
     with _connection(ext) as conn:
         ext.declare(conn.default_channel)
+    if as_json:
+        declared = [
+            {
+                "queue": ext.handler_queue_name(spec),
+                "patterns": list(ext.binding_patterns(spec)),
+                "dlq": ext.dead_letter_queue(spec).name,
+            }
+            for spec in ext.handlers
+        ]
+        click.echo(json.dumps(declared, indent=2))
+        return
     for spec in ext.handlers:
         click.echo(
             f"declared {ext.handler_queue_name(spec)} bound by {', '.join(spec.patterns)} "
@@ -384,23 +441,39 @@ def topology_declare(ctx: click.Context) -> None:
 @topology.command("diff")
 @click.option("--prune", is_flag=True, help="Unbind stale bindings (queues are never deleted).")
 @click.option("--apply", "apply_missing", is_flag=True, help="Declare missing bindings.")
+@click.option("--json", "as_json", is_flag=True, help="Print the difference as JSON.")
 @click.pass_context
-def topology_diff(ctx: click.Context, prune: bool, apply_missing: bool) -> None:
+def topology_diff(ctx: click.Context, prune: bool, apply_missing: bool, as_json: bool) -> None:
     """Compare RabbitMQ's bindings with the handlers' patterns; exit 1 if they differ."""
     ext = extension_of(ctx)
     expected = {ext.handler_queue_name(s): ext.binding_patterns(s) for s in ext.handlers}
     diff = diff_bindings(expected, _queue_bindings(ext, _management(ext)), ext.settings.service)
-    for queue, pattern in diff.missing:
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "clean": diff.clean,
+                    "missing": [list(pair) for pair in diff.missing],
+                    "stale": [list(pair) for pair in diff.stale],
+                    "orphaned_queues": list(diff.orphaned_queues),
+                },
+                indent=2,
+            )
+        )
+        if not diff.clean and not (prune or apply_missing):
+            ctx.exit(EXIT_FOUND_DIFFERENCE)
+    for queue, pattern in [] if as_json else diff.missing:
         click.echo(f"missing  {queue}  {pattern}")
-    for queue, pattern in diff.stale:
+    for queue, pattern in [] if as_json else diff.stale:
         click.echo(f"stale    {queue}  {pattern}")
-    for queue in diff.orphaned_queues:
+    for queue in [] if as_json else diff.orphaned_queues:
         click.echo(f"orphaned {queue}  (no handler; still bound, it keeps collecting events)")
     if diff.clean:
-        click.echo("topology matches the handlers")
+        if not as_json:
+            click.echo("topology matches the handlers")
         return
     if not (prune or apply_missing):
-        ctx.exit(1)
+        ctx.exit(EXIT_FOUND_DIFFERENCE)
     with _connection(ext) as conn:
         channel: Any = conn.default_channel
         if prune:
@@ -411,7 +484,7 @@ def topology_diff(ctx: click.Context, prune: bool, apply_missing: bool) -> None:
             ext.declare(channel)
             click.echo(f"declared {len(diff.missing)} missing binding(s)")
     if (diff.stale and not prune) or (diff.missing and not apply_missing):
-        ctx.exit(1)
+        ctx.exit(EXIT_FOUND_DIFFERENCE)
 
 
 @domain_events.command(name="catalogue")

@@ -24,7 +24,7 @@ from kombu.utils.url import maybe_sanitize_url
 
 from .exceptions import PublishError
 
-__all__ = ["OutboundMessage", "publish_confirmed"]
+__all__ = ["OutboundMessage", "connect", "publish_confirmed"]
 
 log = logging.getLogger(__name__)
 
@@ -225,12 +225,13 @@ def _publish_once(
     return list(cc.nacked)
 
 
-def _connect(conn: Connection, give_up_at: float) -> None:
+def connect(conn: Connection, give_up_at: float, *, level: int = logging.WARNING) -> None:
     """Connect ``conn`` with kombu's own retry, giving up at ``give_up_at`` (monotonic).
 
     Refused credentials or an unknown vhost are not retried: kombu retries only the
     recoverable connection errors. Each connection attempt is cut to the time left, so a
-    broker that does not answer cannot hold the caller past the deadline.
+    broker that does not answer cannot hold the caller past the deadline. Each retry is
+    logged at ``level``.
     """
     if conn.connected:
         return
@@ -244,7 +245,8 @@ def _connect(conn: Connection, give_up_at: float) -> None:
         left = remaining() - interval
         if left <= 0:
             raise exc  # no time for another attempt
-        log.warning(
+        log.log(
+            level,
             "Cannot reach %s (%r); retrying for another %.1f s",
             maybe_sanitize_url(conn.as_uri()),
             exc,
@@ -305,7 +307,7 @@ def publish_confirmed(
         try:
             with acquire() as conn:
                 url = maybe_sanitize_url(conn.as_uri())
-                _connect(conn, give_up_at)
+                connect(conn, give_up_at)
                 try:
                     pending = _publish_once(conn, pending, give_up_at, confirmed, declare)
                 except (

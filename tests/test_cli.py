@@ -88,3 +88,54 @@ def test_list_show_replay_and_purge_dead_letters(
     bad = cli(worker, "dlq", "list", "--handler", "nope", check=False)
     assert bad.returncode != 0
     assert "unknown handler" in bad.stderr
+
+
+def test_an_unreachable_broker_is_one_line_and_exit_code_3(
+    worker_process: Callable[..., WorkerProcess],
+) -> None:
+    worker = worker_process(
+        ["flaky"], TEST_BROKER_URL="amqp://guest:s3cret@127.0.0.1:1//", TEST_PUBLISH_TIMEOUT="2"
+    )
+    for args in (("dlq", "list"), ("dlq", "replay", "--dry-run"), ("topology", "declare")):
+        result = cli(worker, *args, check=False)
+        assert result.returncode == 3, (args, result.stdout, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1, result.stderr
+        assert lines[0].startswith("Error: cannot reach the broker at amqp://guest:**@127.0.0.1:1")
+        assert "Traceback" not in result.stderr
+        assert "s3cret" not in result.stderr + result.stdout
+
+
+def test_an_unreadable_management_api_is_one_line_and_exit_code_4(
+    worker_process: Callable[..., WorkerProcess], broker_url: str
+) -> None:
+    cases = {
+        "unreachable": {"TEST_MANAGEMENT_URL": "http://admin:s3cret@127.0.0.1:1"},
+        "cannot guess": {"TEST_BROKER_URL": f"{broker_url};{broker_url}"},
+    }
+    for name, env in cases.items():
+        worker = worker_process(["flaky"], **env)
+        for args in (("topology", "show"), ("topology", "diff")):
+            result = cli(worker, *args, check=False)
+            assert result.returncode == 4, (name, args, result.stdout, result.stderr)
+            lines = result.stderr.strip().splitlines()
+            assert len(lines) == 1, result.stderr
+            assert "management API" in lines[0] or "domain_events_management_url" in lines[0]
+            assert "Traceback" not in result.stderr
+            assert "s3cret" not in result.stderr + result.stdout
+
+
+def test_every_command_that_prints_data_has_json(
+    topology: Topology, worker_process: Callable[..., WorkerProcess]
+) -> None:
+    worker = worker_process(["flaky", "sibling"])
+    declared = json.loads(cli(worker, "topology", "declare", "--json").stdout)
+    assert [d["queue"] for d in declared] == [worker.queue("flaky"), worker.queue("sibling")]
+    diff = json.loads(cli(worker, "topology", "diff", "--json").stdout)
+    assert diff == {"clean": True, "missing": [], "stale": [], "orphaned_queues": []}
+    shown = json.loads(cli(worker, "topology", "show", "--json").stdout)
+    assert {q["queue"] for q in shown["queues"]} == {d["queue"] for d in declared}
+    replayed = json.loads(cli(worker, "dlq", "replay", "--dry-run", "--json").stdout)
+    assert replayed == {"dry_run": True, "replayed": []}
+    purged = json.loads(cli(worker, "dlq", "purge", "--dry-run", "--json").stdout)
+    assert purged == {"dry_run": True, "purged": []}
