@@ -51,6 +51,12 @@ __all__ = ["DomainEventsStep", "DomainEventsTopology"]
 
 log = logging.getLogger(__name__)
 
+#: The worker warns when the unrouted queue is this full (of its max length), or holds this
+#: many events when it is unbounded; it checks at start and every UNROUTED_CHECK_SECONDS.
+UNROUTED_WARN_FRACTION = 0.8
+UNROUTED_WARN_UNBOUNDED = 10_000
+UNROUTED_CHECK_SECONDS = 300.0
+
 
 class _Dispatch:
     """The ``on_message`` callback of one handler queue (runs in the worker's main thread).
@@ -152,6 +158,7 @@ class DomainEventsStep(bootsteps.StartStopStep):
         self.by_queue: dict[str, tuple[Consumer, Any]] = {}
         #: Handler queues paused by ``celery control cancel_consumer``; kept across restarts.
         self.paused: set[str] = set()
+        self.timers: list[Any] = []
         # All steps are built before any starts: registering the queues here lets Celery's
         # Tasks step turn global QoS off and DelayedDelivery switch on for quorum queues.
         DomainEvents.of(parent.app).register_retry_queues()
@@ -187,6 +194,7 @@ class DomainEventsStep(bootsteps.StartStopStep):
             self.consumers.append(consumer)
             self.by_queue[queue.name] = (consumer, queue)
         self._consume_with(parent.task_consumer)
+        self._watch_unrouted(ext, parent)
         _compat.route_queue_control(parent, self.by_queue.__contains__, self.pause, self.resume)
         for name in sorted(self.paused):
             log.warning("Domain events: handler queue %s stays paused", name)
@@ -215,6 +223,34 @@ class DomainEventsStep(bootsteps.StartStopStep):
             return result
 
         task_consumer.consume = consume_all
+
+    def _watch_unrouted(self, ext: DomainEvents, parent: Any) -> None:
+        # Events no handler is bound to accumulate unseen: say so now and every few minutes.
+        name = ext.settings.unrouted_queue
+        if name is None:
+            return
+        limit = ext.settings.unrouted_max_length
+        threshold = int(limit * UNROUTED_WARN_FRACTION) if limit else UNROUTED_WARN_UNBOUNDED
+
+        def check() -> None:
+            count = deadletter.depth(parent.connection, name)
+            if count is not None and count >= threshold:
+                log.warning(
+                    "Domain events: %s holds %d event(s) no handler is bound to (%s); bind a "
+                    "handler to them, or purge the queue",
+                    name,
+                    count,
+                    f"the oldest are dropped past {limit}" if limit else "no limit is set",
+                )
+
+        ignore_errors(parent.connection, check)
+        timer = getattr(parent, "timer", None)
+        if timer is not None:
+            self.timers.append(
+                timer.call_repeatedly(
+                    UNROUTED_CHECK_SECONDS, ignore_errors, (parent.connection, check)
+                )
+            )
 
     def pause(self, queue: str) -> None:
         """Stop consuming one handler queue (``celery control cancel_consumer <queue>``).
@@ -247,6 +283,9 @@ class DomainEventsStep(bootsteps.StartStopStep):
             ignore_errors(parent.connection, consumer.cancel)
         self.consumers = []
         self.by_queue = {}
+        for entry in self.timers:
+            entry.cancel()
+        self.timers = []
 
     shutdown = stop
 

@@ -60,6 +60,8 @@ class Settings(BaseModel):
     exchange: str = "domain_events"
     #: Queue kept for events no handler is bound to (via an alternate exchange); None: drop them.
     unrouted_queue: str | None = "domain_events.unrouted"
+    #: Most events the unrouted queue keeps; beyond, the oldest are dropped. None: unbounded.
+    unrouted_max_length: int | None = Field(default=100_000, ge=1)
     #: Type of the handler queues.
     queue_type: QueueType = QueueType.CLASSIC
     #: Quorum queues only: deliveries before RabbitMQ dead-letters a message (crash loops).

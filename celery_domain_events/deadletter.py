@@ -40,7 +40,7 @@ from .inbound import (
     raw_body,
 )
 from .serialization import CONTENT_TYPE
-from .topology import DLQ_SUFFIX, RETRY_SUFFIX
+from .topology import DLQ_SUFFIX, RETRY_SUFFIX, Auxiliary
 
 if TYPE_CHECKING:
     from .extension import DomainEvents
@@ -210,7 +210,8 @@ def send(ext: DomainEvents, message: OutboundMessage) -> None:
         PublishError: the broker did not confirm within ``domain_events_publish_timeout``.
     """
     spec = ext.handler_for_queue(message.routing_key.removesuffix(DLQ_SUFFIX))
-    declare = [ext.dead_letter_queue(spec)] if spec is not None else []
+    # A DLQ that exists with other arguments still takes dead letters: never fail on it.
+    declare = [Auxiliary(ext.dead_letter_queue(spec))] if spec is not None else []
     ext.publish([message], declare=declare)
     log.warning(
         "Dead-lettered event %s to %s: %s %s",

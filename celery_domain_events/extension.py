@@ -231,18 +231,20 @@ class DomainEvents:
     def publisher_entities(self) -> list[Any]:
         """What a publisher declares: the exchange and, if enabled, the unrouted queue."""
         unrouted = topology.unrouted_queue(self.settings)
-        return [self.exchange(), *([unrouted] if unrouted is not None else [])]
+        return [self.exchange(), *([topology.Auxiliary(unrouted)] if unrouted is not None else [])]
 
     def declare(self, channel: Any) -> None:
         """Declare the exchange, every handler queue with its bindings, and every DLQ.
 
         Raises:
-            ConfigurationError: RabbitMQ refused a declaration (PRECONDITION_FAILED: the
-                entity exists with other arguments, such as another queue type).
+            ConfigurationError: RabbitMQ refused to declare the exchange or a handler queue
+                (PRECONDITION_FAILED: it exists with other arguments, such as another queue
+                type). The unrouted queue and DLQs are never fatal
+                (:class:`.topology.Auxiliary`).
         """
-        entities = [*self.publisher_entities()]
+        entities: list[Any] = [*self.publisher_entities()]
         for spec in self.handlers:
-            entities += [self.dead_letter_queue(spec), self.handler_queue(spec)]
+            entities += [topology.Auxiliary(self.dead_letter_queue(spec)), self.handler_queue(spec)]
         for entity in entities:
             try:
                 entity.declare(channel=channel)

@@ -1,4 +1,4 @@
-"""The broker topology, as pure kombu entity builders (no I/O here).
+"""The broker topology: kombu entity builders (no I/O but the entities' own declare).
 
 ::
 
@@ -24,6 +24,8 @@ words, so ``#.<service>.<handler>`` cannot match another handler's queue.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +36,7 @@ from .registry import HandlerSpec
 
 __all__ = [
     "DLQ_SUFFIX",
+    "Auxiliary",
     "BindingDiff",
     "binding_patterns",
     "dead_letter_queue",
@@ -50,6 +53,8 @@ __all__ = [
     "unrouted_queue",
 ]
 
+log = logging.getLogger(__name__)
+
 #: Suffix of every dead-letter queue.
 DLQ_SUFFIX = ".dlq"
 #: Suffix of the retry exchange's name.
@@ -64,11 +69,19 @@ def unrouted_exchange(settings: Settings) -> Exchange | None:
 
 
 def unrouted_queue(settings: Settings) -> Queue | None:
-    """Return the queue that keeps events no handler was bound to, if enabled."""
+    """Return the queue that keeps events no handler was bound to, if enabled.
+
+    It follows ``queue_type`` (a classic queue on a lost cluster node would stop publishers
+    and workers) and keeps at most ``unrouted_max_length`` events, dropping the oldest.
+    """
     ae = unrouted_exchange(settings)
     if ae is None:
         return None
-    return Queue(ae.name, ae, durable=True, auto_delete=False)
+    arguments: dict[str, Any] = {"x-queue-type": settings.queue_type.value}
+    if settings.unrouted_max_length is not None:
+        arguments["x-max-length"] = settings.unrouted_max_length
+        arguments["x-overflow"] = "drop-head"
+    return Queue(ae.name, ae, durable=True, auto_delete=False, queue_arguments=arguments)
 
 
 def exchange(settings: Settings) -> Exchange:
@@ -219,3 +232,38 @@ def diff_bindings(
         stale=tuple(sorted(mine - want)),
         orphaned_queues=tuple(sorted({q for q, _ in mine} - set(expected))),
     )
+
+
+class Auxiliary:
+    """A queue whose declaration must never stop a publisher or worker: unrouted, DLQs.
+
+    It is declared on a channel of its own, so a refusal (it exists with other arguments, or
+    its home node of a cluster is down) cannot close the caller's channel; the refusal is
+    logged and the publisher or worker carries on.
+    """
+
+    def __init__(self, queue: Queue) -> None:
+        self.queue = queue
+        self.name = queue.name
+
+    def declare(self, channel: Any) -> None:
+        """Declare the queue (and its binding) on a fresh channel of ``channel``'s connection."""
+        new_channel = getattr(channel.connection, "channel", None)
+        aux = new_channel() if callable(new_channel) else channel  # kombu memory:// has none
+        try:
+            self.queue.declare(channel=aux)
+        except Exception as exc:
+            log.warning(
+                "Domain events: could not declare %r (%s); carrying on without changing it. "
+                "If it exists with other arguments, set those with a policy instead, e.g. "
+                "rabbitmqctl set_policy %s '^%s$' "
+                '\'{"max-length": 100000, "overflow": "drop-head"}\' --apply-to queues',
+                self.name,
+                getattr(exc, "reply_text", exc),
+                self.name.rsplit(".", 1)[-1],
+                self.name.replace(".", "\\."),
+            )
+        finally:
+            if aux is not channel:
+                with contextlib.suppress(Exception):
+                    aux.close()

@@ -24,10 +24,15 @@ app.conf.update(
     domain_events_exchange=os.environ["TEST_EXCHANGE"],
     domain_events_unrouted_queue=os.environ["TEST_UNROUTED"],
     domain_events_queue_type=os.environ.get("TEST_QUEUE_TYPE", "classic"),
+    # In a cluster Celery's own task queue must survive a node too (set on private clusters
+    # only: the shared broker's "celery" queue exists as a classic queue).
+    task_default_queue_type=os.environ.get("TEST_CELERY_QUEUE_TYPE", "classic"),
     domain_events_delivery_limit=int(os.environ["TEST_DELIVERY_LIMIT"])
     if os.environ.get("TEST_DELIVERY_LIMIT")
     else None,
 )
+if os.environ.get("TEST_UNROUTED_MAX"):
+    app.conf.domain_events_unrouted_max_length = int(os.environ["TEST_UNROUTED_MAX"])
 if os.environ.get("TEST_MANAGEMENT_URL"):
     app.conf.domain_events_management_url = os.environ["TEST_MANAGEMENT_URL"]
 if os.environ.get("TEST_PUBLISH_TIMEOUT"):
