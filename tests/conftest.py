@@ -315,6 +315,18 @@ def probe(topology: Topology, app: Celery) -> str:
     return name
 
 
+def unwritable_dlq(broker_url: str, dlq: str) -> None:
+    """Replace ``dlq`` by a queue that nacks every publish (an operator's mistake, or full)."""
+    with Connection(broker_url) as conn:
+        conn.default_channel.queue_delete(dlq)
+        conn.default_channel.queue_declare(
+            dlq,
+            durable=True,
+            auto_delete=False,
+            arguments={"x-max-length": 0, "x-overflow": "reject-publish"},
+        )
+
+
 def drain(broker_url: str, queue: str) -> list[Any]:
     """Take every message out of ``queue`` (acked): the test owns the queue."""
     messages = []

@@ -12,12 +12,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from kombu import Connection, Queue
+from kombu import Connection
 
-from celery_domain_events import DomainEvents, emit, transmit
+from celery_domain_events import emit, transmit
 from celery_domain_events.publisher import discard
 
-from .conftest import Topology, wait_for
+from .conftest import Topology, probe, wait_for
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.slow]
 
@@ -37,15 +37,7 @@ def test_no_event_is_lost_when_the_broker_restarts_during_transmit(
 ) -> None:
     topology = topology_on
     app = topology.app()
-    probe = Queue(
-        f"test.{topology.uid}.probe",
-        DomainEvents.of(app).exchange(),
-        routing_key="#",
-        durable=True,
-        auto_delete=False,
-    )
-    with Connection(topology.broker_url) as conn:
-        probe.declare(channel=conn.default_channel)
+    probe_queue = probe(topology, app)  # durable: it keeps what a stopped broker had
     sent: list[str] = []
     errors: list[BaseException] = []
     first_batch_done = threading.Event()
@@ -81,7 +73,7 @@ def test_no_event_is_lost_when_the_broker_restarts_during_transmit(
         nonlocal duplicates
         with Connection(topology.broker_url) as conn:
             channel = conn.channel()
-            while (message := channel.basic_get(probe.name, no_ack=True)) is not None:
+            while (message := channel.basic_get(probe_queue, no_ack=True)) is not None:
                 event_id = message.properties["message_id"]
                 duplicates += event_id in received
                 received.add(event_id)

@@ -13,13 +13,13 @@ from typing import Any
 
 import pytest
 from celery import Celery
-from kombu import Connection, Queue
+from kombu import Connection
 
 from celery_domain_events import ConfigurationError, DomainEvents, PublishError, emit, transmit
 from celery_domain_events.config import Settings
 from celery_domain_events.publisher import buffered, discard
 
-from .conftest import Topology
+from .conftest import Topology, probe
 
 pytestmark = [pytest.mark.rabbitmq]
 
@@ -115,15 +115,7 @@ def test_a_broker_stopped_mid_batch_loses_nothing_and_resends_only_the_unconfirm
 ) -> None:
     topology = Topology(private_node.url)
     app = topology.app()
-    probe = Queue(
-        f"test.{topology.uid}.probe",
-        DomainEvents.of(app).exchange(),
-        routing_key="#",
-        durable=True,
-        auto_delete=False,
-    )
-    with Connection(private_node.url) as conn:
-        probe.declare(channel=conn.default_channel)
+    probe_queue = probe(topology, app)  # durable: it keeps what a stopped broker had
     events: list[Any] = []
     outcome: dict[str, Any] = {}
 
@@ -145,7 +137,7 @@ def test_a_broker_stopped_mid_batch_loses_nothing_and_resends_only_the_unconfirm
         # Stop the broker while the batch is on the wire, once some confirms are back.
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            _, count, _ = conn.default_channel.queue_declare(probe.name, passive=True)
+            _, count, _ = conn.default_channel.queue_declare(probe_queue, passive=True)
             if count >= 2_000:
                 break
             time.sleep(0.01)
@@ -169,7 +161,7 @@ def test_a_broker_stopped_mid_batch_loses_nothing_and_resends_only_the_unconfirm
     transmit(app)  # the re-transmit sends only what RabbitMQ had not confirmed
 
     confirmed_ids = {e.event_id for e in events} - {e.event_id for e in unconfirmed}
-    seen = copies_by_id(private_node.url, probe.name)
+    seen = copies_by_id(private_node.url, probe_queue)
     assert set(seen) == {e.event_id for e in events}  # 0 lost
     assert [i for i in confirmed_ids if seen[i] > 1] == []  # 0 confirmed events sent twice
     record_property("duplicates_of_unconfirmed", sum(n - 1 for n in seen.values()))

@@ -15,7 +15,7 @@ from celery_domain_events import DomainEvents, emit, transmit
 from celery_domain_events.deadletter import HEADER_PREFIX, MAX_HEADERS_BYTES
 
 from . import handlers
-from .conftest import Recorder, Topology, drain, running_worker, wait_for
+from .conftest import Recorder, Topology, drain, running_worker, unwritable_dlq, wait_for
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.worker]
 
@@ -227,15 +227,7 @@ def test_event_is_requeued_when_its_dead_letter_cannot_be_confirmed(
     )
     queue = f"{topology.service()}.rejects"
     with running_worker(app):
-        with Connection(topology.broker_url) as conn:
-            conn.default_channel.queue_delete(queue + ".dlq")
-            # A DLQ that nacks every publish (and clashes with the declared arguments).
-            conn.default_channel.queue_declare(
-                queue + ".dlq",
-                durable=True,
-                auto_delete=False,
-                arguments={"x-max-length": 0, "x-overflow": "reject-publish"},
-            )
+        unwritable_dlq(topology.broker_url, queue + ".dlq")
         emit("test.reject.unwritable", {})
         transmit(app)
         wait_for(lambda: len(recorder.get("rejects")) >= 2)  # requeued, delivered again

@@ -21,7 +21,7 @@ from kombu import Connection, Producer
 
 from celery_domain_events.deadletter import HEADER_PREFIX
 
-from .conftest import Topology, WorkerProcess, drain, wait_for
+from .conftest import Topology, WorkerProcess, drain, unwritable_dlq, wait_for
 from .hostile import FarFuture, deep_recursion, nested
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.worker, pytest.mark.slow]
@@ -259,19 +259,7 @@ def test_a_hard_time_limit_whose_dead_letter_fails_is_requeued(
 ) -> None:
     worker = worker_process(["times_out"], TEST_PUBLISH_TIMEOUT="1").start(*POOLS["prefork"])
     queue = worker.queue("times_out")
-    with Connection(topology.broker_url) as conn:
-        conn.default_channel.queue_delete(queue + ".dlq")
-        # A DLQ that nacks every publish (an operator's mistake, or a full DLQ).
-        conn.default_channel.queue_declare(
-            queue + ".dlq",
-            durable=True,
-            auto_delete=False,
-            arguments={
-                "x-queue-type": "classic",
-                "x-max-length": 0,
-                "x-overflow": "reject-publish",
-            },
-        )
+    unwritable_dlq(topology.broker_url, queue + ".dlq")
     event_id = str(uuid.uuid4())
     publish(
         topology,
