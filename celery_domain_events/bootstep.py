@@ -61,8 +61,8 @@ UNROUTED_CHECK_SECONDS = 300.0
 class _Dispatch:
     """The ``on_message`` callback of one handler queue (runs in the worker's main thread).
 
-    Every delivery ends as a task for this handler or as a poison dead letter: nothing that
-    arrives on the queue can raise out of here, which would stop the worker.
+    Every delivery ends as a task for this handler or as a poison dead letter: no content of
+    a message can raise out of here, which would stop the worker.
     """
 
     def __init__(
@@ -159,6 +159,8 @@ class DomainEventsStep(bootsteps.StartStopStep):
         #: Handler queues paused by ``celery control cancel_consumer``; kept across restarts.
         self.paused: set[str] = set()
         self.timers: list[Any] = []
+        #: Every handler queue this worker consumes (stays known across restarts).
+        self.handler_queues: set[str] = set()
         # All steps are built before any starts: registering the queues here lets Celery's
         # Tasks step turn global QoS off and DelayedDelivery switch on for quorum queues.
         DomainEvents.of(parent.app).register_retry_queues()
@@ -193,9 +195,10 @@ class DomainEventsStep(bootsteps.StartStopStep):
             )
             self.consumers.append(consumer)
             self.by_queue[queue.name] = (consumer, queue)
+            self.handler_queues.add(queue.name)
         self._consume_with(parent.task_consumer)
         self._watch_unrouted(ext, parent)
-        _compat.route_queue_control(parent, self.by_queue.__contains__, self.pause, self.resume)
+        _compat.route_queue_control(parent, self.owns, self.pause, self.resume)
         for name in sorted(self.paused):
             log.warning("Domain events: handler queue %s stays paused", name)
         log.info(
@@ -252,13 +255,19 @@ class DomainEventsStep(bootsteps.StartStopStep):
                 )
             )
 
+    def owns(self, queue: str) -> bool:
+        """Whether ``queue`` is one of this worker's handler queues."""
+        return queue in self.handler_queues
+
     def pause(self, queue: str) -> None:
         """Stop consuming one handler queue (``celery control cancel_consumer <queue>``).
 
         Its events wait in the queue; deliveries already prefetched still run.
         """
-        consumer, _ = self.by_queue[queue]
         self.paused.add(queue)
+        if queue not in self.by_queue:  # between a stop and the next start: kept for then
+            return
+        consumer, _ = self.by_queue[queue]
         if consumer.consuming_from(queue):
             consumer.cancel_by_queue(queue)
         log.warning(
@@ -270,8 +279,10 @@ class DomainEventsStep(bootsteps.StartStopStep):
 
     def resume(self, queue: str) -> None:
         """Consume a paused handler queue again (``celery control add_consumer <queue>``)."""
-        consumer, entity = self.by_queue[queue]
         self.paused.discard(queue)
+        if queue not in self.by_queue:  # between a stop and the next start: consumed then
+            return
+        consumer, entity = self.by_queue[queue]
         if not consumer.consuming_from(queue):
             consumer.add_queue(entity)
             consumer.consume()

@@ -62,7 +62,7 @@ def _utf8(text: str) -> bytes:
 
 
 def _plain(value: Any) -> Any:
-    # AMQP properties as a publish takes them back (py-amqp decodes timestamps to datetime).
+    # AMQP properties as a publish takes them back (a timestamp must be an int).
     if isinstance(value, datetime):
         return int(value.replace(tzinfo=value.tzinfo or timezone.utc).timestamp())
     return value

@@ -36,7 +36,7 @@ from .management import ManagementClient
 from .outbox_cli import outbox
 from .registry import HandlerSpec
 from .routing import matches, validate_pattern
-from .topology import diff_bindings
+from .topology import BindingDiff, diff_bindings
 from .urls import redact
 
 __all__ = ["domain_events"]
@@ -438,6 +438,40 @@ def topology_declare(ctx: click.Context, as_json: bool) -> None:
         )
 
 
+def _report(diff: BindingDiff, as_json: bool) -> None:
+    if as_json:
+        report = {
+            "clean": diff.clean,
+            "missing": [list(pair) for pair in diff.missing],
+            "stale": [list(pair) for pair in diff.stale],
+            "orphaned_queues": list(diff.orphaned_queues),
+        }
+        click.echo(json.dumps(report, indent=2))
+        return
+    for queue, pattern in diff.missing:
+        click.echo(f"missing  {queue}  {pattern}")
+    for queue, pattern in diff.stale:
+        click.echo(f"stale    {queue}  {pattern}")
+    for queue in diff.orphaned_queues:
+        click.echo(f"orphaned {queue}  (no handler; still bound, it keeps collecting events)")
+    if diff.clean:
+        click.echo("topology matches the handlers")
+
+
+def _repair(ext: DomainEvents, diff: BindingDiff, prune: bool, apply_missing: bool) -> list[str]:
+    done = []
+    with _connection(ext) as conn:
+        channel: Any = conn.default_channel
+        if prune:
+            for queue, pattern in diff.stale:
+                channel.queue_unbind(queue, ext.settings.exchange, pattern)
+                done.append(f"unbound  {queue}  {pattern}")
+        if apply_missing:
+            ext.declare(channel)
+            done.append(f"declared {len(diff.missing)} missing binding(s)")
+    return done
+
+
 @topology.command("diff")
 @click.option("--prune", is_flag=True, help="Unbind stale bindings (queues are never deleted).")
 @click.option("--apply", "apply_missing", is_flag=True, help="Declare missing bindings.")
@@ -448,42 +482,18 @@ def topology_diff(ctx: click.Context, prune: bool, apply_missing: bool, as_json:
     ext = extension_of(ctx)
     expected = {ext.handler_queue_name(s): ext.binding_patterns(s) for s in ext.handlers}
     diff = diff_bindings(expected, _queue_bindings(ext, _management(ext)), ext.settings.service)
-    if as_json:
-        click.echo(
-            json.dumps(
-                {
-                    "clean": diff.clean,
-                    "missing": [list(pair) for pair in diff.missing],
-                    "stale": [list(pair) for pair in diff.stale],
-                    "orphaned_queues": list(diff.orphaned_queues),
-                },
-                indent=2,
-            )
-        )
-        if not diff.clean and not (prune or apply_missing):
-            ctx.exit(EXIT_FOUND_DIFFERENCE)
-    for queue, pattern in [] if as_json else diff.missing:
-        click.echo(f"missing  {queue}  {pattern}")
-    for queue, pattern in [] if as_json else diff.stale:
-        click.echo(f"stale    {queue}  {pattern}")
-    for queue in [] if as_json else diff.orphaned_queues:
-        click.echo(f"orphaned {queue}  (no handler; still bound, it keeps collecting events)")
+    _report(diff, as_json)
     if diff.clean:
-        if not as_json:
-            click.echo("topology matches the handlers")
         return
-    if not (prune or apply_missing):
-        ctx.exit(EXIT_FOUND_DIFFERENCE)
-    with _connection(ext) as conn:
-        channel: Any = conn.default_channel
-        if prune:
-            for queue, pattern in diff.stale:
-                channel.queue_unbind(queue, ext.settings.exchange, pattern)
-                click.echo(f"unbound  {queue}  {pattern}")
-        if apply_missing:
-            ext.declare(channel)
-            click.echo(f"declared {len(diff.missing)} missing binding(s)")
-    if (diff.stale and not prune) or (diff.missing and not apply_missing):
+    if prune or apply_missing:
+        for line in _repair(ext, diff, prune, apply_missing):
+            if not as_json:
+                click.echo(line)
+    if (
+        (diff.stale and not prune)
+        or (diff.missing and not apply_missing)
+        or (diff.orphaned_queues and not (prune or apply_missing))
+    ):
         ctx.exit(EXIT_FOUND_DIFFERENCE)
 
 

@@ -231,7 +231,12 @@ class DomainEvents:
     def publisher_entities(self) -> list[Any]:
         """What a publisher declares: the exchange and, if enabled, the unrouted queue."""
         unrouted = topology.unrouted_queue(self.settings)
-        return [self.exchange(), *([topology.Auxiliary(unrouted)] if unrouted is not None else [])]
+        if unrouted is None:
+            return [self.exchange()]
+        return [
+            self.exchange(),
+            topology.Auxiliary(unrouted, topology.unrouted_advice(unrouted.name)),
+        ]
 
     def declare(self, channel: Any) -> None:
         """Declare the exchange, every handler queue with its bindings, and every DLQ.

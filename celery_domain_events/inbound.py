@@ -111,10 +111,14 @@ def raw_body(body: Any, content_encoding: str | None) -> bytes:
 def _media_type(content_type: Any) -> str:
     if not isinstance(content_type, str):
         return ""
-    media, _, params = content_type.partition(";")
-    charset = params.strip().lower()
-    if charset and charset.replace(" ", "") not in ("charset=utf-8", "charset=utf8"):
-        return content_type  # a charset other than UTF-8 is not JSON as RFC 8259 defines it
+    media, *params = content_type.split(";")
+    for param in params:
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "charset" and value.strip().strip('"').lower() not in (
+            "utf-8",
+            "utf8",
+        ):
+            return content_type  # a charset other than UTF-8 is not JSON as RFC 8259 defines it
     return media.strip().lower()
 
 

@@ -72,7 +72,12 @@ class ManagementClient:
                 f"cannot reach the RabbitMQ management API at {self.safe_url} ({exc}); enable "
                 "rabbitmq_management or set domain_events_management_url"
             ) from None
-        return json.loads(body) if body else None
+        try:
+            return json.loads(body) if body else None
+        except ValueError:
+            raise ConfigurationError(
+                f"the RabbitMQ management API at {self.safe_url} did not answer with JSON"
+            ) from None
 
     def _vhost(self) -> str:
         return quote(self.vhost, safe="")

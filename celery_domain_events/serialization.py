@@ -191,7 +191,7 @@ def encoder(source: str, **extensions: Any) -> Callable[[AnyEvent], tuple[bytes,
             data = to_json(event.data)
         else:
             data = type(event).__pydantic_serializer__.to_json(event, exclude=_NOT_DATA)
-        event_id = to_json(event.event_id)  # '"<uuid>"': cheaper than str(UUID)
+        event_id = to_json(event.event_id)
         body = _ENVELOPE % (
             event_id,
             source_json,
@@ -200,7 +200,7 @@ def encoder(source: str, **extensions: Any) -> Callable[[AnyEvent], tuple[bytes,
             shared,
             data,
         )
-        return body, event_id[1:-1].decode()
+        return body, event.event_id
 
     return encode_event
 

@@ -284,6 +284,14 @@ def retry_message(  # noqa: PLR0917
     )
 
 
+def _acks_on_timeout(task: Task[Any, Any]) -> bool:
+    # Celery 5.7 has acks_on_timeout; earlier ones only acks_on_failure_or_timeout.
+    value = getattr(task, "acks_on_timeout", None)
+    if value is None:
+        value = getattr(task, "acks_on_failure_or_timeout", True)
+    return bool(value)
+
+
 class HandlerRequest(Request):
     """The worker-side request of a handler run: dead-letters a hard time limit.
 
@@ -305,7 +313,7 @@ class HandlerRequest(Request):
             and not self.acknowledged
             and not worker_state.should_terminate
             and task.acks_late
-            and getattr(task, "acks_on_timeout", True)
+            and _acks_on_timeout(task)
         ):
             self._dead_letter_time_limit(task, exc)
         super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)

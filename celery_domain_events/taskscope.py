@@ -14,8 +14,8 @@ buffer opens in a process.
 
 Handler tasks do the same inside the task body instead (``DomainEventTask.deliver``), so that a
 failed transmit makes the attempt fail and be retried. For other tasks the task has already
-succeeded when ``task_postrun`` runs: a transmit that fails after its retry policy is logged at
-ERROR with every unsent event in full, so the events can be recovered.
+succeeded when ``task_postrun`` runs: a transmit that fails by ``domain_events_publish_timeout``
+is logged at ERROR with every unsent event in full, so the events can be recovered.
 """
 
 from __future__ import annotations

@@ -250,7 +250,7 @@ class EventCapture:
         return outcome
 
     def _meta(self, delivery: _Delivery) -> dict[str, Any]:
-        # What bridge.to_task_message gives the task in a worker (JSON-safe, as retries need).
+        # What bridge.to_task_message gives the task in a worker.
         message, spec = delivery
         return task_meta(
             queue=self.ext.handler_queue_name(spec),

@@ -49,6 +49,7 @@ __all__ = [
     "retry_exchange",
     "retry_queue",
     "routing_key",
+    "unrouted_advice",
     "unrouted_exchange",
     "unrouted_queue",
 ]
@@ -66,6 +67,16 @@ def unrouted_exchange(settings: Settings) -> Exchange | None:
     if settings.unrouted_queue is None:
         return None
     return Exchange(settings.unrouted_queue, type="fanout", durable=True, auto_delete=False)
+
+
+def unrouted_advice(name: str) -> str:
+    """How to bound an unrouted queue declared earlier with other arguments: a policy."""
+    pattern = "^" + name.replace(".", "\\.") + "$"
+    return (
+        "To bound it, use a policy: rabbitmqctl set_policy domain-events-unrouted "
+        f'\'{pattern}\' \'{{"max-length": 100000, "overflow": "drop-head"}}\' '
+        "--apply-to queues"
+    )
 
 
 def unrouted_queue(settings: Settings) -> Queue | None:
@@ -171,8 +182,9 @@ def handler_queue(spec: HandlerSpec, settings: Settings) -> Queue:
 def retry_queue(spec: HandlerSpec, settings: Settings) -> Queue:
     """Return the handler's queue as a retry addresses it: retry exchange, key = queue name.
 
-    It is the same broker queue as :func:`handler_queue`; Celery publishes retries to it and,
-    for quorum queues, binds it for native delayed delivery.
+    It is the same broker queue as :func:`handler_queue`; the worker publishes retries and
+    replays to it (see :mod:`.task`), and Celery binds it for native delayed delivery when
+    handler queues are quorum queues.
     """
     name = handler_queue_name(spec, settings)
     return Queue(
@@ -242,9 +254,11 @@ class Auxiliary:
     logged and the publisher or worker carries on.
     """
 
-    def __init__(self, queue: Queue) -> None:
+    def __init__(self, queue: Queue, advice: str = "") -> None:
         self.queue = queue
         self.name = queue.name
+        #: What to tell an operator whose queue exists with other arguments.
+        self.advice = advice
 
     def declare(self, channel: Any) -> None:
         """Declare the queue (and its binding) on a fresh channel of ``channel``'s connection."""
@@ -254,14 +268,10 @@ class Auxiliary:
             self.queue.declare(channel=aux)
         except Exception as exc:
             log.warning(
-                "Domain events: could not declare %r (%s); carrying on without changing it. "
-                "If it exists with other arguments, set those with a policy instead, e.g. "
-                "rabbitmqctl set_policy %s '^%s$' "
-                '\'{"max-length": 100000, "overflow": "drop-head"}\' --apply-to queues',
+                "Domain events: could not declare %r (%s); carrying on without changing it. %s",
                 self.name,
                 getattr(exc, "reply_text", exc),
-                self.name.rsplit(".", 1)[-1],
-                self.name.replace(".", "\\."),
+                self.advice,
             )
         finally:
             if aux is not channel:

@@ -296,3 +296,31 @@ def test_child_spans_keep_the_trace_and_flags_and_reject_invalid_parents() -> No
         assert tracing.trace_id(root) not in (None, "4bf92f3577b34da6a3ce929d0e0e4736")
     assert tracing.trace_id(zero_trace) is None
     assert tracing.trace_id(parent) == "4bf92f3577b34da6a3ce929d0e0e4736"
+
+
+def test_message_id_is_the_cloudevents_id_even_with_json_escapes() -> None:
+    import json as _json
+
+    from celery import Celery
+
+    from celery_domain_events import DomainEvents, GenericEvent
+    from celery_domain_events.publisher import outbound_messages
+
+    app = Celery("ids", broker="memory://", set_as_current=False)
+    ext = DomainEvents(app, service="ids")
+    event = GenericEvent(event_name="unit.ids", event_id='crm "7" \\ x', data={})
+    [message] = outbound_messages(ext, [event])
+    assert message.properties["message_id"] == 'crm "7" \\ x'
+    assert _json.loads(message.body)["id"] == 'crm "7" \\ x'
+
+
+def test_hard_time_limits_follow_acks_on_failure_or_timeout_on_any_celery() -> None:
+    from types import SimpleNamespace
+
+    from celery_domain_events.task import _acks_on_timeout
+
+    assert _acks_on_timeout(SimpleNamespace(acks_on_timeout=None))  # type: ignore[arg-type]
+    assert not _acks_on_timeout(
+        SimpleNamespace(acks_on_timeout=None, acks_on_failure_or_timeout=False)  # type: ignore[arg-type]
+    )
+    assert not _acks_on_timeout(SimpleNamespace(acks_on_timeout=False))  # type: ignore[arg-type]
