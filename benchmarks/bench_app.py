@@ -140,7 +140,7 @@ def build_app(env: Mapping[str, str]) -> Celery:
     _completions.append(completions)
     app = Celery("bench", broker=env["BENCH_BROKER_URL"], set_as_current=True)
     app.conf.update(
-        # Without this a worker takes ~9 s to shut down (DESIGN.md, "Testing here").
+        # With heartbeats on, a worker takes ~9 s to shut down: benchmarks start many.
         broker_heartbeat=None,
         broker_connection_retry_on_startup=True,
         task_default_queue=env["BENCH_TASK_QUEUE"],

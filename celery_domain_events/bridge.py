@@ -27,7 +27,7 @@ from typing import Any
 
 from kombu.message import Message
 
-from .inbound import Inbound, summary
+from .inbound import KEPT_PROPERTIES, Inbound, summary
 from .registry import HandlerSpec
 
 __all__ = [
@@ -40,7 +40,6 @@ __all__ = [
 #: Namespace of the deterministic handler task ids.
 TASK_ID_NAMESPACE = uuid.UUID("6f1c1f0e-5a2b-4c69-9d51-6b8cf1f2a0de")
 _NAMESPACE_BYTES = TASK_ID_NAMESPACE.bytes
-_KEPT_PROPERTIES = ("message_id", "type", "timestamp", "app_id", "correlation_id", "priority")
 
 
 def task_id_for(event_id: str, handler: str) -> str:
@@ -95,7 +94,7 @@ def task_meta(
         "routing_key": routing_key,
         "content_type": content_type,
         "content_encoding": content_encoding,
-        "properties": {k: _plain(properties[k]) for k in _KEPT_PROPERTIES if k in properties},
+        "properties": {k: _plain(properties[k]) for k in KEPT_PROPERTIES if k in properties},
         "headers": dict(headers),
     }
 

@@ -27,19 +27,19 @@ from typing import TYPE_CHECKING, Any
 
 from kombu import Connection
 from kombu.common import ignore_errors
-from pydantic_core import from_json
 
 from ._compat import encoded_table_size
 from .confirm import OutboundMessage, publish_confirmed
 from .inbound import (
-    MAX_HEADER_DEPTH,
+    KEPT_PROPERTIES,
     ORIGIN_EXCHANGE_HEADER,
     ORIGIN_ROUTING_KEY_HEADER,
     RETRIES_HEADER,
     RETRY_AT_HEADER,
+    bounded_copy,
     raw_body,
 )
-from .serialization import CONTENT_TYPE
+from .serialization import CONTENT_TYPE, peek_id
 from .topology import DLQ_SUFFIX, RETRY_SUFFIX, Auxiliary
 
 if TYPE_CHECKING:
@@ -104,23 +104,13 @@ def _text_of(exc: BaseException) -> str:
 
 
 def _header_size(key: str, value: Any) -> int | None:
-    # None: the header cannot travel again (nested too deep, or not encodable).
-    if _depth(value, 0) > MAX_HEADER_DEPTH:
-        return None
+    # None: the header cannot travel again (nested deeper than a handler queue accepts, or not
+    # encodable).
     try:
+        bounded_copy({key: value})
         return encoded_table_size({key: value})
     except Exception:
         return None
-
-
-def _depth(value: Any, depth: int) -> int:
-    if depth > MAX_HEADER_DEPTH:
-        return depth
-    if isinstance(value, Mapping):
-        return max((_depth(v, depth + 1) for v in value.values()), default=depth + 1)
-    if isinstance(value, list | tuple):
-        return max((_depth(v, depth + 1) for v in value), default=depth + 1)
-    return depth
 
 
 def _kept_headers(headers: Mapping[Any, Any]) -> tuple[dict[str, Any], list[str]]:
@@ -249,12 +239,8 @@ class DeadLetter:
         message_id = self.properties.get("message_id")
         if message_id:
             return str(message_id)
-        try:
-            envelope = from_json(self.body[:_PEEK_BYTES]) if len(self.body) <= _PEEK_BYTES else {}
-        except ValueError:
-            return "?"
-        event_id = envelope.get("id") if isinstance(envelope, dict) else None
-        return event_id if isinstance(event_id, str) and event_id else "?"
+        event_id = peek_id(self.body) if len(self.body) <= _PEEK_BYTES else None
+        return event_id or "?"
 
     @property
     def event_name(self) -> str:
@@ -287,7 +273,7 @@ class DeadLetter:
             routing_key=self.handler_queue,
             content_type=self.content_type or "application/octet-stream",
             content_encoding=self.content_encoding or "binary",
-            properties={k: v for k, v in self.properties.items() if k in _REPLAYED_PROPERTIES},
+            properties={k: v for k, v in self.properties.items() if k in KEPT_PROPERTIES},
             headers=headers,
             mandatory=True,
             must_route=True,
@@ -296,7 +282,6 @@ class DeadLetter:
 
 # Bodies larger than this are not parsed just to find their id (a dead letter may be huge).
 _PEEK_BYTES = 4 * 1024 * 1024
-_REPLAYED_PROPERTIES = ("message_id", "type", "timestamp", "app_id", "correlation_id", "priority")
 
 
 def _letter(queue: str, raw: Any) -> DeadLetter:

@@ -41,12 +41,14 @@ from .serialization import JSON_CONTENT_TYPES, json_error
 
 __all__ = [
     "DELAYED_EXCHANGE_PREFIX",
+    "KEPT_PROPERTIES",
     "MAX_HEADER_DEPTH",
     "ORIGIN_EXCHANGE_HEADER",
     "ORIGIN_ROUTING_KEY_HEADER",
     "RETRIES_HEADER",
     "RETRY_AT_HEADER",
     "Inbound",
+    "bounded_copy",
     "check",
     "raw_body",
     "summary",
@@ -59,6 +61,8 @@ RETRY_AT_HEADER = "x-retry-at"
 #: Where a retried or replayed event was first published: exchange and routing key.
 ORIGIN_EXCHANGE_HEADER = "x-original-exchange"
 ORIGIN_ROUTING_KEY_HEADER = "x-original-routing-key"
+#: The AMQP properties an event keeps through retries, dead letters and replays.
+KEPT_PROPERTIES = ("message_id", "type", "timestamp", "app_id", "correlation_id", "priority")
 #: Prefix of the exchanges of RabbitMQ native delayed delivery (quorum-queue retries).
 DELAYED_EXCHANGE_PREFIX = "celery_delayed_"
 #: Deepest nesting of AMQP tables and arrays in application headers.
@@ -151,16 +155,20 @@ def _text(message: Message, max_bytes: int) -> str:
     return text
 
 
-def _bounded(value: Any, depth: int) -> Any:
-    # A copy of an AMQP table or array that refuses to nest without bound.
+def bounded_copy(value: Any, depth: int = 0) -> Any:
+    """Copy an AMQP table or array, refusing one nested :data:`MAX_HEADER_DEPTH` deep.
+
+    Raises:
+        EventDecodeError: ``value`` nests too deep.
+    """
     if isinstance(value, Mapping):
         if depth >= MAX_HEADER_DEPTH:
             raise EventDecodeError(f"headers nest deeper than {MAX_HEADER_DEPTH} levels")
-        return {str(k): _bounded(v, depth + 1) for k, v in value.items()}
+        return {str(k): bounded_copy(v, depth + 1) for k, v in value.items()}
     if isinstance(value, list | tuple):
         if depth >= MAX_HEADER_DEPTH:
             raise EventDecodeError(f"headers nest deeper than {MAX_HEADER_DEPTH} levels")
-        return [_bounded(v, depth + 1) for v in value]
+        return [bounded_copy(v, depth + 1) for v in value]
     return value
 
 
@@ -209,7 +217,7 @@ def check(
         raise EventDecodeError(
             f"AMQP headers could not be decoded: {str(raw_headers[UNDECODABLE_HEADER])[:_SHOWN]}"
         )
-    headers = _bounded(raw_headers, 0) if raw_headers else {}
+    headers = bounded_copy(raw_headers) if raw_headers else {}
     text = _text(message, max_bytes)
     try:
         envelope = from_json(text, allow_inf_nan=False)

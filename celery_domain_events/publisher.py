@@ -280,7 +280,7 @@ def transmit(app: Celery | None = None) -> list[AnyEvent]:
 def outbound_messages(
     ext: DomainEvents, events: list[AnyEvent], traceparent: str | None = None
 ) -> list[OutboundMessage]:
-    """Return the AMQP messages that publish ``events`` (the wire format of DESIGN.md).
+    """Return the AMQP messages that publish ``events`` (the README's "Wire format").
 
     Structured CloudEvents: every attribute (``eventversion`` and ``traceparent`` included)
     is in the body; the AMQP properties repeat only what brokers and tools show without

@@ -42,6 +42,7 @@ __all__ = [
     "encode",
     "encoder",
     "is_json_media_type",
+    "peek_id",
     "to_event",
 ]
 
@@ -230,6 +231,16 @@ def decode(body: bytes | str) -> Envelope:
         return Envelope.model_validate(raw)
     except ValidationError as exc:
         raise EventDecodeError(f"not a CloudEvents 1.0 envelope: {_summary(exc)}") from exc
+
+
+def peek_id(body: bytes | str) -> str | None:
+    """Return the CloudEvents ``id`` of ``body`` without validating the rest, or None."""
+    try:
+        envelope = from_json(body)  # lenient: it only finds an id, even in poison
+    except (ValueError, TypeError):
+        return None
+    event_id = envelope.get("id") if isinstance(envelope, dict) else None
+    return event_id if isinstance(event_id, str) and event_id else None
 
 
 def json_error(body: bytes | str, exc: Exception) -> str:

@@ -51,7 +51,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
 from celery import Celery, states
-from pydantic_core import from_json
 
 from . import serialization
 from .bridge import task_id_for, task_meta
@@ -342,9 +341,4 @@ def capture_events(app: Celery, *, fail_fast: bool = True) -> Iterator[EventCapt
 
 def _event_id(message: OutboundMessage) -> str:
     # As a worker does: the CloudEvents id from the body, whatever message_id says.
-    try:
-        envelope = from_json(message.body)
-    except ValueError:
-        envelope = None
-    event_id = envelope.get("id") if isinstance(envelope, dict) else None
-    return event_id if isinstance(event_id, str) else str(message.properties.get("message_id"))
+    return serialization.peek_id(message.body) or str(message.properties.get("message_id"))
