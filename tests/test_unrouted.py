@@ -73,3 +73,12 @@ def test_the_worker_warns_when_unrouted_events_pile_up(
     wait_for(lambda: "no handler is bound to" in worker.log(), timeout=10)
     assert f"{topology.unrouted} holds 850 event(s)" in worker.log()
     assert "the oldest are dropped past 1000" in worker.log()
+
+
+def test_the_documented_unrouted_defaults() -> None:
+    from celery_domain_events import bootstep
+    from celery_domain_events.config import Settings
+
+    assert Settings.model_fields["unrouted_max_length"].default == 100_000
+    assert bootstep.UNROUTED_WARN_FRACTION == 0.8  # "80 % full"
+    assert bootstep.UNROUTED_CHECK_SECONDS == 300  # "every 5 minutes"
