@@ -23,6 +23,8 @@ and this step declares and consumes again.
 from __future__ import annotations
 
 import logging
+import time
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -56,6 +58,21 @@ log = logging.getLogger(__name__)
 UNROUTED_WARN_FRACTION = 0.8
 UNROUTED_WARN_UNBOUNDED = 10_000
 UNROUTED_CHECK_SECONDS = 300.0
+#: A handler queue whose dead letter the broker did not confirm is held (not consumed) this
+#: long, doubling up to HOLD_MAX_SECONDS while refusals go on: a DLQ that refuses publishes
+#: then costs the worker one publish deadline per hold, not one per delivery.
+HOLD_FIRST_SECONDS = 15.0
+HOLD_MAX_SECONDS = 300.0
+
+# The running step of each app, for the pool's result callbacks (HandlerRequest) to reach.
+_running: weakref.WeakKeyDictionary[Any, DomainEventsStep] = weakref.WeakKeyDictionary()
+
+
+def hold_handler_queue(app: Any, queue: str) -> None:
+    """Hold ``queue`` after one of its dead letters was refused (no-op outside a worker)."""
+    step = _running.get(app)
+    if step is not None:
+        step.hold(queue)
 
 
 class _Dispatch:
@@ -71,11 +88,13 @@ class _Dispatch:
         spec: HandlerSpec,
         queue: str,
         on_task_received: Callable[[Message], Any],
+        on_refused: Callable[[str], Any] = lambda queue: None,
     ) -> None:
         self.ext = ext
         self.spec = spec
         self.queue = queue
         self.on_task_received = on_task_received
+        self.on_refused = on_refused
         self.max_bytes = ext.settings.max_event_bytes
         self.retry_exchanges = frozenset({ext.retry_exchange().name})
         self.max_delay = (spec.retry.max_delay if spec.retry is not None else 0.0) + 1.0
@@ -114,6 +133,7 @@ class _Dispatch:
                 self.queue,
                 send_error,
             )
+            self.on_refused(self.queue)  # first: the requeued message must not come back here
             message.reject(requeue=True)
             return
         message.ack()
@@ -159,6 +179,11 @@ class DomainEventsStep(bootsteps.StartStopStep):
         #: Handler queues paused by ``celery control cancel_consumer``; kept across restarts.
         self.paused: set[str] = set()
         self.timers: list[Any] = []
+        #: Handler queues held after a refused dead letter -> the timer entry that resumes them.
+        self.held: dict[str, Any] = {}
+        #: queue -> (its next hold in seconds, when it was last held): the hold's back-off.
+        self.backoff: dict[str, tuple[float, float]] = {}
+        self.timer: Any = None
         #: Every handler queue this worker consumes (stays known across restarts).
         self.handler_queues: set[str] = set()
         # All steps are built before any starts: registering the queues here lets Celery's
@@ -180,6 +205,8 @@ class DomainEventsStep(bootsteps.StartStopStep):
                 parent.app.main,
             )
         channel = parent.task_consumer.channel
+        self.timer = getattr(parent, "timer", None)
+        _running[parent.app] = self
         ext.declare(channel)
         if ext.settings.queue_type is QueueType.QUORUM:
             _bind_for_native_delay(ext, parent.connection)
@@ -189,7 +216,7 @@ class DomainEventsStep(bootsteps.StartStopStep):
             consumer = Consumer(
                 channel,
                 queues=[queue],
-                on_message=_Dispatch(ext, spec, queue.name, on_task_received),
+                on_message=_Dispatch(ext, spec, queue.name, on_task_received, self.hold),
                 auto_declare=False,
                 no_ack=False,
             )
@@ -265,11 +292,8 @@ class DomainEventsStep(bootsteps.StartStopStep):
         Its events wait in the queue; deliveries already prefetched still run.
         """
         self.paused.add(queue)
-        if queue not in self.by_queue:  # between a stop and the next start: kept for then
-            return
-        consumer, _ = self.by_queue[queue]
-        if consumer.consuming_from(queue):
-            consumer.cancel_by_queue(queue)
+        self._release_hold(queue)
+        self._cancel(queue)
         log.warning(
             "Domain events: paused handler queue %s; its events wait there. Resume it with "
             "`celery control add_consumer %s`",
@@ -280,13 +304,61 @@ class DomainEventsStep(bootsteps.StartStopStep):
     def resume(self, queue: str) -> None:
         """Consume a paused handler queue again (``celery control add_consumer <queue>``)."""
         self.paused.discard(queue)
+        self._release_hold(queue)
+        self._consume(queue)
+        log.warning("Domain events: resumed handler queue %s", queue)
+
+    def hold(self, queue: str) -> None:
+        """Stop consuming ``queue`` for a while: the broker did not confirm its dead letter.
+
+        Each refused dead letter costs the worker up to ``domain_events_publish_timeout``
+        (on the main thread for poison and the solo pool), and the requeued delivery would
+        come straight back: holding the queue lets every other handler run meanwhile.
+        """
+        if queue not in self.by_queue or queue in self.held or queue in self.paused:
+            return
+        if self.timer is None:
+            return
+        now = time.monotonic()
+        delay, last = self.backoff.get(queue, (HOLD_FIRST_SECONDS, now))
+        if now - last > 2 * HOLD_MAX_SECONDS:  # refusals stopped long ago: start over
+            delay = HOLD_FIRST_SECONDS
+        self.backoff[queue] = (min(delay * 2, HOLD_MAX_SECONDS), now)
+        self._cancel(queue)
+        self.held[queue] = self.timer.call_after(delay, self._end_hold, (queue,))
+        log.error(
+            "Domain events: a dead letter of %s was not confirmed (its DLQ %s.dlq refuses "
+            "publishes, or the broker blocks them); holding the queue for %.0f s so the other "
+            "handlers keep running. Its events wait there; check the DLQ's length limits",
+            queue,
+            queue,
+            delay,
+        )
+
+    def _end_hold(self, queue: str) -> None:
+        if self.held.pop(queue, None) is not None and queue not in self.paused:
+            self._consume(queue)
+            log.warning("Domain events: handler queue %s consumed again after a hold", queue)
+
+    def _release_hold(self, queue: str) -> None:
+        entry = self.held.pop(queue, None)
+        if entry is not None:
+            entry.cancel()
+
+    def _cancel(self, queue: str) -> None:
+        if queue not in self.by_queue:  # between a stop and the next start: kept for then
+            return
+        consumer, _ = self.by_queue[queue]
+        if consumer.consuming_from(queue):
+            consumer.cancel_by_queue(queue)
+
+    def _consume(self, queue: str) -> None:
         if queue not in self.by_queue:  # between a stop and the next start: consumed then
             return
         consumer, entity = self.by_queue[queue]
         if not consumer.consuming_from(queue):
             consumer.add_queue(entity)
             consumer.consume()
-        log.warning("Domain events: resumed handler queue %s", queue)
 
     def stop(self, parent: Any) -> None:
         """Cancel the handler consumers (the channel belongs to Celery's task consumer)."""
@@ -294,9 +366,10 @@ class DomainEventsStep(bootsteps.StartStopStep):
             ignore_errors(parent.connection, consumer.cancel)
         self.consumers = []
         self.by_queue = {}
-        for entry in self.timers:
+        for entry in [*self.timers, *self.held.values()]:
             entry.cancel()
         self.timers = []
+        self.held = {}  # a restart consumes every queue not paused by an operator
 
     shutdown = stop
 

@@ -144,13 +144,15 @@ def _summary(letter: DeadLetter) -> dict[str, Any]:
         "message": letter.failure("message"),
         "time": letter.failure("time"),
         "replayed": letter.headers.get("x-replayed", 0),
+        "copies": letter.copies,
     }
 
 
 def _line(letter: DeadLetter) -> str:
     s = _summary(letter)
+    copies = f"  copies={s['copies']}" if s["copies"] > 1 else ""
     return (
-        f"  {s['event_id']}  {s['event']}  {s['reason']}  attempts={s['attempts']}  "
+        f"  {s['event_id']}  {s['event']}  {s['reason']}  attempts={s['attempts']}{copies}  "
         f"{s['exception']}: {s['message']}"
     )
 

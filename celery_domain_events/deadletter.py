@@ -6,10 +6,13 @@
       body:    the event exactly as published (byte-identical)
       headers: the publisher's own (up to 64 KiB; larger ones named in -dropped-headers), and
                x-failure-reason, -exception, -message, -traceback, -attempts, -handler,
-               -queue, -exchange, -routing-key, -time, -task-id   (under 16 KiB)
+               -queue, -exchange, -routing-key, -time, -task-id, -key   (under 16 KiB)
 
 The record is published with a publisher confirm *before* the original delivery is acked, so a
-crash in between can only duplicate a dead letter, never lose the event. The headers are
+crash in between, or a confirm that times out (the delivery is then requeued and dead-lettered
+again), can only duplicate a dead letter, never lose the event. Copies of one failure share
+``x-failure-key`` (handler queue, event id, attempt): the CLI lists them once and a replay or
+purge removes them together. The headers are
 bounded so a dead letter always fits one AMQP frame: a message is never dropped because its
 failure record would not fit. Retries are counted from the worker's own retry header
 (``x-retries``, trusted only on the retry exchange), never from ``x-death``.
@@ -18,10 +21,11 @@ failure record would not fit. Retries are counted from the worker's own retry he
 from __future__ import annotations
 
 import enum
+import hashlib
 import logging
 from collections.abc import Callable, Mapping
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
@@ -74,6 +78,8 @@ _RETRY_HEADERS = frozenset(
 _MAX_MESSAGE = 2 * 1024
 _MAX_TRACEBACK = 10 * 1024
 _SHORT = 1024
+# Bodies larger than this are not parsed just to find their id (a dead letter may be huge).
+_PEEK_BYTES = 4 * 1024 * 1024
 
 
 @enum.unique
@@ -144,6 +150,20 @@ def _kept_headers(headers: Mapping[Any, Any]) -> tuple[dict[str, Any], list[str]
     return kept, [name[:_SHOW_NAME] for name in dropped]
 
 
+def failure_key(queue: str, event_id: str, attempts: int) -> str:
+    """The key copies of one failure share: the same event, handler queue and attempt."""
+    text = f"{queue}\0{event_id}\0{attempts}".encode("utf-8", "surrogatepass")
+    return hashlib.blake2b(text, digest_size=16).hexdigest()
+
+
+def _id_of(properties: Mapping[str, Any] | None, body: bytes) -> str:
+    message_id = (properties or {}).get("message_id")
+    if isinstance(message_id, str) and message_id:
+        return message_id
+    found = peek_id(body) if len(body) <= _PEEK_BYTES else None
+    return found or "sha256:" + hashlib.sha256(body).hexdigest()
+
+
 def dead_letter_message(
     *,
     body: bytes,
@@ -174,6 +194,7 @@ def dead_letter_message(
         "routing-key": routing_key,
         "time": datetime.now(timezone.utc).isoformat(),
         "task-id": task_id or "",
+        "key": failure_key(queue, _id_of(properties, body), attempts),
     }
     failure = {HEADER_PREFIX + k: v for k, v in record.items()}
     kept, dropped = _kept_headers(headers or {})
@@ -223,6 +244,14 @@ class DeadLetter:
     content_encoding: str | None
     properties: dict[str, Any]
     headers: dict[str, Any]
+    #: How many messages of the queue are copies of this failure (same ``x-failure-key``).
+    copies: int = field(default=1, compare=False)
+
+    @property
+    def key(self) -> str | None:
+        """The failure key its copies share; None for the broker's own dead letters."""
+        key = self.failure("key")
+        return str(key) if key else None
 
     @property
     def handler_queue(self) -> str:
@@ -280,10 +309,6 @@ class DeadLetter:
         )
 
 
-# Bodies larger than this are not parsed just to find their id (a dead letter may be huge).
-_PEEK_BYTES = 4 * 1024 * 1024
-
-
 def _letter(queue: str, raw: Any) -> DeadLetter:
     props = dict(raw.properties)
     headers = dict(props.pop("application_headers", None) or {})
@@ -322,24 +347,35 @@ def process(
 
     Messages are fetched unacked; those not selected (or all of them, when ``act`` is None,
     as for ``list`` and dry runs) return to the queue in their order when the channel closes.
-    If ``act`` raises, the message it failed on is not acked and stays dead-lettered.
+    If ``act`` raises, the message it failed on is not acked and stays dead-lettered. Copies
+    of a failure already seen (same ``x-failure-key``) are counted in its ``copies`` and, when
+    it was acted on, acked without acting again.
 
     Returns:
-        The selected dead letters (at most ``limit``).
+        The selected dead letters, one per failure (at most ``limit``).
     """
     channel: Any = conn.channel()  # transport channel: the stubs only know StdChannel
     selected: list[DeadLetter] = []
+    seen: dict[str, int] = {}  # failure key -> its index in selected
     try:
         _, count, _ = channel.queue_declare(queue, passive=True)
         for _ in range(count):
-            if limit is not None and len(selected) >= limit:
-                break
             raw = channel.basic_get(queue, no_ack=False)
             if raw is None:
                 break
             letter = _letter(queue, raw)
+            if letter.key is not None and letter.key in seen:
+                first = seen[letter.key]
+                selected[first] = replace(selected[first], copies=selected[first].copies + 1)
+                if act is not None:
+                    channel.basic_ack(raw.delivery_tag)
+                continue
+            if limit is not None and len(selected) >= limit:
+                continue  # still read on: later copies of the selected ones are counted
             if not select(letter):
                 continue
+            if letter.key is not None:
+                seen[letter.key] = len(selected)
             selected.append(letter)
             if act is not None:
                 act(letter)

@@ -165,8 +165,9 @@ class DomainEventTask(Task[Any, Any]):
         a task class with its own ``__call__`` takes a slower path in Celery's tracer, which
         pushes a second request context for every run.
 
-        The wrapper raises ``Reject(requeue=True)`` when the dead letter cannot be confirmed,
-        so the delivery is requeued instead of acked, and the event is not lost.
+        The wrapper raises :class:`DeadLetterRefused` (a ``Reject(requeue=True)``) when the
+        dead letter cannot be confirmed, so the delivery is requeued instead of acked, the
+        event is not lost, and the worker holds the handler's queue for a while.
         """
         run = self.run
 
@@ -192,7 +193,7 @@ class DomainEventTask(Task[Any, Any]):
                         self.request.id,
                         publish_error,
                     )
-                    raise Reject(publish_error, requeue=True) from exc
+                    raise DeadLetterRefused(repr(publish_error)[:500], requeue=True) from exc
                 raise
 
         self.run = run_or_dead_letter  # type: ignore[method-assign]
@@ -292,6 +293,10 @@ def _acks_on_timeout(task: Task[Any, Any]) -> bool:
     return bool(value)
 
 
+class DeadLetterRefused(Reject):
+    """Requeue a delivery whose dead letter the broker did not confirm (then hold its queue)."""
+
+
 class HandlerRequest(Request):
     """The worker-side request of a handler run: dead-letters a hard time limit.
 
@@ -308,7 +313,9 @@ class HandlerRequest(Request):
         exc = getattr(exc_info, "exception", None)
         exc = getattr(exc, "exc", exc)  # billiard's ExceptionWithTraceback wraps it
         task = cast(DomainEventTask, self.task)
-        if (
+        if isinstance(exc, DeadLetterRefused):
+            self._hold(task)  # before Celery requeues the delivery
+        elif (
             isinstance(exc, TimeLimitExceeded)
             and not self.acknowledged
             and not worker_state.should_terminate
@@ -335,4 +342,12 @@ class HandlerRequest(Request):
                 self.id,
                 publish_error,
             )
+            self._hold(task)  # first: the requeued delivery must not come straight back
             self.reject(requeue=True)
+
+    def _hold(self, task: DomainEventTask) -> None:
+        from .bootstep import hold_handler_queue  # noqa: PLC0415 (worker side only)
+
+        hold_handler_queue(
+            task.app, DomainEvents.of(task.app).handler_queue_name(task.handler_spec)
+        )

@@ -83,27 +83,34 @@ def test_list_show_replay_and_purge_dead_letters(
     assert depths(worker) == {"flaky": 1, "sibling": 0}
 
     missing = cli(worker, "dlq", "show", str(second.event_id), check=False)
-    assert missing.returncode != 0
+    assert missing.returncode == 1  # nothing found
     assert "no dead letter" in missing.stderr
     bad = cli(worker, "dlq", "list", "--handler", "nope", check=False)
-    assert bad.returncode != 0
+    assert bad.returncode == 2  # a usage error
     assert "unknown handler" in bad.stderr
 
 
+@pytest.mark.parametrize(
+    ("case", "url"),
+    [
+        ("closed port", "amqp://guest:s3cret@127.0.0.1:1//"),
+        ("refused login", "amqp://guest:s3cret@127.0.0.1:5672//"),
+    ],
+)
 def test_an_unreachable_broker_is_one_line_and_exit_code_3(
-    worker_process: Callable[..., WorkerProcess],
+    worker_process: Callable[..., WorkerProcess], case: str, url: str
 ) -> None:
-    worker = worker_process(
-        ["flaky"], TEST_BROKER_URL="amqp://guest:s3cret@127.0.0.1:1//", TEST_PUBLISH_TIMEOUT="2"
-    )
+    worker = worker_process(["flaky"], TEST_BROKER_URL=url, TEST_PUBLISH_TIMEOUT="2")
     for args in (("dlq", "list"), ("dlq", "replay", "--dry-run"), ("topology", "declare")):
         result = cli(worker, *args, check=False)
-        assert result.returncode == 3, (args, result.stdout, result.stderr)
+        assert result.returncode == 3, (case, args, result.stdout, result.stderr)
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1, result.stderr
-        assert lines[0].startswith("Error: cannot reach the broker at amqp://guest:**@127.0.0.1:1")
+        assert lines[0].startswith("Error: cannot reach the broker at amqp://guest:**@127.0.0.1:")
         assert "Traceback" not in result.stderr
         assert "s3cret" not in result.stderr + result.stdout
+        if case == "refused login":  # refused at once, not retried until the deadline
+            assert "ACCESS_REFUSED" in lines[0] or "refused" in lines[0].lower(), lines[0]
 
 
 def test_an_unreadable_management_api_is_one_line_and_exit_code_4(

@@ -230,7 +230,7 @@ def test_event_is_requeued_when_its_dead_letter_cannot_be_confirmed(
         unwritable_dlq(topology.broker_url, queue + ".dlq")
         emit("test.reject.unwritable", {})
         transmit(app)
-        wait_for(lambda: len(recorder.get("rejects")) >= 2)  # requeued, delivered again
+        wait_for(lambda: len(recorder.get("rejects")) >= 1)  # ran, dead letter refused
     wait_for(lambda: topology.queue_depth(queue) == 1)  # still there: nothing was lost
     assert topology.queue_depth(queue + ".dlq") == 0
     with Connection(topology.broker_url) as conn:

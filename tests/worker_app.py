@@ -92,6 +92,23 @@ def flaky(event: DomainEvent) -> None:
     raise RuntimeError("flaky handler failed")
 
 
+@domain_event_handler("probe.fail", retry=None)
+def fails(event: DomainEvent) -> None:
+    """Always fails, without retries: dead-lettered at once."""
+    _append("fails", event)
+    raise RuntimeError("fails handler failed")
+
+
+@domain_event_handler("probe.fail.later", retry=None)
+def fails_later(event: DomainEvent) -> None:
+    """Fails once the test creates the marker ``go`` (waits for it for at most 60 s)."""
+    _append("fails_later", event)
+    go, deadline = _marker("go"), time.time() + 60
+    while not go.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    raise RuntimeError("fails_later handler failed")
+
+
 @domain_event_handler("probe.retry", retry=None)
 def sibling(event: DomainEvent) -> None:
     """Shares the routing key with `flaky`; must run exactly once."""
