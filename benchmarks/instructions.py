@@ -33,7 +33,8 @@ import redis
 from celery import Celery
 from kombu import Connection
 
-from celery_domain_events import DomainEvents, emit, serialization, transmit
+from celery_domain_events import DomainEvents, emit, transmit
+from celery_domain_events.wire import envelope as serialization
 
 from .bench_app import EVENT_NAME, BenchHappened, build_app
 from .run import (
@@ -190,7 +191,10 @@ def _clean(b: Bench, app: Celery, env: dict[str, str], r: redis.Redis) -> None:
     if env["BENCH_MODE"] == "events":
         ext = DomainEvents.of(app)
         for spec in ext.handlers:
-            queues += [ext.handler_queue_name(spec), ext.handler_queue_name(spec) + ".dlq"]
+            queues += [
+                ext.topology.handler_queue_name(spec),
+                ext.topology.handler_queue_name(spec) + ".dlq",
+            ]
     exchange = env["BENCH_EXCHANGE"]
     delete_entities(
         b.broker_url,

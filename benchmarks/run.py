@@ -48,7 +48,9 @@ import kombu
 import redis
 from kombu import Connection
 
-from celery_domain_events import DomainEvents, emit, serialization, tracing, transmit
+from celery_domain_events import DomainEvents, emit, tracing, transmit
+from celery_domain_events.amqp.queues import declare
+from celery_domain_events.wire import envelope as serialization
 
 from .bench_app import EVENT_NAME, NOOP_TASK, BenchHappened, build_app
 
@@ -380,7 +382,8 @@ def prepublish(app: Any, mode: str, n: int) -> int:
         if mode == "events":
             # Handler queues normally appear when a worker starts; declare them now so the
             # events are waiting for it.
-            DomainEvents.of(app).declare(conn.default_channel)
+            ext = DomainEvents.of(app)
+            declare(ext.topology.worker_entities(ext.handlers), conn.default_channel)
     if mode == "plain":
         prepublish_tasks(app, queue_name, n)
         return n
@@ -517,7 +520,10 @@ def scenario_worker(b: Bench, mode: str, pool: str, prefetch: int) -> Drain:
     if mode == "events":
         ext = DomainEvents.of(app)
         for spec in ext.handlers:
-            queues += [ext.handler_queue_name(spec), ext.handler_queue_name(spec) + ".dlq"]
+            queues += [
+                ext.topology.handler_queue_name(spec),
+                ext.topology.handler_queue_name(spec) + ".dlq",
+            ]
         queues.append(env["BENCH_UNROUTED"])
         exchanges += [
             env["BENCH_EXCHANGE"],

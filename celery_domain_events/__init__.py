@@ -1,5 +1,6 @@
 """Typed domain events over a RabbitMQ topic exchange, each delivery handled as a Celery task."""
 
+from .consuming.handlers import Handler, domain_event_handler
 from .events import DomainEvent, GenericEvent
 from .exceptions import (
     NON_RETRYABLE,
@@ -16,8 +17,7 @@ from .exceptions import (
     UnknownEventError,
 )
 from .extension import DomainEvents
-from .handlers import Handler, domain_event_handler
-from .publisher import buffered, discard, emit, scope, transmit
+from .publishing.api import buffered, discard, emit, scope, transmit
 from .retry import RetryPolicy
 
 __version__ = "0.1.0"

@@ -1,24 +1,52 @@
-"""Details of Celery, kombu and py-amqp that this library relies on beyond their documented API.
+"""Details of Celery, kombu, py-amqp and Django that this library relies on beyond their API.
 
 Each one lives here, behind a function of ours, with a canary test in ``tests/test_compat.py``
-that fails on an upgrade that changes it.
+that fails on an upgrade that changes it. No other module touches a private name of theirs.
+
+- py-amqp: the table decoder and the Basic properties decoder (hardened against hostile
+  headers), the encoder (header sizes), ``Channel._basic_publish`` (publish without waiting
+  for each confirm).
+- kombu: ``Connection._connection`` (the transport connection a confirm channel belongs to).
+- Celery: the worker's task consumer and remote control (``consume``, ``cancel_task_queue``,
+  ``add_task_queue``); a task message whose body is already decoded (``content_type=None`` in
+  ``celery.app.trace``); ``@shared_task``'s registration on every app (``_get_active_apps``,
+  ``_finalize_mutex``, ``_task_from_fun``); the task being traced (``celery._state``); the
+  current app slot that ``celery.contrib.testing`` changes.
+- Django: ``connection.run_on_commit`` entries ``(savepoint ids, func, robust)``.
 """
 
 from __future__ import annotations
 
+import sys
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from struct import unpack_from
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from amqp import serialization
+from celery import _state as celery_state
+from kombu.message import Message
+
+if TYPE_CHECKING:
+    from celery import Celery, Task
 
 __all__ = [
     "MAX_DECODED_TABLE_DEPTH",
     "UNDECODABLE_HEADER",
+    "current_traced_task",
+    "decoded_task_message",
+    "django_append_on_commit",
+    "django_on_commit_funcs",
     "encoded_table_size",
     "harden_amqp_decoder",
+    "on_every_app",
+    "restored_current_app",
     "route_queue_control",
+    "start_with_task_consumer",
+    "task_from_fun",
+    "transport_connection",
+    "unconfirmed_basic_publish",
 ]
 
 #: Nesting of AMQP tables and arrays that py-amqp decodes; deeper ones stay raw bytes.
@@ -179,3 +207,125 @@ def route_queue_control(
     add_task_queue.__wrapped__ = add  # type: ignore[attr-defined]
     consumer.cancel_task_queue = cancel_task_queue
     consumer.add_task_queue = add_task_queue
+
+
+def start_with_task_consumer(task_consumer: Any, start: Callable[[], None]) -> None:
+    """Call ``start`` right after each time Celery starts its own task consumer.
+
+    Celery's event loops (``asynloop`` and ``synloop`` in ``celery.worker.loops``) call
+    ``task_consumer.consume()`` once per blueprint start, when the pool can take work: handler
+    queues consumed then share the task consumer's channel and QoS, and never deliver to a pool
+    that is not ready. An instance attribute shadows the method (idempotent).
+    """
+    consume = getattr(task_consumer.consume, "__wrapped__", task_consumer.consume)
+
+    def consume_then_start(*args: Any, **kwargs: Any) -> Any:
+        result = consume(*args, **kwargs)
+        start()
+        return result
+
+    consume_then_start.__wrapped__ = consume  # type: ignore[attr-defined]
+    task_consumer.consume = consume_then_start
+
+
+class _DecodedTaskMessage(Message):
+    """A task message whose body is the ``(args, kwargs, embed)`` tuple itself."""
+
+    def _decode(self) -> Any:
+        return self.body
+
+
+def decoded_task_message(
+    delivery: Message,
+    body: tuple[list[Any], dict[str, Any], dict[str, Any]],
+    headers: dict[str, Any],
+    properties: dict[str, Any],
+) -> Message:
+    """Return a protocol-2 task message on ``delivery``'s channel and tag, body already Python.
+
+    ``content_type`` None makes Celery's tracer (``celery.app.trace``) take the body as decoded,
+    so nothing is serialized and parsed back on the way to the pool; acking the task acks the
+    delivery.
+    """
+    return _DecodedTaskMessage(
+        body=body,  # type: ignore[arg-type]
+        delivery_tag=delivery.delivery_tag,
+        content_type=None,
+        content_encoding=None,
+        delivery_info=delivery.delivery_info,
+        properties=properties,
+        headers=headers,
+        channel=delivery.channel,
+    )
+
+
+def on_every_app(bind: Callable[[Celery], Any]) -> None:
+    """Run ``bind`` on every app as ``@shared_task`` does: finalized ones now, others later."""
+    celery_state.connect_on_app_finalize(bind)
+    for app in celery_state._get_active_apps():  # type: ignore[attr-defined]
+        if app.finalized:
+            with app._finalize_mutex:
+                bind(app)
+
+
+def task_from_fun(app: Celery, fun: Callable[..., Any], **options: Any) -> Task[Any, Any]:
+    """Create a task from ``fun`` as ``@app.task`` does, on a finalized app too.
+
+    Celery wraps ``task.run`` in its autoretry here (``celery.app.autoretry``), so a wrapper
+    installed afterwards sees the outcome once retries are spent.
+    """
+    task: Task[Any, Any] = app._task_from_fun(fun, **options)
+    return task
+
+
+# Where Celery's tracer lives; a task run pushes its request from there.
+_TRACER = "celery.app.trace"
+
+
+def current_traced_task() -> Task[Any, Any] | None:
+    """Return the task Celery is running in this thread, if any.
+
+    Cheap when no task was ever traced in this process (a web process, say): Celery's
+    thread-local stack raises and catches two exceptions per lookup when it is empty.
+    """
+    if _TRACER not in sys.modules:
+        return None
+    task: Task[Any, Any] | None = celery_state.get_current_task()
+    return task
+
+
+@contextmanager
+def restored_current_app() -> Iterator[None]:
+    """Restore Celery's current and default app afterwards (``start_worker`` changes both)."""
+    state: Any = celery_state
+    current, default = getattr(state._tls, "current_app", None), state.default_app
+    try:
+        yield
+    finally:
+        state._tls.current_app = current
+        state.default_app = default
+
+
+def unconfirmed_basic_publish(channel: Any) -> Callable[..., Any]:
+    """py-amqp's publish that does not wait for the confirm (kombu waits for each one)."""
+    publish: Callable[..., Any] = getattr(channel, "_basic_publish", channel.basic_publish)
+    return publish
+
+
+def transport_connection(conn: Any) -> Any | None:
+    """The transport connection behind a kombu ``Connection``, without connecting it."""
+    return getattr(conn, "_connection", None)
+
+
+def django_on_commit_funcs(connection: Any) -> list[Any]:
+    """The callbacks registered with ``on_commit`` on ``connection``, oldest first."""
+    return [entry[1] for entry in connection.run_on_commit]
+
+
+def django_append_on_commit(connection: Any, func: Callable[[], Any], *, robust: bool) -> None:
+    """Register ``func`` to run on commit, no savepoint able to drop it.
+
+    Django (>= 4.2) keeps ``(savepoint ids active at registration, func, robust)`` and drops
+    an entry when one of its savepoints rolls back; with no ids, none can.
+    """
+    connection.run_on_commit.append((set(), func, robust))

@@ -17,15 +17,19 @@ receives back into ``UserCreated``. Events whose name no model declares reach ha
 
 from __future__ import annotations
 
+import threading
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .exceptions import RegistrationError
 from .routing import validate_event_name
 
-__all__ = ["DomainEvent", "GenericEvent", "utcnow"]
+__all__ = ["DomainEvent", "EventRegistry", "GenericEvent", "default_events", "utcnow"]
 
 #: Metadata fields every event carries; they travel in the envelope, not in ``data``.
 METADATA_FIELDS = frozenset({"event_id", "occurred_at"})
@@ -62,8 +66,6 @@ class DomainEvent(BaseModel):
         validate_event_name(cls.event_name)
         if not isinstance(cls.event_version, int) or cls.event_version < 1:
             raise TypeError(f"{cls.__name__}.event_version must be a positive int")
-        from .registry import default_events  # noqa: PLC0415 (registry imports this module)
-
         default_events.register(cls)
 
     def event_data(self) -> dict[str, Any]:
@@ -93,3 +95,63 @@ class GenericEvent(BaseModel):
 
 #: What ``emit()`` accepts and what a handler receives.
 AnyEvent = DomainEvent | GenericEvent
+
+
+class EventRegistry:
+    """Maps ``(event_name, event_version)`` to the ``DomainEvent`` model that parses it."""
+
+    def __init__(self) -> None:
+        self._models: dict[tuple[str, int], type[DomainEvent]] = {}
+        self._lock = threading.Lock()
+
+    def register(self, model: type[DomainEvent]) -> None:
+        """Register ``model``; re-registering the same class (a module reload) is allowed.
+
+        Raises:
+            RegistrationError: another class already claims the same name and version.
+        """
+        key = (model.event_name, model.event_version)
+        with self._lock:
+            existing = self._models.get(key)
+            if existing is not None and _qualified(existing) != _qualified(model):
+                raise RegistrationError(
+                    f"event {key[0]!r} v{key[1]} is declared by both "
+                    f"{_qualified(existing)} and {_qualified(model)}"
+                )
+            self._models[key] = model
+
+    def get(self, name: str, version: int) -> type[DomainEvent] | None:
+        """Return the model for ``name`` and ``version``, or None."""
+        return self._models.get((name, version))
+
+    def versions(self, name: str) -> list[int]:
+        """Return the registered versions of ``name``, ascending."""
+        return sorted(v for (n, v) in self._models if n == name)
+
+    def all(self) -> list[type[DomainEvent]]:
+        """Return every registered model, ordered by name and version."""
+        return [self._models[k] for k in sorted(self._models)]
+
+    def clear(self) -> None:
+        """Forget every model."""
+        with self._lock:
+            self._models.clear()
+
+    @contextmanager
+    def isolated(self) -> Iterator[EventRegistry]:
+        """Run a block with an empty registry and restore the previous content afterwards."""
+        saved = dict(self._models)
+        self.clear()
+        try:
+            yield self
+        finally:
+            with self._lock:
+                self._models = saved
+
+
+def _qualified(obj: Any) -> str:
+    return f"{obj.__module__}.{obj.__qualname__}"
+
+
+#: The registry ``DomainEvent`` subclasses add themselves to.
+default_events = EventRegistry()

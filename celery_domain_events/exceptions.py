@@ -8,7 +8,7 @@ Every error derives from :class:`DomainEventsError`::
     ├── RegistrationError(DomainEventsError)                  duplicate event or handler
     ├── EventDefinitionError(DomainEventsError, TypeError)    event class or handler defined wrong
     ├── PublishError(DomainEventsError)                       unreachable or unconfirmed publish
-    │   └── NoActiveScope                                     emit() with no open scope
+    ├── NoActiveScope(DomainEventsError, RuntimeError)        emit() with no open scope
     ├── EventDecodeError(DomainEventsError)                   malformed JSON or envelope (poison)
     │   ├── UnknownEventError(EventDecodeError, LookupError)  unregistered event version
     │   └── EventValidationError                              payload fails the event's schema
@@ -78,8 +78,12 @@ class PublishError(DomainEventsError):
         return str(self.args[0])
 
 
-class NoActiveScope(PublishError):
-    """``emit()`` was called where a scope is required and none is open."""
+class NoActiveScope(DomainEventsError, RuntimeError):
+    """``emit()`` was called where a scope is required and none is open (a usage error).
+
+    Not a :class:`PublishError`: nothing was published or lost, and ``except PublishError``
+    around a transmit must not catch it.
+    """
 
 
 class EventDecodeError(DomainEventsError):

@@ -4,26 +4,31 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from functools import cached_property
 from typing import Any
 
-from amqp.exceptions import PreconditionFailed
 from celery import Celery
-from kombu import Exchange, Queue
 
-from . import _compat, topology
-from .bootstep import DomainEventsStep, DomainEventsTopology
+from . import _compat
+from .amqp.transport import AmqpTransport, Transport
 from .config import PREFIX, Settings
-from .confirm import OutboundMessage, publish_confirmed
 from .exceptions import ConfigurationError
 from .registry import EventRegistry, HandlerRegistry, HandlerSpec, default_events, default_handlers
 from .urls import RedactedURL, redact
+from .wire.message import OutboundMessage
+from .wire.topology import Topology
 
 __all__ = ["DomainEvents"]
 
 _installed: weakref.WeakKeyDictionary[Celery, DomainEvents] = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
+
+# The worker steps, by dotted path: Celery imports them when a worker starts, so a web process
+# that installs DomainEvents never imports the worker side.
+_WORKER_STEP = "celery_domain_events.consuming.bootstep:DomainEventsTopology"
+_CONSUMER_STEP = "celery_domain_events.consuming.bootstep:DomainEventsStep"
 
 
 def _on_configure(sender: Celery, **_: Any) -> None:
@@ -58,6 +63,8 @@ class DomainEvents:
             every registered handler).
         events: the event registry (default: the one ``DomainEvent`` subclasses fill).
         handler_registry: the handler registry (default: the one the decorator fills).
+        transport: where messages are published (default: the app's broker, with confirms);
+            the in-process test harness passes its own.
         overrides: settings, as keyword arguments (``service="billing"``).
 
     Raises:
@@ -71,6 +78,7 @@ class DomainEvents:
         handlers: Iterable[Any] | None = None,
         events: EventRegistry = default_events,
         handler_registry: HandlerRegistry = default_handlers,
+        transport: Transport | None = None,
         **overrides: Any,
     ) -> None:
         unknown = set(overrides) - set(Settings.model_fields)
@@ -85,16 +93,14 @@ class DomainEvents:
             None if handlers is None else [getattr(h, "name", h) for h in handlers]
         )
         self._overrides = overrides
-        #: Replaces the broker when set: called with (self, messages) instead of publishing.
-        #: The in-process test harness (``celery_domain_events.testing``) uses it.
-        self.transport: Callable[[DomainEvents, list[OutboundMessage]], None] | None = None
+        self._transport = transport
         self._broker_checked = False
         # Every process that uses the library reads messages others may have published.
         _compat.harden_amqp_decoder()
         with _lock:
             _installed[app] = self
-        app.steps["worker"].add(DomainEventsTopology)
-        app.steps["consumer"].add(DomainEventsStep)
+        app.steps["worker"].add(_WORKER_STEP)
+        app.steps["consumer"].add(_CONSUMER_STEP)
         if app.configured:  # type: ignore[attr-defined]  # missing from celery-types
             _on_configure(app)
         else:
@@ -119,24 +125,34 @@ class DomainEvents:
                 "call DomainEvents(app, service=...) where the app is created"
             ) from None
 
-    def publish(self, messages: list[OutboundMessage], declare: Sequence[Any] = ()) -> None:
-        """Publish ``messages`` from the app's connection pool with batched confirms.
+    @cached_property
+    def _broker(self) -> AmqpTransport:
+        return AmqpTransport(
+            lambda: self.app.pool.acquire(block=True), lambda: self.settings.publish_timeout
+        )
 
-        The in-process test harness receives them instead when ``transport`` is set.
+    @property
+    def transport(self) -> Transport:
+        """Where this app's messages are published (the broker, unless one was passed in)."""
+        return self._broker if self._transport is None else self._transport
+
+    @contextmanager
+    def using(self, transport: Transport) -> Iterator[Transport]:
+        """Publish through ``transport`` inside the block, then restore the previous one."""
+        previous, self._transport = self._transport, transport
+        try:
+            yield transport
+        finally:
+            self._transport = previous
+
+    def publish(self, messages: list[OutboundMessage], declare: Sequence[Any] = ()) -> None:
+        """Publish ``messages`` through :attr:`transport` and wait for every confirm.
 
         Raises:
             PublishError: the broker did not confirm within ``domain_events_publish_timeout``,
                 or refused the connection.
         """
-        if self.transport is not None:
-            self.transport(self, messages)
-            return
-        publish_confirmed(
-            lambda: self.app.pool.acquire(block=True),
-            messages,
-            timeout=self.settings.publish_timeout,
-            declare=declare,
-        )
+        self.transport.publish(messages, declare)
 
     def check_broker(self) -> None:
         """Fail early and clearly on a broker URL no kombu transport understands.
@@ -179,38 +195,14 @@ class DomainEvents:
     def handler_for_queue(self, queue: str) -> HandlerSpec | None:
         """Return the handler whose queue is ``queue``, or None."""
         for spec in self.handlers:
-            if self.handler_queue_name(spec) == queue:
+            if self.topology.handler_queue_name(spec) == queue:
                 return spec
         return None
 
-    # Topology, bound to this app's settings.
-    def exchange(self) -> Exchange:
-        """The topic exchange."""
-        return topology.exchange(self.settings)
-
-    def handler_queue_name(self, spec: HandlerSpec) -> str:
-        """``<service>.<handler>``."""
-        return topology.handler_queue_name(spec, self.settings)
-
-    def handler_queue(self, spec: HandlerSpec) -> Queue:
-        """The handler's durable queue with its bindings."""
-        return topology.handler_queue(spec, self.settings)
-
-    def routing_key(self, event: Any) -> str:
-        """Return the routing key ``event`` is published with."""
-        return topology.routing_key(event.event_name, event.event_version, self.settings)
-
-    def binding_patterns(self, spec: HandlerSpec) -> tuple[str, ...]:
-        """The patterns ``spec``'s queue is bound by (after the key format)."""
-        return topology.binding_patterns(spec, self.settings)
-
-    def retry_exchange(self) -> Exchange:
-        """The exchange retries go through."""
-        return topology.retry_exchange(self.settings)
-
-    def retry_queue(self, spec: HandlerSpec) -> Queue:
-        """The handler's queue addressed through the retry exchange."""
-        return topology.retry_queue(spec, self.settings)
+    @cached_property
+    def topology(self) -> Topology:
+        """Names and kombu entities of this app's exchanges and queues."""
+        return Topology(self.settings)
 
     def register_retry_queues(self) -> None:
         """Make Celery's routing aware of the handler queues, without consuming them.
@@ -221,41 +213,5 @@ class DomainEvents:
         """
         queues = self.app.amqp.queues
         for spec in self.handlers:
-            if self.handler_queue_name(spec) not in queues:
-                queues.add(self.retry_queue(spec))
-
-    def dead_letter_queue(self, spec: HandlerSpec) -> Queue:
-        """The handler's dead-letter queue."""
-        return topology.dead_letter_queue(spec, self.settings)
-
-    def publisher_entities(self) -> list[Any]:
-        """What a publisher declares: the exchange and, if enabled, the unrouted queue."""
-        unrouted = topology.unrouted_queue(self.settings)
-        if unrouted is None:
-            return [self.exchange()]
-        return [
-            self.exchange(),
-            topology.Auxiliary(unrouted, topology.unrouted_advice(unrouted.name)),
-        ]
-
-    def declare(self, channel: Any) -> None:
-        """Declare the exchange, every handler queue with its bindings, and every DLQ.
-
-        Raises:
-            ConfigurationError: RabbitMQ refused to declare the exchange or a handler queue
-                (PRECONDITION_FAILED: it exists with other arguments, such as another queue
-                type). The unrouted queue and DLQs are never fatal
-                (:class:`.topology.Auxiliary`).
-        """
-        entities: list[Any] = [*self.publisher_entities()]
-        for spec in self.handlers:
-            entities += [topology.Auxiliary(self.dead_letter_queue(spec)), self.handler_queue(spec)]
-        for entity in entities:
-            try:
-                entity.declare(channel=channel)
-            except PreconditionFailed as exc:
-                raise ConfigurationError(
-                    f"RabbitMQ refused to declare {type(entity).__name__.lower()} "
-                    f"{entity.name!r}: {exc.reply_text}. It exists with other arguments; "
-                    "delete it or align the domain_events_* settings with it."
-                ) from exc
+            if self.topology.handler_queue_name(spec) not in queues:
+                queues.add(self.topology.retry_queue(spec))

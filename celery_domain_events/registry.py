@@ -1,4 +1,4 @@
-"""Registries of event types and handlers.
+"""Registries of event types (defined with them, in :mod:`.events`) and of handlers.
 
 The defaults (:data:`default_events`, :data:`default_handlers`) are filled at import time by
 ``DomainEvent`` subclasses and ``@domain_event_handler``; tests reset them with
@@ -13,66 +13,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .events import EventRegistry, default_events
 from .exceptions import RegistrationError
-from .routing import matches
 
 if TYPE_CHECKING:
-    from .events import DomainEvent
     from .retry import RetryPolicy
 
 __all__ = ["EventRegistry", "HandlerRegistry", "HandlerSpec", "default_events", "default_handlers"]
-
-
-class EventRegistry:
-    """Maps ``(event_name, event_version)`` to the ``DomainEvent`` model that parses it."""
-
-    def __init__(self) -> None:
-        self._models: dict[tuple[str, int], type[DomainEvent]] = {}
-        self._lock = threading.Lock()
-
-    def register(self, model: type[DomainEvent]) -> None:
-        """Register ``model``; re-registering the same class (a module reload) is allowed.
-
-        Raises:
-            RegistrationError: another class already claims the same name and version.
-        """
-        key = (model.event_name, model.event_version)
-        with self._lock:
-            existing = self._models.get(key)
-            if existing is not None and _qualified(existing) != _qualified(model):
-                raise RegistrationError(
-                    f"event {key[0]!r} v{key[1]} is declared by both "
-                    f"{_qualified(existing)} and {_qualified(model)}"
-                )
-            self._models[key] = model
-
-    def get(self, name: str, version: int) -> type[DomainEvent] | None:
-        """Return the model for ``name`` and ``version``, or None."""
-        return self._models.get((name, version))
-
-    def versions(self, name: str) -> list[int]:
-        """Return the registered versions of ``name``, ascending."""
-        return sorted(v for (n, v) in self._models if n == name)
-
-    def all(self) -> list[type[DomainEvent]]:
-        """Return every registered model, ordered by name and version."""
-        return [self._models[k] for k in sorted(self._models)]
-
-    def clear(self) -> None:
-        """Forget every model."""
-        with self._lock:
-            self._models.clear()
-
-    @contextmanager
-    def isolated(self) -> Iterator[EventRegistry]:
-        """Run a block with an empty registry and restore the previous content afterwards."""
-        saved = dict(self._models)
-        self.clear()
-        try:
-            yield self
-        finally:
-            with self._lock:
-                self._models = saved
 
 
 @dataclass(frozen=True)
@@ -97,10 +44,6 @@ class HandlerSpec:
     def task_name(self) -> str:
         """The Celery task name, as shown in Flower: ``domain_events.<module>.<name>``."""
         return f"domain_events.{self.fn.__module__}.{self.name}"
-
-    def accepts(self, routing_key: str) -> bool:
-        """Tell whether an event with ``routing_key`` is bound to this handler."""
-        return any(matches(p, routing_key) for p in self.patterns)
 
 
 class HandlerRegistry:
@@ -154,7 +97,5 @@ def _qualified(obj: Any) -> str:
     return f"{obj.__module__}.{obj.__qualname__}"
 
 
-#: The registry ``DomainEvent`` subclasses add themselves to.
-default_events = EventRegistry()
 #: The registry ``@domain_event_handler`` adds handlers to.
 default_handlers = HandlerRegistry()

@@ -1,7 +1,7 @@
 """Trace context (W3C ``traceparent``) from ``emit()`` to every handler, and event logs.
 
 A transmitted event carries the current trace context as the CloudEvents ``traceparent``
-extension attribute and AMQP header. A handler runs inside a child span of it (same trace id,
+extension attribute, in the body. A handler runs inside a child span of it (same trace id,
 new span id), so whatever the handler emits continues the same trace::
 
     request (trace 4bf9...) ─► user.created ─► send_welcome_email ─► email.sent (trace 4bf9...)

@@ -144,8 +144,8 @@ class Topology:
                 ext = DomainEvents.of(app)
                 for spec in ext.handlers:
                     for queue in (
-                        ext.handler_queue_name(spec),
-                        ext.handler_queue_name(spec) + ".dlq",
+                        ext.topology.handler_queue_name(spec),
+                        ext.topology.handler_queue_name(spec) + ".dlq",
                     ):
                         _ignore(conn, lambda q=queue: conn.default_channel.queue_delete(q))
             _ignore(conn, lambda: conn.default_channel.queue_delete(self.unrouted))
@@ -310,7 +310,7 @@ def probe(topology: Topology, app: Celery) -> str:
     """
     name = f"test.{topology.uid}.probe"
     with Connection(topology.broker_url) as conn:
-        exchange = DomainEvents.of(app).exchange()
+        exchange = DomainEvents.of(app).topology.exchange()
         Queue(name, exchange, routing_key="#", auto_delete=False)(conn.default_channel).declare()
     return name
 

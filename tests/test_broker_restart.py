@@ -15,7 +15,7 @@ import pytest
 from kombu import Connection
 
 from celery_domain_events import emit, transmit
-from celery_domain_events.publisher import discard
+from celery_domain_events.publishing.api import discard
 
 from .conftest import Topology, probe, wait_for
 

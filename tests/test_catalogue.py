@@ -12,8 +12,9 @@ import pytest
 from celery import Celery
 from click.testing import CliRunner
 
-from celery_domain_events import DomainEvents, catalogue
-from celery_domain_events.cli import domain_events
+from celery_domain_events import DomainEvents
+from celery_domain_events.ops import catalogue
+from celery_domain_events.ops.cli import domain_events
 
 from . import handlers
 

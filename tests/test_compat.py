@@ -1,17 +1,26 @@
-"""Canaries for the py-amqp details behind celery_domain_events._compat.
+"""Canaries for the Celery, kombu and py-amqp details behind celery_domain_events._compat.
 
 If an upgrade changes one of them, these fail before a worker does: the hardening would then
-silently stop applying, or py-amqp may have fixed the problem itself (then drop the patch).
+silently stop applying, or py-amqp may have fixed the problem itself (then drop the patch). The
+Django canary is in tests/test_django.py, where Django is configured.
 """
 
 from __future__ import annotations
 
+import inspect
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, ClassVar
 
+import amqp
 import pytest
 from amqp import serialization
 from amqp.basic_message import Message as AmqpMessage
+from celery import Celery
+from celery import _state as celery_state
+from celery.app import trace
+from celery.worker import loops
+from celery.worker.consumer.consumer import Consumer
+from kombu import Connection
 
 from celery_domain_events import _compat
 
@@ -103,3 +112,130 @@ def test_encoded_table_size_is_py_amqps_own() -> None:
     table = {"a": "x" * 100, "b": {"c": 1}}
     assert _compat.encoded_table_size(table) == len(serialization.dumps("F", (table,)))
     assert _compat.encoded_table_size(table) > 100
+
+
+def test_both_event_loops_start_the_task_consumer_once_per_blueprint_start() -> None:
+    # start_with_task_consumer relies on asynloop and synloop calling task_consumer.consume().
+    assert "self.task_consumer" in inspect.getsource(Consumer.loop_args)
+    for loop in (loops.asynloop, loops.synloop):
+        assert list(inspect.signature(loop).parameters)[2] == "consumer", loop.__name__
+        lines = [line.strip() for line in inspect.getsource(loop).splitlines()]
+        assert lines.count("consumer.consume()") == 1, loop.__name__
+
+
+def test_start_with_task_consumer_runs_after_consume_and_is_idempotent() -> None:
+    calls: list[str] = []
+
+    class TaskConsumer:
+        def consume(self) -> None:
+            calls.append("celery")
+
+    consumer = TaskConsumer()
+    _compat.start_with_task_consumer(consumer, lambda: calls.append("ours"))
+    _compat.start_with_task_consumer(consumer, lambda: calls.append("ours"))
+    consumer.consume()
+    assert calls == ["celery", "ours"]
+
+
+def test_a_body_without_content_type_reaches_the_task_undecoded() -> None:
+    # decoded_task_message relies on the tracer skipping loads() when content_type is None.
+    app = Celery("canary", set_as_current=False)
+
+    @app.task(name="canary.add")
+    def add(x: int) -> int:
+        return x + 1
+
+    app.finalize()
+
+    def loads(*_: Any, **__: Any) -> Any:
+        raise AssertionError("the tracer decoded a body that was already Python")
+
+    request = {"id": "t1", "task": "canary.add", "delivery_info": {}}
+    embed = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+    failed, result, _ = trace.trace_task_ret(
+        "canary.add", "t1", dict(request), ([1], {}, embed), None, None, loads=loads, app=app
+    )
+    assert (failed, result) == (0, "2")
+    # The worker's fast path has the same branch.
+    assert "if content_type:" in inspect.getsource(trace.fast_trace_task)
+    assert "args, kwargs, embed = body" in inspect.getsource(trace.fast_trace_task)
+
+
+def test_decoded_task_message_keeps_the_delivery_and_returns_the_body_itself() -> None:
+    class Delivery:
+        delivery_tag = 7
+        delivery_info: ClassVar[dict[str, str]] = {"routing_key": "q"}
+        channel = None
+
+    body: Any = ([], {"raw_event": "{}"}, {})
+    message = _compat.decoded_task_message(Delivery(), body, {"id": "x"}, {"reply_to": ""})  # type: ignore[arg-type]
+    assert message.decode() is body
+    assert message.delivery_tag == 7
+    assert message.content_type is None
+    assert message.headers == {"id": "x"}
+
+
+def test_shared_task_registration_internals_exist() -> None:
+    app = Celery("canary", set_as_current=False)
+    app.finalize()
+    assert app in celery_state._get_active_apps()  # type: ignore[attr-defined]
+    assert hasattr(app, "_finalize_mutex")
+    seen: list[Celery] = []
+    _compat.on_every_app(seen.append)
+    assert app in seen  # finalized already: bound now
+
+
+def test_task_from_fun_wraps_run_in_autoretry_first() -> None:
+    # The dead-letter wrapper must be installed after Celery's autoretry (see guard_run).
+    app = Celery("canary", set_as_current=False)
+
+    def run(x: int) -> int:
+        return x
+
+    task = _compat.task_from_fun(app, run, name="canary.retrying", autoretry_for=(KeyError,))
+    assert task.run is not run
+    assert getattr(task, "_orig_run", None) is run
+
+
+def test_current_traced_task_sees_a_run_and_nothing_outside() -> None:
+    app = Celery("canary", set_as_current=False)
+    seen: list[Any] = []
+
+    @app.task(name="canary.who")
+    def who() -> None:
+        seen.append(_compat.current_traced_task())
+
+    assert _compat.current_traced_task() is None
+    who.apply()
+    assert seen == [who]
+    assert _compat._TRACER in __import__("sys").modules
+
+
+def test_the_current_app_slot_is_restored() -> None:
+    before = celery_state.get_current_app()
+    assert hasattr(celery_state, "_tls")
+    app = Celery("canary", set_as_current=False)
+    with _compat.restored_current_app():
+        app.set_current()
+        app.set_default()
+        assert celery_state.get_current_app() is app
+    assert celery_state.get_current_app() is before
+
+
+def test_py_amqp_publishes_without_waiting_for_the_confirm() -> None:
+    assert callable(amqp.Channel._basic_publish)
+    assert amqp.Channel.basic_publish_confirm is not amqp.Channel._basic_publish
+
+    class Channel:
+        def basic_publish(self) -> None: ...
+
+        def _basic_publish(self) -> None: ...
+
+    channel = Channel()
+    assert _compat.unconfirmed_basic_publish(channel) == channel._basic_publish
+
+
+def test_kombu_keeps_the_transport_connection_in_an_attribute() -> None:
+    assert "_connection" in vars(Connection)  # None until connected, then py-amqp's
+    conn = Connection("amqp://guest:guest@127.0.0.1:1//")
+    assert _compat.transport_connection(conn) is None  # not connected, and not connecting

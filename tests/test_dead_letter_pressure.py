@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from kombu import Connection
 
-from celery_domain_events.bootstep import HOLD_FIRST_SECONDS
+from celery_domain_events.consuming.bootstep import HOLD_FIRST_SECONDS
 
 from .conftest import ROOT, Topology, WorkerProcess, unwritable_dlq, wait_for
 from .test_cli import cli

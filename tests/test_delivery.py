@@ -91,7 +91,7 @@ def test_wire_format_is_cloudevents_json(topology: Topology) -> None:
     app = topology.app()
     probe = Queue(
         f"test.{topology.uid}.probe",
-        exchange=DomainEvents.of(app).exchange(),
+        exchange=DomainEvents.of(app).topology.exchange(),
         routing_key="#",
         auto_delete=True,
     )

@@ -41,9 +41,9 @@ from celery_domain_events import (
     PublishError,
     emit,
 )
-from celery_domain_events import extension as extension_module
-from celery_domain_events import publisher as publisher_module
+from celery_domain_events.amqp import transport as extension_module
 from celery_domain_events.contrib.django import emit_on_commit
+from celery_domain_events.publishing import api as publisher_module
 
 from .conftest import Topology, wait_for
 
@@ -100,7 +100,7 @@ class Probe:
         self.app = app
         self.name = f"test.{topology.uid}.probe"  # deleted by the topology fixture
         with Connection(topology.broker_url) as conn:
-            exchange = DomainEvents.of(app).exchange()
+            exchange = DomainEvents.of(app).topology.exchange()
             Queue(self.name, exchange, routing_key="#", auto_delete=False)(
                 conn.default_channel
             ).declare()
@@ -262,7 +262,7 @@ def test_a_failed_publish_leaves_the_atomic_block_and_logs_the_events(
     [lost] = emitted
     assert info.value.events == (lost,)
     assert notes() == ["committed anyway"]  # the error comes after COMMIT
-    [record] = [r for r in caplog.records if r.name == "celery_domain_events.publisher"]
+    [record] = [r for r in caplog.records if r.name == "celery_domain_events.publishing.send"]
     assert record.levelno == logging.ERROR
     assert str(lost.event_id) in record.getMessage()
     # The connection is usable, and the next transaction publishes normally.
@@ -372,7 +372,23 @@ def test_middleware_lets_a_failed_transmit_fail_the_request_and_logs_the_events(
         site.get("/emit-only/")  # its transaction committed; the error still surfaces
     [lost] = info.value.events
     assert lost.event_name == "test.django.view.emitted"
-    [record] = [r for r in caplog.records if r.name == "celery_domain_events.publisher"]
+    [record] = [r for r in caplog.records if r.name == "celery_domain_events.publishing.send"]
     assert record.levelno == logging.ERROR
     assert str(lost.event_id) in record.getMessage()
     assert publisher_module.buffered() == [outer]
+
+
+def test_django_keeps_on_commit_callbacks_as_savepoint_ids_func_robust() -> None:
+    # The shape _compat.django_append_on_commit and django_on_commit_funcs rely on.
+    from celery_domain_events import _compat
+
+    def callback() -> None: ...
+
+    with transaction.atomic():
+        transaction.on_commit(callback)
+        ids, func, robust = connection.run_on_commit[-1]
+        assert isinstance(ids, set)
+        assert func is callback
+        assert robust is False
+        assert _compat.django_on_commit_funcs(connection)[-1] is callback
+        transaction.set_rollback(True)

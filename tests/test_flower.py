@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from celery_domain_events import emit, transmit
-from celery_domain_events.bridge import task_id_for
+from celery_domain_events.consuming.delivery import task_id_for
 
 from .conftest import ROOT, Topology, WorkerProcess, wait_for
 
@@ -119,7 +119,8 @@ def test_flower_lists_handler_runs_by_name_with_the_event(
 
     # A replayed run (from the DLQ, through the retry exchange) shows the same summary.
     from celery_domain_events import DomainEvents
-    from celery_domain_events.deadletter import process, replay
+    from celery_domain_events.amqp.queues import process
+    from celery_domain_events.ops.replay import replay
 
     dlq = worker.queue("flaky") + ".dlq"
     wait_for(lambda: topology.queue_depth(dlq) == 1, timeout=30)

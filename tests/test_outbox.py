@@ -21,8 +21,8 @@ from celery import Celery
 from click.testing import CliRunner
 
 from celery_domain_events import DomainEvents, PublishError, emit, transmit
-from celery_domain_events.outbox import Outbox
-from celery_domain_events.outbox_cli import outbox as outbox_cli
+from celery_domain_events.contrib.outbox import Outbox
+from celery_domain_events.ops.outbox_cli import outbox as outbox_cli
 
 from .conftest import DB_URL, ROOT, Topology, drain, probe, wait_for
 

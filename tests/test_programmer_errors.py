@@ -14,7 +14,7 @@ from celery_domain_events import (
     domain_event_handler,
     emit,
 )
-from celery_domain_events.publisher import buffered
+from celery_domain_events.publishing.api import buffered
 from celery_domain_events.registry import HandlerRegistry
 
 from .conftest import WorkerProcess

@@ -17,7 +17,7 @@ from kombu import Connection
 
 from celery_domain_events import ConfigurationError, DomainEvents, PublishError, emit, transmit
 from celery_domain_events.config import Settings
-from celery_domain_events.publisher import buffered, discard
+from celery_domain_events.publishing.api import buffered, discard
 
 from .conftest import Topology, probe
 

@@ -37,7 +37,7 @@ from kombu import Connection
 
 from celery_domain_events import DomainEvents, domain_event_handler, emit, transmit
 
-pytest_plugins = ["celery_domain_events.pytest_plugin"]
+pytest_plugins = ["celery_domain_events.testing.pytest_plugin"]
 
 SEEN = []
 DONE = threading.Event()
@@ -54,7 +54,7 @@ def test_a_real_worker_handles_the_event(
 ):
     app = domain_events_app(handlers=[pp_greeter])
     ext = DomainEvents.of(app)
-    queue = ext.handler_queue_name(ext.handlers[0])
+    queue = ext.topology.handler_queue_name(ext.handlers[0])
     assert queue == f"{domain_events_prefix}-svc.pp_greeter"
     with domain_events_worker(app):
         with Connection(domain_events_broker_url) as conn:

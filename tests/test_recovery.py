@@ -12,7 +12,7 @@ import pytest
 from kombu import Connection, Producer
 
 from celery_domain_events import DomainEvents, emit, transmit
-from celery_domain_events.deadletter import HEADER_PREFIX, MAX_HEADERS_BYTES
+from celery_domain_events.wire.dead_letter import HEADER_PREFIX, MAX_HEADERS_BYTES
 
 from . import handlers
 from .conftest import Recorder, Topology, drain, running_worker, unwritable_dlq, wait_for
@@ -35,7 +35,7 @@ def bind_probe(topology: Topology, app: Any) -> None:
     with Connection(topology.broker_url) as conn:
         Queue(
             probe_name(topology),
-            DomainEvents.of(app).exchange(),
+            DomainEvents.of(app).topology.exchange(),
             routing_key="#",
             auto_delete=False,
         ).declare(channel=conn.default_channel)
@@ -163,7 +163,7 @@ def test_poison_goes_straight_to_the_dlq_and_the_worker_stays_up(
         "not-an-envelope": (b'{"hello": "world"}', cloud, {"message_id": "m8"}),
     }
     with running_worker(app), Connection(topology.broker_url) as conn:
-        producer = Producer(conn.channel(), exchange=DomainEvents.of(app).exchange())
+        producer = Producer(conn.channel(), exchange=DomainEvents.of(app).topology.exchange())
         for kind, (body, content_type, props) in poison.items():
             producer.publish(
                 body,

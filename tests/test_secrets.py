@@ -10,7 +10,7 @@ import pytest
 from celery import Celery
 
 from celery_domain_events import ConfigurationError, DomainEvents, emit, transmit
-from celery_domain_events.management import ManagementClient
+from celery_domain_events.ops.rabbitmq_api import ManagementClient
 from celery_domain_events.urls import RedactedURL, default_management_url, redact
 
 from .conftest import ROOT, WorkerProcess

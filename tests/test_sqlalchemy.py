@@ -13,8 +13,8 @@ from celery import Celery
 from sqlalchemy.orm import Session, scoped_session, sessionmaker
 
 from celery_domain_events import ConfigurationError, DomainEvent, DomainEvents, PublishError
-from celery_domain_events import publisher as publisher_module
 from celery_domain_events.contrib.sqlalchemy import emit_with, install
+from celery_domain_events.publishing import send as publisher_module
 
 from .conftest import Topology, drain, probe, wait_for
 

@@ -25,12 +25,14 @@ from celery_domain_events import (
     emit,
     transmit,
 )
-from celery_domain_events.deadletter import DeadLetter, process
-from celery_domain_events.testing import EventCapture, capture_events
+from celery_domain_events.amqp.queues import process
+from celery_domain_events.amqp.transport import AmqpTransport
+from celery_domain_events.testing import CaptureTransport, EventCapture, capture_events
+from celery_domain_events.wire.dead_letter import DeadLetter
 
 from .conftest import RECORDER, Recorder, wait_for
 
-pytest_plugins = ["celery_domain_events.pytest_plugin"]
+pytest_plugins = ["celery_domain_events.testing.pytest_plugin"]
 
 
 class TtOrderPlaced(DomainEvent):
@@ -269,15 +271,19 @@ def test_no_broker_is_needed(broker: str, monkeypatch: pytest.MonkeyPatch) -> No
 def test_the_transport_is_restored_and_the_capture_closed() -> None:
     app = local_app(tt_invoice)
     ext = DomainEvents.of(app)
-    assert ext.transport is None
+    broker = ext.transport
+    assert isinstance(broker, AmqpTransport)
     with capture_events(app) as outer:
+        outer_transport = ext.transport
+        assert isinstance(outer_transport, CaptureTransport)
+        assert outer_transport.capture is outer
         with capture_events(app) as inner:
             emit(TtOrderPlaced(order_id=4))
             transmit(app)
-        assert ext.transport is not None
+        assert ext.transport is outer_transport
         emit(TtOrderPlaced(order_id=5))
         transmit(app)
-    assert ext.transport is None
+    assert ext.transport is broker
     assert [e.event_data()["order_id"] for e in inner.published] == [4]
     assert [e.event_data()["order_id"] for e in outer.published] == [5]
     assert inner.pending == outer.pending == 0  # dropped on exit, never delivered later
@@ -379,7 +385,7 @@ class RabbitBus:
     def dead_letters(self, handler: Handler[..., Any]) -> list[DeadLetter]:
         ext = DomainEvents.of(self.app)
         with Connection(self._url) as conn:  # read without acking: they stay in the DLQ
-            return process(conn, ext.dead_letter_queue(handler.spec).name)
+            return process(conn, ext.topology.dead_letter_queue(handler.spec).name)
 
 
 @pytest.fixture(

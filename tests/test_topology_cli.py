@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from celery_domain_events import domain_event_handler
-from celery_domain_events.cli import domain_events
+from celery_domain_events.ops.cli import domain_events
 from celery_domain_events.registry import HandlerRegistry
 
 from .conftest import Topology

@@ -5,20 +5,25 @@ from __future__ import annotations
 import json
 import pickle
 import re
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import pytest
+from celery import Celery
 
 import celery_domain_events as cde
-from celery_domain_events import bridge, exceptions, serialization, tracing
+from celery_domain_events import DomainEvents, emit, exceptions, tracing, transmit
 from celery_domain_events.config import Settings
+from celery_domain_events.consuming import delivery as bridge
 from celery_domain_events.events import DomainEvent, GenericEvent
 from celery_domain_events.registry import EventRegistry, default_events
 from celery_domain_events.routing import matches, validate_event_name, validate_pattern
+from celery_domain_events.wire import envelope as serialization
 
 
 @pytest.fixture(autouse=True)
@@ -304,7 +309,7 @@ def test_message_id_is_the_cloudevents_id_even_with_json_escapes() -> None:
     from celery import Celery
 
     from celery_domain_events import DomainEvents, GenericEvent
-    from celery_domain_events.publisher import outbound_messages
+    from celery_domain_events.publishing.send import outbound_messages
 
     app = Celery("ids", broker="memory://", set_as_current=False)
     ext = DomainEvents(app, service="ids")
@@ -317,10 +322,58 @@ def test_message_id_is_the_cloudevents_id_even_with_json_escapes() -> None:
 def test_hard_time_limits_follow_acks_on_failure_or_timeout_on_any_celery() -> None:
     from types import SimpleNamespace
 
-    from celery_domain_events.task import _acks_on_timeout
+    from celery_domain_events.consuming.task import _acks_on_timeout
 
     assert _acks_on_timeout(SimpleNamespace(acks_on_timeout=None))  # type: ignore[arg-type]
     assert not _acks_on_timeout(
         SimpleNamespace(acks_on_timeout=None, acks_on_failure_or_timeout=False)  # type: ignore[arg-type]
     )
     assert not _acks_on_timeout(SimpleNamespace(acks_on_timeout=False))  # type: ignore[arg-type]
+
+
+def test_a_web_process_never_imports_the_worker_side() -> None:
+    # The bootsteps are registered by dotted path: Celery imports them when a worker starts.
+    code = (
+        "import sys\n"
+        "from celery import Celery\n"
+        "from celery_domain_events import DomainEvents, domain_event_handler, emit\n"
+        "from celery_domain_events.contrib.sqlalchemy import install\n"
+        "app = Celery('web', broker='memory://', set_as_current=False)\n"
+        "DomainEvents(app, service='web')\n"
+        "@domain_event_handler('web.thing')\n"
+        "def on_thing(event): ...\n"
+        "app.finalize()\n"
+        "emit('web.thing', {})\n"
+        "worker = [m for m in sys.modules if m.endswith(('.bootstep', '.delivery'))]\n"
+        "print(worker)\n"
+        "steps = sorted(str(s) for s in app.steps['consumer'] | app.steps['worker'])\n"
+        "print(steps)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    loaded, steps = result.stdout.splitlines()
+    assert loaded == "[]"
+    assert "celery_domain_events.consuming.bootstep:DomainEventsStep" in steps
+
+
+def test_a_transport_passed_in_receives_every_publish() -> None:
+    from celery_domain_events.amqp.transport import Transport
+    from celery_domain_events.wire.message import OutboundMessage
+
+    class Recording:
+        def __init__(self) -> None:
+            self.batches: list[list[OutboundMessage]] = []
+
+        def publish(self, messages: Any, declare: Any = ()) -> None:
+            self.batches.append(list(messages))
+
+    transport = Recording()
+    assert isinstance(transport, Transport)
+    app = Celery("seam", broker="amqp://guest:guest@127.0.0.1:1//", set_as_current=False)
+    DomainEvents(app, service="seam", transport=transport)
+    emit("seam.thing", {"n": 1})
+    [sent] = transmit(app)
+    [[message]] = transport.batches
+    assert message.routing_key == "seam.thing"
+    assert message.properties["message_id"] == sent.event_id

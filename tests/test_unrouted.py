@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.rabbitmq]
 
 
 def queue_arguments(topology: Topology, name: str) -> dict[str, object]:
-    from celery_domain_events.management import ManagementClient
+    from celery_domain_events.ops.rabbitmq_api import ManagementClient
 
     client = ManagementClient.for_broker(topology.broker_url)
     return dict((client.queue(name) or {}).get("arguments") or {})
@@ -76,8 +76,8 @@ def test_the_worker_warns_when_unrouted_events_pile_up(
 
 
 def test_the_documented_unrouted_defaults() -> None:
-    from celery_domain_events import bootstep
     from celery_domain_events.config import Settings
+    from celery_domain_events.consuming import bootstep
 
     assert Settings.model_fields["unrouted_max_length"].default == 100_000
     assert bootstep.UNROUTED_WARN_FRACTION == 0.8  # "80 % full"

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from kombu import Connection, Producer
 
-from celery_domain_events.deadletter import HEADER_PREFIX
+from celery_domain_events.wire.dead_letter import HEADER_PREFIX
 
 from .conftest import Topology, WorkerProcess, drain, unwritable_dlq, wait_for
 from .hostile import FarFuture, deep_recursion, nested

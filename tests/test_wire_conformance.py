@@ -32,10 +32,12 @@ from hypothesis import strategies as st
 from jsonschema import Draft7Validator
 from kombu.message import Message
 
-from celery_domain_events import bridge, inbound, serialization
+from celery_domain_events.consuming import delivery as bridge
 from celery_domain_events.events import DomainEvent, GenericEvent
 from celery_domain_events.exceptions import EventDecodeError, EventValidationError
 from celery_domain_events.registry import EventRegistry, HandlerSpec, default_events
+from celery_domain_events.wire import envelope as serialization
+from celery_domain_events.wire import inbound
 
 SCHEMA_PATH = Path(__file__).resolve().parent / "data" / "cloudevents-1.0.schema.json"
 SCHEMA = Draft7Validator(

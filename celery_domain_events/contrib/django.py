@@ -29,10 +29,12 @@ from django.conf import settings
 from django.db import transaction
 from django.utils.module_loading import import_string
 
-from celery_domain_events import publisher
+from celery_domain_events import _compat
 from celery_domain_events.events import AnyEvent
 from celery_domain_events.exceptions import ConfigurationError, PublishError
 from celery_domain_events.extension import DomainEvents
+from celery_domain_events.publishing import api as publisher
+from celery_domain_events.publishing import send
 
 __all__ = ["DomainEventsMiddleware", "emit_on_commit"]
 
@@ -76,7 +78,7 @@ def emit_on_commit(
         InvalidRoutingPattern: an untyped event name is not dotted words.
         ConfigurationError: the app has no ``DomainEvents``.
     """
-    event = publisher.as_event(event, data, version=version)
+    event = send.as_event(event, data, version=version)
     ext = DomainEvents.of(_resolve_app(app))
     connection = transaction.get_connection(using)
     if not connection.in_atomic_block:
@@ -109,10 +111,9 @@ class _Batch:
     def add(self, connection: Any, ext: DomainEvents, event: AnyEvent) -> None:
         connection.on_commit(lambda: self.committed.append((ext, event)))
         self.last_flush = _Flush(self)
-        # Django >= 4.2 keeps (savepoint ids active at registration, func, robust) and drops an
-        # entry when one of its savepoints rolls back; no ids: no savepoint can drop the flush.
-        # Not robust, so a PublishError leaves the atomic() block instead of being only logged.
-        connection.run_on_commit.append((set(), self.last_flush, False))
+        # No savepoint can drop the flush. Not robust, so a PublishError leaves the atomic()
+        # block instead of being only logged.
+        _compat.django_append_on_commit(connection, self.last_flush, robust=False)
 
     def flush(self, caller: _Flush) -> None:
         if caller is not self.last_flush:
@@ -134,9 +135,9 @@ class _Flush:
 def _current_batch(connection: Any) -> _Batch | None:
     # The batch lives in Django's callback list only: a commit runs it, a rollback or a closed
     # connection clears it, so no state outlives its transaction. Ours is usually the last entry.
-    for entry in reversed(connection.run_on_commit):
-        if isinstance(entry[1], _Flush):
-            return entry[1].batch
+    for func in reversed(_compat.django_on_commit_funcs(connection)):
+        if isinstance(func, _Flush):
+            return func.batch
     return None
 
 
@@ -152,9 +153,9 @@ def _publish(pending: list[tuple[DomainEvents, AnyEvent]]) -> None:
     failure: PublishError | None = None
     for ext, events in batches.items():
         try:
-            publisher.publish_events(ext, events)
+            send.publish_events(ext, events)
         except PublishError as exc:
-            publisher.log_unpublished(ext, exc, "A transaction committed")
+            send.log_unpublished(ext, exc, "A transaction committed")
             if failure is None:
                 failure = exc
     if failure is not None:
@@ -235,5 +236,5 @@ class DomainEventsMiddleware:
         try:
             publisher.transmit(app)
         except PublishError as exc:
-            publisher.log_unpublished(DomainEvents.of(app), exc, "A request succeeded")
+            send.log_unpublished(DomainEvents.of(app), exc, "A request succeeded")
             raise

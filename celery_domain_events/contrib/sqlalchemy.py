@@ -23,7 +23,7 @@ database has committed.
 If the broker cannot confirm them, ``session.commit()`` raises
 :class:`~celery_domain_events.exceptions.PublishError` *after* the commit, with the events in
 ``error.events``. Where no event may be lost in that window, write events to the transactional
-outbox instead (:mod:`celery_domain_events.outbox`).
+outbox instead (:mod:`celery_domain_events.contrib.outbox`).
 
 A session joined to an external connection's transaction (``join_transaction_mode``) publishes
 when the *session* commits, which is not yet the database commit.
@@ -42,10 +42,10 @@ from celery import current_app as _current_app
 from sqlalchemy import event as sa_event
 from sqlalchemy.orm import Session, SessionTransaction, scoped_session, sessionmaker
 
-from celery_domain_events import publisher
 from celery_domain_events.events import AnyEvent
 from celery_domain_events.exceptions import ConfigurationError
 from celery_domain_events.extension import DomainEvents
+from celery_domain_events.publishing import send
 
 __all__ = ["emit_with", "install"]
 
@@ -127,7 +127,7 @@ def emit_with(
             "this session has no domain events hooks; call "
             "celery_domain_events.contrib.sqlalchemy.install(...) on it or its sessionmaker"
         )
-    event = publisher.as_event(event, data, version=version)
+    event = send.as_event(event, data, version=version)
     transaction = session.get_nested_transaction() or session.get_transaction()
     if transaction is None:
         transaction = session.begin()
@@ -189,4 +189,4 @@ def _after_transaction_end(session: Session, transaction: SessionTransaction) ->
         return
     installation = _installation(session)
     app = installation.app if installation is not None else None
-    publisher.publish_events(DomainEvents.of(app or _current_app), pending.events)
+    send.publish_events(DomainEvents.of(app or _current_app), pending.events)

@@ -23,7 +23,8 @@ import functools
 import logging
 import time
 import traceback
-from collections.abc import Mapping
+import weakref
+from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from typing import Any, cast
 
@@ -34,19 +35,23 @@ from celery.worker import state as worker_state
 from celery.worker.request import Request
 from kombu.transport.native_delayed_delivery import calculate_routing_key
 
-from . import deadletter, publisher, serialization, tracing
-from .config import QueueType
-from .confirm import OutboundMessage
-from .deadletter import FailureReason
-from .exceptions import NON_RETRYABLE, EventDecodeError
-from .extension import DomainEvents
-from .inbound import (
+from celery_domain_events import tracing
+from celery_domain_events.config import QueueType
+from celery_domain_events.exceptions import NON_RETRYABLE, EventDecodeError
+from celery_domain_events.extension import DomainEvents
+from celery_domain_events.publishing import api as publishing
+from celery_domain_events.registry import HandlerSpec
+from celery_domain_events.wire import envelope as wire_envelope
+from celery_domain_events.wire.dead_letter import FailureReason, dead_letter_message
+from celery_domain_events.wire.inbound import (
     ORIGIN_EXCHANGE_HEADER,
     ORIGIN_ROUTING_KEY_HEADER,
     RETRIES_HEADER,
     RETRY_AT_HEADER,
 )
-from .registry import HandlerSpec
+from celery_domain_events.wire.message import OutboundMessage
+
+from . import dead_letter
 
 __all__ = ["DomainEventTask", "HandlerRequest", "retry_message"]
 
@@ -64,26 +69,28 @@ class DomainEventTask(Task[Any, Any]):
     ignore_result = True
     #: Set per handler when the task class is created.
     handler_spec: HandlerSpec
+    #: A handler run scopes its own events (task_scope leaves it alone).
+    domain_events_own_scope = True
     #: Dead-letters hard time limits in the worker's main process (see HandlerRequest).
-    Request = "celery_domain_events.task:HandlerRequest"
+    Request = "celery_domain_events.consuming.task:HandlerRequest"
 
     def deliver(self, raw_event: str) -> Any:
         """Decode ``raw_event``, validate it into its model and call the handler with it."""
         ext = DomainEvents.of(self.app)
-        envelope = serialization.decode(raw_event)
-        event = serialization.to_event(envelope, ext.events)
+        envelope = wire_envelope.decode(raw_event)
+        event = wire_envelope.to_event(envelope, ext.events)
         started = time.monotonic()
         # Events the handler emits go out only if it succeeds (a failed transmit fails this
         # attempt, which is retried like any other), and continue the emitter's trace.
         with tracing.child_context(envelope.traceparent) as traceparent:
-            with publisher.scope(self.app):
+            with publishing.scope(self.app):
                 result = self.handler_spec.fn(event)
             if tracing.event_log.isEnabledFor(logging.INFO):
                 self._log_handled(envelope, ext, traceparent, time.monotonic() - started)
         return result
 
     def _log_handled(
-        self, envelope: serialization.Envelope, ext: Any, traceparent: str, seconds: float
+        self, envelope: wire_envelope.Envelope, ext: Any, traceparent: str, seconds: float
     ) -> None:
         tracing.event_log.info(
             "Handled %s id=%s by %s in %.1f ms",
@@ -219,9 +226,9 @@ class DomainEventTask(Task[Any, Any]):
             return
         meta: dict[str, Any] = kwargs.get("meta") or {}
         ext = DomainEvents.of(self.app)
-        message = deadletter.dead_letter_message(
+        message = dead_letter_message(
             body=raw_event.encode("utf-8", "surrogatepass"),
-            queue=ext.handler_queue_name(self.handler_spec),
+            queue=ext.topology.handler_queue_name(self.handler_spec),
             handler=self.handler_spec.name,
             reason=self._failure_reason(exc),
             exc=exc,
@@ -235,7 +242,7 @@ class DomainEventTask(Task[Any, Any]):
             properties=meta.get("properties"),
             headers=meta.get("headers"),
         )
-        deadletter.send(ext, message)
+        dead_letter.send(ext, message)
 
     def _failure_reason(self, exc: BaseException) -> FailureReason:
         if isinstance(exc, EventDecodeError):
@@ -261,12 +268,12 @@ def retry_message(  # noqa: PLR0917
     countdown: float,
 ) -> OutboundMessage:
     """Build the retry of one delivery: the same event, to this handler's queue only."""
-    queue = ext.handler_queue_name(spec)
+    queue = ext.topology.handler_queue_name(spec)
     headers = {k: v for k, v in (meta.get("headers") or {}).items() if k != RETRY_AT_HEADER}
     headers[RETRIES_HEADER] = retries
     headers[ORIGIN_EXCHANGE_HEADER] = meta.get("exchange", "")
     headers[ORIGIN_ROUTING_KEY_HEADER] = meta.get("routing_key", "")
-    exchange, routing_key = ext.retry_exchange().name, queue
+    exchange, routing_key = ext.topology.retry_exchange().name, queue
     if countdown >= 1 and ext.settings.queue_type is QueueType.QUORUM:
         # Quorum queues cannot hold a delivery in the worker: the broker delays it.
         exchange, routing_key = _DELAYED_EXCHANGE, calculate_routing_key(int(countdown), queue)
@@ -276,7 +283,7 @@ def retry_message(  # noqa: PLR0917
         body=raw_event.encode("utf-8", "surrogatepass"),
         exchange=exchange,
         routing_key=routing_key,
-        content_type=meta.get("content_type") or serialization.CONTENT_TYPE,
+        content_type=meta.get("content_type") or wire_envelope.CONTENT_TYPE,
         content_encoding=meta.get("content_encoding") or "utf-8",
         properties=dict(meta.get("properties") or {}),
         headers=headers,
@@ -291,6 +298,16 @@ def _acks_on_timeout(task: Task[Any, Any]) -> bool:
     if value is None:
         value = getattr(task, "acks_on_failure_or_timeout", True)
     return bool(value)
+
+
+#: What holds a handler queue after a refused dead letter, per app: set by the worker's
+#: bootstep (``HandlerRequest`` runs in the worker's main process, as the bootstep does).
+_holds: weakref.WeakKeyDictionary[Any, Callable[[str], None]] = weakref.WeakKeyDictionary()
+
+
+def on_refused_dead_letter(app: Any, hold: Callable[[str], None]) -> None:
+    """Have ``hold(queue)`` called when a dead letter of ``app``'s handler queue is refused."""
+    _holds[app] = hold
 
 
 class DeadLetterRefused(Reject):
@@ -346,8 +363,6 @@ class HandlerRequest(Request):
             self.reject(requeue=True)
 
     def _hold(self, task: DomainEventTask) -> None:
-        from .bootstep import hold_handler_queue  # noqa: PLC0415 (worker side only)
-
-        hold_handler_queue(
-            task.app, DomainEvents.of(task.app).handler_queue_name(task.handler_spec)
-        )
+        hold = _holds.get(task.app)
+        if hold is not None:
+            hold(DomainEvents.of(task.app).topology.handler_queue_name(task.handler_spec))

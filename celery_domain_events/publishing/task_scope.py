@@ -22,25 +22,25 @@ from __future__ import annotations
 
 import contextvars
 import logging
-import sys
 import threading
 from typing import Any
 
 from celery import Task, states
-from celery._state import get_current_task
 from celery.signals import task_postrun
 
-from . import publisher
-from . import task as task_module
-from .exceptions import ConfigurationError, PublishError
-from .extension import DomainEvents
+from celery_domain_events import _compat
+from celery_domain_events.exceptions import ConfigurationError, PublishError
+from celery_domain_events.extension import DomainEvents
 
-__all__ = ["current_run", "track"]
+from . import buffer
+from .send import log_unpublished, publish_events
+
+__all__ = ["OWN_SCOPE_ATTRIBUTE", "current_run", "track"]
 
 log = logging.getLogger(__name__)
 
-# Where Celery's tracer lives; a run pushes its request from there.
-_TRACER = "celery.app.trace"
+#: Set on task classes whose runs scope their own events (handler tasks): see ``current_run``.
+OWN_SCOPE_ATTRIBUTE = "domain_events_own_scope"
 _tokens: dict[int, tuple[Any, contextvars.Token[Any]]] = {}
 _lock = threading.Lock()
 _connected = False
@@ -52,13 +52,8 @@ def current_run() -> Any | None:
     That is a run by Celery's tracer (a worker, or ``apply()``) of a task that is not a
     handler, in an app whose ``DomainEvents`` has ``task_scope`` on. ``None`` otherwise.
     """
-    if _TRACER not in sys.modules:
-        # Nothing has traced a task in this process (a web process, say): no run can be in
-        # progress. Cheaper than asking Celery's thread-local stack, which raises and
-        # catches two exceptions per call when it is empty, on every emit().
-        return None
-    task: Task[Any, Any] | None = get_current_task()
-    if task is None or _is_handler(task):
+    task: Task[Any, Any] | None = _compat.current_traced_task()
+    if task is None or getattr(task, OWN_SCOPE_ATTRIBUTE, False):
         return None
     request = task.request
     if request.called_directly or not request.id:
@@ -67,11 +62,6 @@ def current_run() -> Any | None:
         return request if DomainEvents.of(task.app).settings.task_scope else None
     except ConfigurationError:
         return None
-
-
-def _is_handler(task: Task[Any, Any]) -> bool:
-    # task_module is imported, perhaps still partially, by the time anything calls this.
-    return isinstance(task, task_module.DomainEventTask)
 
 
 def track(request: Any, token: contextvars.Token[Any]) -> None:
@@ -103,9 +93,10 @@ def _on_postrun(
     _, token = entry
     try:
         if state == states.SUCCESS:
-            publisher.transmit(task.app)
+            ext = DomainEvents.of(task.app)
+            buffer.flush(lambda batch: publish_events(ext, batch))
         else:
-            dropped = publisher.discard()
+            dropped = buffer.discard()
             if dropped:
                 log.info(
                     "Task %s[%s] ended in %s: discarded %d event(s)",
@@ -116,9 +107,9 @@ def _on_postrun(
                 )
     except PublishError as exc:
         what = f"Task {task.name}[{task_id}] succeeded"
-        publisher.log_unpublished(DomainEvents.of(task.app), exc, what)
+        log_unpublished(DomainEvents.of(task.app), exc, what)
     finally:
-        publisher.close_buffer(token)
+        buffer.close_buffer(token)
 
 
 def _connect() -> None:

@@ -19,13 +19,15 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from .exceptions import PublishError
-from .extension import DomainEvents
+from celery_domain_events.exceptions import PublishError
+from celery_domain_events.extension import DomainEvents
+
+from .cli_context import extension_of
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
-    from .outbox import Outbox
+    from celery_domain_events.contrib.outbox import Outbox
 
 __all__ = ["outbox"]
 
@@ -41,8 +43,6 @@ table_option = click.option(
 
 
 def _ext(ctx: click.Context) -> DomainEvents:
-    from .cli import extension_of  # noqa: PLC0415 (cli imports this module)
-
     return extension_of(ctx)
 
 
@@ -52,7 +52,7 @@ def _outbox(ctx: click.Context, db_url: str, table: str) -> Iterator[tuple[Outbo
         from sqlalchemy import create_engine  # noqa: PLC0415 (optional dependency)
         from sqlalchemy.exc import ArgumentError, DBAPIError  # noqa: PLC0415
 
-        from .outbox import Outbox  # noqa: PLC0415 (imports sqlalchemy)
+        from celery_domain_events.contrib.outbox import Outbox  # noqa: PLC0415 (imports sqlalchemy)
     except ImportError as exc:
         raise click.ClickException(
             f"the outbox needs SQLAlchemy ({exc}): pip install 'celery-domain-events[sqlalchemy]'"

@@ -22,18 +22,14 @@ from __future__ import annotations
 
 import enum
 import hashlib
-import logging
-from collections.abc import Callable, Mapping
-from contextlib import nullcontext
-from dataclasses import dataclass, field, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from kombu import Connection
-from kombu.common import ignore_errors
+from celery_domain_events._compat import encoded_table_size
 
-from ._compat import encoded_table_size
-from .confirm import OutboundMessage, publish_confirmed
+from .envelope import CONTENT_TYPE, peek_id
 from .inbound import (
     KEPT_PROPERTIES,
     ORIGIN_EXCHANGE_HEADER,
@@ -43,11 +39,8 @@ from .inbound import (
     bounded_copy,
     raw_body,
 )
-from .serialization import CONTENT_TYPE, peek_id
-from .topology import DLQ_SUFFIX, RETRY_SUFFIX, Auxiliary
-
-if TYPE_CHECKING:
-    from .extension import DomainEvents
+from .message import OutboundMessage
+from .topology import DLQ_SUFFIX
 
 __all__ = [
     "HEADER_PREFIX",
@@ -56,13 +49,9 @@ __all__ = [
     "DeadLetter",
     "FailureReason",
     "dead_letter_message",
-    "depth",
-    "process",
-    "replay",
-    "send",
+    "failure_key",
+    "letter_from",
 ]
-
-log = logging.getLogger(__name__)
 
 #: Prefix of the failure-record headers.
 HEADER_PREFIX = "x-failure-"
@@ -214,25 +203,6 @@ def dead_letter_message(
     )
 
 
-def send(ext: DomainEvents, message: OutboundMessage) -> None:
-    """Publish a dead letter and wait for its confirm (declaring the DLQ if needed).
-
-    Raises:
-        PublishError: the broker did not confirm within ``domain_events_publish_timeout``.
-    """
-    spec = ext.handler_for_queue(message.routing_key.removesuffix(DLQ_SUFFIX))
-    # A DLQ that exists with other arguments still takes dead letters: never fail on it.
-    declare = [Auxiliary(ext.dead_letter_queue(spec))] if spec is not None else []
-    ext.publish([message], declare=declare)
-    log.warning(
-        "Dead-lettered event %s to %s: %s %s",
-        message.properties.get("message_id", "?"),
-        message.routing_key,
-        message.headers.get(HEADER_PREFIX + "reason"),
-        message.headers.get(HEADER_PREFIX + "exception"),
-    )
-
-
 @dataclass(frozen=True)
 class DeadLetter:
     """One message of a dead-letter queue, as the CLI lists, shows and replays it."""
@@ -309,7 +279,8 @@ class DeadLetter:
         )
 
 
-def _letter(queue: str, raw: Any) -> DeadLetter:
+def letter_from(queue: str, raw: Any) -> DeadLetter:
+    """Read a message fetched from dead-letter queue ``queue`` (py-amqp's ``basic_get``)."""
     props = dict(raw.properties)
     headers = dict(props.pop("application_headers", None) or {})
     encoding = props.pop("content_encoding", None)
@@ -321,75 +292,3 @@ def _letter(queue: str, raw: Any) -> DeadLetter:
         properties=props,
         headers=headers,
     )
-
-
-def depth(conn: Connection, queue: str) -> int | None:
-    """Return the number of messages in ``queue``, or None if it does not exist."""
-    channel: Any = conn.channel()  # transport channel: the stubs only know StdChannel
-    try:
-        _, count, _ = channel.queue_declare(queue, passive=True)
-        return int(count)
-    except conn.channel_errors:
-        return None
-    finally:
-        ignore_errors(conn, channel.close)
-
-
-def process(
-    conn: Connection,
-    queue: str,
-    select: Callable[[DeadLetter], bool] = lambda _: True,
-    act: Callable[[DeadLetter], None] | None = None,
-    *,
-    limit: int | None = None,
-) -> list[DeadLetter]:
-    """Read the dead letters of ``queue``; ``act`` on the selected ones, then ack them.
-
-    Messages are fetched unacked; those not selected (or all of them, when ``act`` is None,
-    as for ``list`` and dry runs) return to the queue in their order when the channel closes.
-    If ``act`` raises, the message it failed on is not acked and stays dead-lettered. Copies
-    of a failure already seen (same ``x-failure-key``) are counted in its ``copies`` and, when
-    it was acted on, acked without acting again.
-
-    Returns:
-        The selected dead letters, one per failure (at most ``limit``).
-    """
-    channel: Any = conn.channel()  # transport channel: the stubs only know StdChannel
-    selected: list[DeadLetter] = []
-    seen: dict[str, int] = {}  # failure key -> its index in selected
-    try:
-        _, count, _ = channel.queue_declare(queue, passive=True)
-        for _ in range(count):
-            raw = channel.basic_get(queue, no_ack=False)
-            if raw is None:
-                break
-            letter = _letter(queue, raw)
-            if letter.key is not None and letter.key in seen:
-                first = seen[letter.key]
-                selected[first] = replace(selected[first], copies=selected[first].copies + 1)
-                if act is not None:
-                    channel.basic_ack(raw.delivery_tag)
-                continue
-            if limit is not None and len(selected) >= limit:
-                continue  # still read on: later copies of the selected ones are counted
-            if not select(letter):
-                continue
-            if letter.key is not None:
-                seen[letter.key] = len(selected)
-            selected.append(letter)
-            if act is not None:
-                act(letter)
-                channel.basic_ack(raw.delivery_tag)
-    finally:
-        ignore_errors(conn, channel.close)
-    return selected
-
-
-def replay(ext: DomainEvents, conn: Connection, letter: DeadLetter) -> None:
-    """Publish ``letter`` back to its handler queue (confirmed) through the retry exchange."""
-    publish_confirmed(
-        lambda: nullcontext(conn),
-        [letter.replay_message(ext.settings.exchange + RETRY_SUFFIX)],
-        timeout=ext.settings.publish_timeout,
-    )
-    log.info("Replayed event %s to %s", letter.event_id, letter.handler_queue)

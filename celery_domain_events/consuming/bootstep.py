@@ -8,7 +8,7 @@
                                                                         ▼
       <service>.<handler> ─► kombu Consumer (Celery's task channel, its prefetch/QoS)
                                │ CloudEvent (first delivery, retry or replay)
-                               │   ─► inbound.check ─► bridge.to_task_message ─► task handler
+                               │   ─► wire.inbound.check ─► delivery.to_task_message ─► task
                                └ poison (not a CloudEvent, a task message, too large or deep)
                                    ─► <queue>.dlq with an x-failure-* record, then ack
 
@@ -24,9 +24,8 @@ from __future__ import annotations
 
 import logging
 import time
-import weakref
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from celery import bootsteps
 from kombu import Consumer
@@ -38,16 +37,19 @@ from kombu.transport.native_delayed_delivery import (
 )
 from kombu.utils.url import maybe_sanitize_url
 
-from . import _compat, deadletter, inbound
-from .bridge import to_task_message
-from .config import QueueType
-from .confirm import OutboundMessage
-from .deadletter import FailureReason
-from .exceptions import EventDecodeError
-from .registry import HandlerSpec
+from celery_domain_events import _compat
+from celery_domain_events.amqp.queues import declare, depth
+from celery_domain_events.config import QueueType
+from celery_domain_events.exceptions import EventDecodeError
+from celery_domain_events.extension import DomainEvents
+from celery_domain_events.registry import HandlerSpec
+from celery_domain_events.wire import inbound
+from celery_domain_events.wire.dead_letter import FailureReason, dead_letter_message
+from celery_domain_events.wire.message import OutboundMessage
 
-if TYPE_CHECKING:
-    from .extension import DomainEvents
+from . import dead_letter
+from .delivery import to_task_message
+from .task import on_refused_dead_letter
 
 __all__ = ["DomainEventsStep", "DomainEventsTopology"]
 
@@ -63,16 +65,6 @@ UNROUTED_CHECK_SECONDS = 300.0
 #: then costs the worker one publish deadline per hold, not one per delivery.
 HOLD_FIRST_SECONDS = 15.0
 HOLD_MAX_SECONDS = 300.0
-
-# The running step of each app, for the pool's result callbacks (HandlerRequest) to reach.
-_running: weakref.WeakKeyDictionary[Any, DomainEventsStep] = weakref.WeakKeyDictionary()
-
-
-def hold_handler_queue(app: Any, queue: str) -> None:
-    """Hold ``queue`` after one of its dead letters was refused (no-op outside a worker)."""
-    step = _running.get(app)
-    if step is not None:
-        step.hold(queue)
 
 
 class _Dispatch:
@@ -96,7 +88,7 @@ class _Dispatch:
         self.on_task_received = on_task_received
         self.on_refused = on_refused
         self.max_bytes = ext.settings.max_event_bytes
-        self.retry_exchanges = frozenset({ext.retry_exchange().name})
+        self.retry_exchanges = frozenset({ext.topology.retry_exchange().name})
         self.max_delay = (spec.retry.max_delay if spec.retry is not None else 0.0) + 1.0
 
     def __call__(self, message: Message) -> None:
@@ -126,7 +118,7 @@ class _Dispatch:
             message.reject(requeue=False)
             return
         try:
-            deadletter.send(self.ext, record)
+            dead_letter.send(self.ext, record)
         except Exception as send_error:
             log.error(
                 "Could not dead-letter a poison message from %s (%r); requeueing it",
@@ -142,7 +134,7 @@ class _Dispatch:
     def _dead_letter_message(self, message: Message, exc: EventDecodeError) -> OutboundMessage:
         delivery_info = message.delivery_info or {}
         body = inbound.raw_body(message.body, message.content_encoding)
-        return deadletter.dead_letter_message(
+        return dead_letter_message(
             body=body,
             queue=self.queue,
             handler=self.spec.name,
@@ -171,8 +163,6 @@ class DomainEventsStep(bootsteps.StartStopStep):
     requires = ("celery.worker.consumer.tasks:Tasks",)
 
     def __init__(self, parent: Any, **kwargs: Any) -> None:
-        from .extension import DomainEvents  # noqa: PLC0415 (extension installs this step)
-
         self.consumers: list[Consumer] = []
         #: queue name -> (its consumer, the queue): what pause and resume act on.
         self.by_queue: dict[str, tuple[Consumer, Any]] = {}
@@ -193,8 +183,6 @@ class DomainEventsStep(bootsteps.StartStopStep):
 
     def start(self, parent: Any) -> None:
         """Declare exchange, queues, bindings and DLQs, then consume the handler queues."""
-        from .extension import DomainEvents  # noqa: PLC0415 (extension installs this step)
-
         ext = DomainEvents.of(parent.app)
         if not ext.handlers:
             log.warning(
@@ -206,13 +194,13 @@ class DomainEventsStep(bootsteps.StartStopStep):
             )
         channel = parent.task_consumer.channel
         self.timer = getattr(parent, "timer", None)
-        _running[parent.app] = self
-        ext.declare(channel)
+        on_refused_dead_letter(parent.app, self.hold)
+        declare(ext.topology.worker_entities(ext.handlers), channel)
         if ext.settings.queue_type is QueueType.QUORUM:
             _bind_for_native_delay(ext, parent.connection)
         on_task_received = parent.create_task_handler()
         for spec in ext.handlers:
-            queue = ext.handler_queue(spec)
+            queue = ext.topology.handler_queue(spec)
             consumer = Consumer(
                 channel,
                 queues=[queue],
@@ -233,26 +221,22 @@ class DomainEventsStep(bootsteps.StartStopStep):
             len(self.consumers),
             ext.settings.service,
             ext.settings.exchange,
-            ", ".join(ext.handler_queue_name(s) for s in ext.handlers),
+            ", ".join(ext.topology.handler_queue_name(s) for s in ext.handlers),
         )
 
     def _consume_with(self, task_consumer: Any) -> None:
-        # Start consuming exactly when Celery starts its own task consumer, in the event loop
-        # once the pool is ready (asynloop and synloop both call task_consumer.consume()).
-        # Consuming here already would let a delivery arrive while a later step waits on the
-        # connection, and reach a pool that cannot take work yet.
-        consume = task_consumer.consume
+        # Start consuming exactly when Celery starts its own task consumer, once the pool is
+        # ready: consuming here already would let a delivery arrive while a later step waits
+        # on the connection, and reach a pool that cannot take work yet.
         by_queue = self.by_queue
-        paused = self.paused
+        paused, held = self.paused, self.held
 
-        def consume_all(*args: Any, **kwargs: Any) -> Any:
-            result = consume(*args, **kwargs)
+        def consume_handler_queues() -> None:
             for name, (consumer, _) in by_queue.items():
-                if name not in paused:
+                if name not in paused and name not in held:
                     consumer.consume()  # idempotent: active queues are skipped
-            return result
 
-        task_consumer.consume = consume_all
+        _compat.start_with_task_consumer(task_consumer, consume_handler_queues)
 
     def _watch_unrouted(self, ext: DomainEvents, parent: Any) -> None:
         # Events no handler is bound to accumulate unseen: say so now and every few minutes.
@@ -263,7 +247,7 @@ class DomainEventsStep(bootsteps.StartStopStep):
         threshold = int(limit * UNROUTED_WARN_FRACTION) if limit else UNROUTED_WARN_UNBOUNDED
 
         def check() -> None:
-            count = deadletter.depth(parent.connection, name)
+            count = depth(parent.connection, name)
             if count is not None and count >= threshold:
                 log.warning(
                     "Domain events: %s holds %d event(s) no handler is bound to (%s); bind a "
@@ -380,7 +364,7 @@ def _bind_for_native_delay(ext: DomainEvents, connection: Any) -> None:
     queue_type = ext.app.conf.broker_native_delayed_delivery_queue_type
     declare_native_delayed_delivery_exchanges_and_queues(connection, queue_type)
     for spec in ext.handlers:
-        bind_queue_to_native_delayed_delivery_exchange(connection, ext.retry_queue(spec))
+        bind_queue_to_native_delayed_delivery_exchange(connection, ext.topology.retry_queue(spec))
 
 
 class DomainEventsTopology(bootsteps.StartStopStep):
@@ -395,13 +379,11 @@ class DomainEventsTopology(bootsteps.StartStopStep):
 
     def start(self, parent: Any) -> None:
         """Declare exchanges, handler queues, bindings and DLQs over a short connection."""
-        from .extension import DomainEvents  # noqa: PLC0415 (extension installs this step)
-
         ext = DomainEvents.of(parent.app)
         with parent.app.connection_for_write() as conn:
             try:
                 conn.ensure_connection(max_retries=3, interval_start=0.5, interval_step=0.5)
-                ext.declare(conn.default_channel)
+                declare(ext.topology.worker_entities(ext.handlers), conn.default_channel)
             except conn.recoverable_connection_errors as exc:
                 log.warning(
                     "Domain events: could not declare the topology on %s yet (%r); "

@@ -14,12 +14,12 @@ from typing import Any
 
 from kombu.utils.url import url_to_parts
 
-from . import __version__
-from .events import METADATA_FIELDS, DomainEvent
-from .extension import DomainEvents
-from .registry import HandlerSpec
-from .routing import matches
-from .serialization import CONTENT_TYPE
+from celery_domain_events import __version__
+from celery_domain_events.events import METADATA_FIELDS, DomainEvent
+from celery_domain_events.extension import DomainEvents
+from celery_domain_events.registry import HandlerSpec
+from celery_domain_events.routing import matches
+from celery_domain_events.wire.envelope import CONTENT_TYPE
 
 __all__ = ["ASYNCAPI_VERSIONS", "build"]
 
@@ -97,7 +97,7 @@ def _exchange_binding(ext: DomainEvents, vhost: str) -> dict[str, Any]:
 
 def _queue_binding(ext: DomainEvents, spec: HandlerSpec, vhost: str) -> dict[str, Any]:
     return {
-        "name": ext.handler_queue_name(spec),
+        "name": ext.topology.handler_queue_name(spec),
         "durable": True,
         "exclusive": False,
         "autoDelete": False,
@@ -110,8 +110,8 @@ def _handler_doc(ext: DomainEvents, spec: HandlerSpec) -> dict[str, Any]:
     return {
         "handler": spec.name,
         "task": spec.task_name,
-        "patterns": list(ext.binding_patterns(spec)),
-        "deadLetterQueue": ext.dead_letter_queue(spec).name,
+        "patterns": list(ext.topology.binding_patterns(spec)),
+        "deadLetterQueue": ext.topology.dead_letter_queue(spec).name,
         "maxRetries": retry.max_retries if retry else 0,
     }
 
@@ -134,7 +134,9 @@ def build(ext: DomainEvents, asyncapi: str = "3.0.0") -> dict[str, Any]:
         spec.name: [
             _message_id(m)
             for m in models
-            if any(matches(p, ext.routing_key(m)) for p in ext.binding_patterns(spec))
+            if any(
+                matches(p, ext.topology.routing_key(m)) for p in ext.topology.binding_patterns(spec)
+            )
         ]
         for spec in ext.handlers
     }
@@ -153,7 +155,7 @@ def _v3(d: _Parts) -> dict[str, Any]:
     for model in d.models:
         mid = _message_id(model)
         channels[mid] = {
-            "address": d.ext.routing_key(model),
+            "address": d.ext.topology.routing_key(model),
             "messages": {mid: {"$ref": f"#/components/messages/{mid}"}},
             "bindings": {
                 "amqp": {
@@ -165,7 +167,7 @@ def _v3(d: _Parts) -> dict[str, Any]:
         }
     operations: dict[str, Any] = {}
     for spec in d.ext.handlers:
-        queue = d.ext.handler_queue_name(spec)
+        queue = d.ext.topology.handler_queue_name(spec)
         channels[queue] = {
             "address": queue,
             "messages": {m: {"$ref": f"#/components/messages/{m}"} for m in d.handled[spec.name]},
@@ -208,7 +210,7 @@ def _v2(d: _Parts) -> dict[str, Any]:
     channels: dict[str, Any] = {}
     for model in d.models:
         mid = _message_id(model)
-        channels[d.ext.routing_key(model)] = {
+        channels[d.ext.topology.routing_key(model)] = {
             "description": f"{model.event_name} v{model.event_version} on the topic exchange",
             "bindings": {
                 "amqp": {
@@ -221,7 +223,7 @@ def _v2(d: _Parts) -> dict[str, Any]:
         }
     for spec in d.ext.handlers:
         refs = [{"$ref": f"#/components/messages/{m}"} for m in d.handled[spec.name]]
-        channels[d.ext.handler_queue_name(spec)] = {
+        channels[d.ext.topology.handler_queue_name(spec)] = {
             "description": f"queue of handler {spec.name}",
             "bindings": {
                 "amqp": {

@@ -1,7 +1,7 @@
 """Turn a checked event delivery into a Celery task message, in the worker, without a broker hop.
 
 Everything on a handler queue is a CloudEvent (first deliveries, retries and replays alike),
-checked by :mod:`.inbound`. The worker wraps each one into a protocol-2 task message for that
+checked by :mod:`..wire.inbound`. The worker wraps each one into a protocol-2 task message for that
 handler's task, built here from trusted values only, and hands it to Celery's own task handler
 (``Consumer.create_task_handler``). The wrapper shares the delivery's channel and delivery tag,
 so acking the task acks the event: one message on the wire, one ack. No field of a message on
@@ -27,8 +27,9 @@ from typing import Any
 
 from kombu.message import Message
 
-from .inbound import KEPT_PROPERTIES, Inbound, summary
-from .registry import HandlerSpec
+from celery_domain_events import _compat
+from celery_domain_events.registry import HandlerSpec
+from celery_domain_events.wire.inbound import KEPT_PROPERTIES, Inbound, summary
 
 __all__ = [
     "TASK_ID_NAMESPACE",
@@ -65,13 +66,6 @@ def _plain(value: Any) -> Any:
     if isinstance(value, datetime):
         return int(value.replace(tzinfo=value.tzinfo or timezone.utc).timestamp())
     return value
-
-
-class _DecodedTaskMessage(Message):
-    """A task message whose body is the ``(args, kwargs, embed)`` tuple itself."""
-
-    def _decode(self) -> Any:
-        return self.body
 
 
 def task_meta(
@@ -136,20 +130,15 @@ def to_task_message(message: Message, inbound: Inbound, spec: HandlerSpec, queue
         "stamped_headers": None,
         "stamps": {},
     }
-    return _DecodedTaskMessage(
-        body=([], {"raw_event": inbound.text, "meta": meta}, _NO_CANVAS),  # type: ignore[arg-type]
-        delivery_tag=message.delivery_tag,
-        # None tells Celery's tracer the body is decoded (celery.app.trace.fast_trace_task).
-        content_type=None,
-        content_encoding=None,
-        delivery_info=message.delivery_info,
-        properties={
+    return _compat.decoded_task_message(
+        message,
+        ([], {"raw_event": inbound.text, "meta": meta}, _NO_CANVAS),
+        task_headers,
+        {
             "correlation_id": task_id,
             "reply_to": "",
             **({"priority": properties["priority"]} if "priority" in properties else {}),
         },
-        headers=task_headers,
-        channel=message.channel,
     )
 
 

@@ -16,83 +16,34 @@ Installed as a ``celery.commands`` plugin, so ``-A`` resolves the app as for any
 from __future__ import annotations
 
 import json
-import logging
-import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import click
-from celery import Celery
 from kombu import Connection
 from kombu.common import ignore_errors
 
-from . import catalogue, deadletter
-from .confirm import connect
-from .deadletter import DeadLetter
-from .exceptions import ConfigurationError, DomainEventsError
-from .extension import DomainEvents
-from .management import ManagementClient
+from celery_domain_events.amqp import queues
+from celery_domain_events.amqp.queues import declare
+from celery_domain_events.exceptions import ConfigurationError
+from celery_domain_events.extension import DomainEvents
+from celery_domain_events.registry import HandlerSpec
+from celery_domain_events.routing import matches, validate_pattern
+from celery_domain_events.wire.dead_letter import HEADER_PREFIX, DeadLetter
+from celery_domain_events.wire.topology import BindingDiff, diff_bindings
+
+from . import catalogue
+from .cli_context import (
+    EXIT_FOUND_DIFFERENCE,
+    ManagementUnavailable,
+    broker_connection,
+    extension_of,
+)
 from .outbox_cli import outbox
-from .registry import HandlerSpec
-from .routing import matches, validate_pattern
-from .topology import BindingDiff, diff_bindings
-from .urls import redact
+from .rabbitmq_api import ManagementClient
+from .replay import replay as replay_letter
 
 __all__ = ["domain_events"]
-
-
-def extension_of(ctx: click.Context) -> DomainEvents:
-    """Return the ``DomainEvents`` of the app ``celery -A`` named, its handlers imported.
-
-    Raises:
-        click.UsageError: the app has no ``DomainEvents``.
-    """
-    app: Celery = ctx.obj.app
-    # Handlers register when their modules are imported, as the worker does on start.
-    app.loader.import_default_modules()
-    try:
-        return DomainEvents.of(app)
-    except DomainEventsError as exc:
-        raise click.UsageError(str(exc)) from exc
-
-
-#: Exit codes (documented in the README): 0 done, 1 a difference or nothing found,
-#: 2 a usage error (click), 3 the broker cannot be reached or refused us, 4 the management API.
-EXIT_FOUND_DIFFERENCE = 1
-EXIT_BROKER = 3
-EXIT_MANAGEMENT = 4
-
-
-class BrokerUnreachable(click.ClickException):
-    """The broker could not be reached within the publish deadline, or refused the login."""
-
-    exit_code = EXIT_BROKER
-
-
-class ManagementUnavailable(click.ClickException):
-    """The RabbitMQ management API could not be read."""
-
-    exit_code = EXIT_MANAGEMENT
-
-
-@contextmanager
-def _connection(ext: DomainEvents) -> Iterator[Connection]:
-    conn = ext.app.connection_for_write()
-    deadline = time.monotonic() + ext.settings.publish_timeout
-    try:
-        connect(conn, deadline, level=logging.DEBUG)  # the one-line error below says it all
-    except Exception as exc:
-        conn.release()
-        cause = exc.__cause__ or exc
-        raise BrokerUnreachable(
-            f"cannot reach the broker at {redact(ext.app.conf.broker_url)} within "
-            f"{ext.settings.publish_timeout:g} s: {cause}".splitlines()[0]
-        ) from None
-    try:
-        yield conn
-    finally:
-        conn.release()
 
 
 def _handlers(ext: DomainEvents, names: tuple[str, ...]) -> list[HandlerSpec]:
@@ -112,8 +63,8 @@ def _handlers(ext: DomainEvents, names: tuple[str, ...]) -> list[HandlerSpec]:
 def _nonempty_dlqs(ext: DomainEvents, conn: Connection, handlers: tuple[str, ...]) -> Iterator[str]:
     """Yield the dead-letter queues of the chosen handlers that hold messages."""
     for spec in _handlers(ext, handlers):
-        queue = ext.dead_letter_queue(spec).name
-        if deadletter.depth(conn, queue):
+        queue = ext.topology.dead_letter_queue(spec).name
+        if queues.depth(conn, queue):
             yield queue
 
 
@@ -199,11 +150,11 @@ def list_(ctx: click.Context, handlers: tuple[str, ...], messages: bool, as_json
     """Show each handler's dead-letter queue and its depth."""
     ext = extension_of(ctx)
     rows = []
-    with _connection(ext) as conn:
+    with broker_connection(ext) as conn:
         for spec in _handlers(ext, handlers):
-            queue = ext.dead_letter_queue(spec).name
-            count = deadletter.depth(conn, queue)
-            letters = deadletter.process(conn, queue) if messages and count else []
+            queue = ext.topology.dead_letter_queue(spec).name
+            count = queues.depth(conn, queue)
+            letters = queues.process(conn, queue) if messages and count else []
             rows.append((spec.name, queue, count, letters))
     if as_json:
         click.echo(
@@ -232,9 +183,9 @@ def show(ctx: click.Context, event_id: str, handlers: tuple[str, ...]) -> None:
     """Print every dead letter of EVENT_ID: failure record, headers and body."""
     ext = extension_of(ctx)
     found = 0
-    with _connection(ext) as conn:
+    with broker_connection(ext) as conn:
         for queue in _nonempty_dlqs(ext, conn, handlers):
-            for letter in deadletter.process(conn, queue, _selector(None, (event_id,), None)):
+            for letter in queues.process(conn, queue, _selector(None, (event_id,), None)):
                 found += 1
                 click.echo(
                     json.dumps(
@@ -245,7 +196,7 @@ def show(ctx: click.Context, event_id: str, handlers: tuple[str, ...]) -> None:
                             "headers": {
                                 k: v
                                 for k, v in letter.headers.items()
-                                if not str(k).startswith(deadletter.HEADER_PREFIX)
+                                if not str(k).startswith(HEADER_PREFIX)
                             },
                             "content_type": letter.content_type,
                             "body": letter.body.decode("utf-8", "replace"),
@@ -275,9 +226,9 @@ def _run(
     select = _selector(event, ids, reason)
     total = 0
     acted: list[dict[str, Any]] = []
-    with _connection(ext) as conn:
+    with broker_connection(ext) as conn:
         for queue in _nonempty_dlqs(ext, conn, handlers):
-            done = deadletter.process(
+            done = queues.process(
                 conn,
                 queue,
                 select,
@@ -300,7 +251,7 @@ def _run(
 @click.pass_context
 def replay(ctx: click.Context, /, **filters: Any) -> None:
     """Send dead letters back to their own handler's queue (no other handler sees them)."""
-    _run(ctx, ("replay", "replayed"), deadletter.replay, **filters)
+    _run(ctx, ("replay", "replayed"), replay_letter, **filters)
 
 
 @dlq.command()
@@ -366,9 +317,9 @@ def topology_show(ctx: click.Context, as_json: bool) -> None:
     rows: list[dict[str, Any]] = []
     # Depths and consumers come from AMQP (exact now); the management API's statistics lag
     # by seconds, so it is asked only for what AMQP cannot tell: bindings and queue type.
-    with _connection(ext) as conn:
+    with broker_connection(ext) as conn:
         for spec in ext.handlers:
-            name = ext.handler_queue_name(spec)
+            name = ext.topology.handler_queue_name(spec)
             stats = _stats(conn, name)
             rows.append(
                 {
@@ -379,18 +330,18 @@ def topology_show(ctx: click.Context, as_json: bool) -> None:
                     "type": _queue_type(client, name),
                     "messages": stats[0] if stats else None,
                     "consumers": stats[1] if stats else None,
-                    "dlq": ext.dead_letter_queue(spec).name,
-                    "dlq_messages": deadletter.depth(conn, ext.dead_letter_queue(spec).name),
-                    "patterns": list(ext.binding_patterns(spec)),
+                    "dlq": ext.topology.dead_letter_queue(spec).name,
+                    "dlq_messages": queues.depth(conn, ext.topology.dead_letter_queue(spec).name),
+                    "patterns": list(ext.topology.binding_patterns(spec)),
                     "bindings": sorted(k for q, k in bindings if q == name),
                 }
             )
         unrouted = ext.settings.unrouted_queue
         summary = {
             "exchange": ext.settings.exchange,
-            "retry_exchange": ext.retry_exchange().name,
+            "retry_exchange": ext.topology.retry_exchange().name,
             "unrouted_queue": unrouted,
-            "unrouted_messages": deadletter.depth(conn, unrouted) if unrouted else None,
+            "unrouted_messages": queues.depth(conn, unrouted) if unrouted else None,
             "queues": rows,
         }
     if as_json:
@@ -420,14 +371,14 @@ def topology_show(ctx: click.Context, as_json: bool) -> None:
 def topology_declare(ctx: click.Context, as_json: bool) -> None:
     """Declare everything now (before any worker runs, so no event is missed)."""
     ext = extension_of(ctx)
-    with _connection(ext) as conn:
-        ext.declare(conn.default_channel)
+    with broker_connection(ext) as conn:
+        declare(ext.topology.worker_entities(ext.handlers), conn.default_channel)
     if as_json:
         declared = [
             {
-                "queue": ext.handler_queue_name(spec),
-                "patterns": list(ext.binding_patterns(spec)),
-                "dlq": ext.dead_letter_queue(spec).name,
+                "queue": ext.topology.handler_queue_name(spec),
+                "patterns": list(ext.topology.binding_patterns(spec)),
+                "dlq": ext.topology.dead_letter_queue(spec).name,
             }
             for spec in ext.handlers
         ]
@@ -435,8 +386,8 @@ def topology_declare(ctx: click.Context, as_json: bool) -> None:
         return
     for spec in ext.handlers:
         click.echo(
-            f"declared {ext.handler_queue_name(spec)} bound by {', '.join(spec.patterns)} "
-            f"(+ {ext.dead_letter_queue(spec).name})"
+            f"declared {ext.topology.handler_queue_name(spec)} bound by {', '.join(spec.patterns)} "
+            f"(+ {ext.topology.dead_letter_queue(spec).name})"
         )
 
 
@@ -462,14 +413,14 @@ def _report(diff: BindingDiff, as_json: bool) -> None:
 
 def _repair(ext: DomainEvents, diff: BindingDiff, prune: bool, apply_missing: bool) -> list[str]:
     done = []
-    with _connection(ext) as conn:
+    with broker_connection(ext) as conn:
         channel: Any = conn.default_channel
         if prune:
             for queue, pattern in diff.stale:
                 channel.queue_unbind(queue, ext.settings.exchange, pattern)
                 done.append(f"unbound  {queue}  {pattern}")
         if apply_missing:
-            ext.declare(channel)
+            declare(ext.topology.worker_entities(ext.handlers), channel)
             done.append(f"declared {len(diff.missing)} missing binding(s)")
     return done
 
@@ -482,7 +433,9 @@ def _repair(ext: DomainEvents, diff: BindingDiff, prune: bool, apply_missing: bo
 def topology_diff(ctx: click.Context, prune: bool, apply_missing: bool, as_json: bool) -> None:
     """Compare RabbitMQ's bindings with the handlers' patterns; exit 1 if they differ."""
     ext = extension_of(ctx)
-    expected = {ext.handler_queue_name(s): ext.binding_patterns(s) for s in ext.handlers}
+    expected = {
+        ext.topology.handler_queue_name(s): ext.topology.binding_patterns(s) for s in ext.handlers
+    }
     diff = diff_bindings(expected, _queue_bindings(ext, _management(ext)), ext.settings.service)
     _report(diff, as_json)
     if diff.clean:

@@ -10,8 +10,8 @@
 
     outbox.relay_forever(engine)  # or: celery -A proj domain-events outbox relay --db-url URL
 
-Each row holds the exact message :func:`~celery_domain_events.publisher.publish_events` would
-send: the CloudEvents body, routing key, AMQP properties and headers (trace context included).
+Each row holds the exact message :func:`~celery_domain_events.publishing.send.publish_events` would
+send: the CloudEvents body (trace context included), routing key and AMQP properties.
 A relay takes up to ``limit`` of the oldest rows ``FOR UPDATE SKIP LOCKED``, publishes them with
 publisher confirms and deletes them in the same database transaction, so any number of relays
 can run side by side and each row is published once. Rows are relayed in ``created_at`` order,
@@ -59,12 +59,13 @@ from sqlalchemy import (
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from . import serialization, tracing
-from .confirm import OutboundMessage
-from .events import AnyEvent
-from .exceptions import PublishError
-from .extension import DomainEvents
-from .publisher import as_event, outbound_messages
+from celery_domain_events import tracing
+from celery_domain_events.events import AnyEvent
+from celery_domain_events.exceptions import PublishError
+from celery_domain_events.extension import DomainEvents
+from celery_domain_events.publishing.send import as_event, outbound_messages
+from celery_domain_events.wire import envelope
+from celery_domain_events.wire.message import OutboundMessage
 
 __all__ = ["DEFAULT_TABLE_NAME", "Outbox", "define_table"]
 
@@ -266,7 +267,7 @@ class Outbox:
                 body=row.body,
                 exchange=row.exchange,
                 routing_key=row.routing_key,
-                content_type=serialization.CONTENT_TYPE,
+                content_type=envelope.CONTENT_TYPE,
                 properties=dict(row.properties),
                 headers=dict(row.headers),
                 mandatory=settings.unrouted_queue is None,
@@ -274,7 +275,7 @@ class Outbox:
             )
             for row in rows
         ]
-        self.ext.publish(messages, declare=self.ext.publisher_entities())
+        self.ext.publish(messages, declare=self.ext.topology.publisher_entities())
 
     def _keep_unconfirmed(self, conn: Connection, ids: list[str], exc: PublishError) -> None:
         table = self.table

@@ -37,7 +37,7 @@ dead-lettering take the production code path. Semantics:
   not failures. With ``fail_fast=False`` nothing is raised: inspect ``dead_letters``.
 * **Not emulated**: time limits, rate limits, prefetch, redelivery after a crash and the
   ``unrouted`` queue. Only a real RabbitMQ and a real worker are evidence for those; see
-  :mod:`celery_domain_events.pytest_plugin`.
+  :mod:`celery_domain_events.testing.pytest_plugin`.
 """
 
 from __future__ import annotations
@@ -45,34 +45,34 @@ from __future__ import annotations
 import threading
 import time
 from collections import defaultdict, deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
 from celery import Celery, states
 
-from . import serialization
-from .bridge import task_id_for, task_meta
-from .confirm import OutboundMessage
-from .deadletter import DeadLetter
-from .events import AnyEvent
-from .exceptions import EventDecodeError
-from .extension import DomainEvents
-from .handlers import bind_task
-from .registry import HandlerSpec
-from .routing import matches
-from .topology import DLQ_SUFFIX
+from celery_domain_events.consuming.delivery import task_id_for, task_meta
+from celery_domain_events.consuming.handlers import bind_task
+from celery_domain_events.events import AnyEvent
+from celery_domain_events.exceptions import EventDecodeError
+from celery_domain_events.extension import DomainEvents
+from celery_domain_events.registry import HandlerSpec
+from celery_domain_events.routing import matches
+from celery_domain_events.wire import envelope
+from celery_domain_events.wire.dead_letter import DeadLetter
+from celery_domain_events.wire.message import OutboundMessage
+from celery_domain_events.wire.topology import DLQ_SUFFIX
 
-__all__ = ["CapturedDeadLetter", "EventCapture", "capture_events"]
+__all__ = ["CaptureTransport", "CapturedDeadLetter", "EventCapture", "capture_events"]
 
 
 @dataclass(frozen=True)
 class CapturedDeadLetter(DeadLetter):
     """A dead letter the harness captured: what ``<queue>.dlq`` would hold, plus the error.
 
-    It is a :class:`~.deadletter.DeadLetter`, as the CLI reads from RabbitMQ, so assertions on
-    ``reason``, ``failure(...)`` and ``body`` work the same on both.
+    It is a :class:`~celery_domain_events.wire.dead_letter.DeadLetter`, as the CLI reads from
+    RabbitMQ, so assertions on ``reason``, ``failure(...)`` and ``body`` work the same on both.
 
     Attributes:
         event: the event the body decodes to, or None for poison.
@@ -252,7 +252,7 @@ class EventCapture:
         # What bridge.to_task_message gives the task in a worker.
         message, spec = delivery
         return task_meta(
-            queue=self.ext.handler_queue_name(spec),
+            queue=self.ext.topology.handler_queue_name(spec),
             exchange=message.exchange,
             routing_key=message.routing_key,
             content_type=message.content_type,
@@ -262,16 +262,16 @@ class EventCapture:
         )
 
     def _decode(self, message: OutboundMessage) -> AnyEvent:
-        envelope = serialization.decode(message.body)
-        return serialization.to_event(envelope, self.ext.events)
+        decoded = envelope.decode(message.body)
+        return envelope.to_event(decoded, self.ext.events)
 
-    def _transport(self, ext: DomainEvents, messages: list[OutboundMessage]) -> None:
-        """The ``DomainEvents.transport``: record events and dead letters, route events."""
+    def _receive(self, messages: Sequence[OutboundMessage]) -> None:
+        """Record events and dead letters; route each event to its handlers' deliveries."""
         for message in messages:
             if message.exchange == "" and message.routing_key.endswith(DLQ_SUFFIX):
                 self._capture_dead_letter(message)
             else:
-                self._capture_event(ext, message)
+                self._capture_event(self.ext, message)
 
     def _capture_event(self, ext: DomainEvents, message: OutboundMessage) -> None:
         try:
@@ -281,7 +281,7 @@ class EventCapture:
         deliveries = [
             _Delivery(message, spec)
             for spec in ext.handlers
-            if any(matches(p, message.routing_key) for p in ext.binding_patterns(spec))
+            if any(matches(p, message.routing_key) for p in ext.topology.binding_patterns(spec))
         ]
         with self._lock:
             self._messages.append(message)
@@ -322,23 +322,35 @@ def capture_events(app: Celery, *, fail_fast: bool = True) -> Iterator[EventCapt
 
     Yields:
         The capture. Its records stay readable after the block; pending deliveries are
-        dropped and ``DomainEvents.transport`` is restored to its previous value.
+        dropped and the app's previous transport is restored.
 
     Raises:
         ConfigurationError: the app has no ``DomainEvents``.
     """
     capture = EventCapture(app, fail_fast=fail_fast)
-    ext = capture.ext
-    previous = ext.transport
-    ext.transport = capture._transport
     capture._open = True
     try:
-        yield capture
+        with capture.ext.using(CaptureTransport(capture)):
+            yield capture
     finally:
-        ext.transport = previous
         capture._close()
+
+
+class CaptureTransport:
+    """The transport :func:`capture_events` installs: messages go to an :class:`EventCapture`.
+
+    Nothing is published; the capture records each event and dead letter and queues the
+    deliveries that :meth:`EventCapture.join` runs.
+    """
+
+    def __init__(self, capture: EventCapture) -> None:
+        self.capture = capture
+
+    def publish(self, messages: Sequence[OutboundMessage], declare: Sequence[Any] = ()) -> None:
+        """Hand ``messages`` to the capture (``declare`` has nothing to do in memory)."""
+        self.capture._receive(messages)
 
 
 def _event_id(message: OutboundMessage) -> str:
     # As a worker does: the CloudEvents id from the body, whatever message_id says.
-    return serialization.peek_id(message.body) or str(message.properties.get("message_id"))
+    return envelope.peek_id(message.body) or str(message.properties.get("message_id"))

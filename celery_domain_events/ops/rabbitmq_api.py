@@ -18,8 +18,8 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from kombu.utils.url import url_to_parts
 
-from .exceptions import ConfigurationError
-from .urls import default_management_url, redact, split
+from celery_domain_events.exceptions import ConfigurationError
+from celery_domain_events.urls import default_management_url, redact, split
 
 __all__ = ["ManagementClient"]
 

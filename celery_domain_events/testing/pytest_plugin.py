@@ -2,7 +2,7 @@
 
 Enable it in your root ``conftest.py`` (it is never loaded automatically)::
 
-    pytest_plugins = ["celery_domain_events.pytest_plugin"]
+    pytest_plugins = ["celery_domain_events.testing.pytest_plugin"]
 
 
     def test_welcome_mail(domain_events_app, domain_events_worker):
@@ -49,15 +49,16 @@ from typing import Any
 
 import pytest
 from celery import Celery
-from celery import _state as celery_state
 from celery.contrib.testing.worker import start_worker
 from kombu import Connection
 from kombu.common import ignore_errors
 
-from .extension import DomainEvents
-from .publisher import discard
-from .testing import EventCapture, capture_events
-from .urls import redact
+from celery_domain_events import _compat
+from celery_domain_events.extension import DomainEvents
+from celery_domain_events.publishing.api import discard
+from celery_domain_events.urls import redact
+
+from . import EventCapture, capture_events
 
 __all__ = [
     "BROKER_URL_ENV",
@@ -166,10 +167,13 @@ class _Apps:
         for app in self.apps:
             ext = DomainEvents.of(app)
             for spec in ext.handlers:
-                queues |= {ext.handler_queue_name(spec), ext.dead_letter_queue(spec).name}
+                queues |= {
+                    ext.topology.handler_queue_name(spec),
+                    ext.topology.dead_letter_queue(spec).name,
+                }
             default_queue = str(app.conf.task_default_queue)  # a queue and its exchange
             queues.add(default_queue)
-            exchanges |= {default_queue, ext.settings.exchange, ext.retry_exchange().name}
+            exchanges |= {default_queue, ext.settings.exchange, ext.topology.retry_exchange().name}
             unrouted = ext.settings.unrouted_queue  # a queue and its alternate exchange
             if unrouted:
                 queues.add(unrouted)
@@ -221,25 +225,12 @@ def domain_events_app(domain_events_broker_url: str, domain_events_prefix: str) 
 
 
 @contextmanager
-def _restored_current_app() -> Iterator[None]:
-    # start_worker() makes the app current and default (celery.contrib.testing); undo it so
-    # one test's app is not the next test's current_app.
-    state: Any = celery_state
-    current, default = getattr(state._tls, "current_app", None), state.default_app
-    try:
-        yield
-    finally:
-        state._tls.current_app = current
-        state.default_app = default
-
-
-@contextmanager
 def _worker(app: Celery, **options: Any) -> Iterator[Any]:
     options.setdefault("pool", "solo")
     options.setdefault("perform_ping_check", False)  # no celery.ping task on our apps
     options.setdefault("shutdown_timeout", 30)
     options.setdefault("loglevel", "WARNING")
-    with _restored_current_app(), start_worker(app, **options) as worker:
+    with _compat.restored_current_app(), start_worker(app, **options) as worker:
         yield worker
 
 

@@ -11,7 +11,7 @@ anything from the message, never recurses without bound, and reads at most
   only, so no message can name a task, a callback, a chain or a chord to run;
 * the content type must be JSON (pickle and every other serializer are never decoded);
 * the body must fit ``domain_events_max_event_bytes``, be UTF-8, parse as JSON (no ``NaN``)
-  nested at most :data:`~.serialization.MAX_JSON_DEPTH` levels, and be an object with a
+  nested at most :data:`~.envelope.MAX_JSON_DEPTH` levels, and be an object with a
   non-empty string ``id`` and ``type``;
 * application headers may nest at most :data:`MAX_HEADER_DEPTH` tables deep.
 
@@ -35,9 +35,9 @@ from typing import Any
 from kombu.message import Message
 from pydantic_core import from_json
 
-from ._compat import UNDECODABLE_HEADER
-from .exceptions import EventDecodeError
-from .serialization import JSON_CONTENT_TYPES, json_error
+from celery_domain_events._compat import UNDECODABLE_HEADER
+from celery_domain_events.exceptions import EventDecodeError
+from celery_domain_events.wire.envelope import JSON_CONTENT_TYPES, json_error
 
 __all__ = [
     "DELAYED_EXCHANGE_PREFIX",

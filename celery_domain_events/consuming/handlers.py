@@ -20,14 +20,15 @@ from collections.abc import Callable
 from typing import Any, Generic, ParamSpec, TypeVar, cast
 
 from celery import Celery, Task
-from celery import _state as celery_state
 from celery import current_app as _current_app
 
-from .events import DomainEvent, GenericEvent
-from .exceptions import ConfigurationError, EventDefinitionError
-from .registry import HandlerRegistry, HandlerSpec, default_handlers
-from .retry import RetryPolicy
-from .routing import validate_pattern, validate_word
+from celery_domain_events import _compat
+from celery_domain_events.events import DomainEvent, GenericEvent
+from celery_domain_events.exceptions import ConfigurationError, EventDefinitionError
+from celery_domain_events.registry import HandlerRegistry, HandlerSpec, default_handlers
+from celery_domain_events.retry import RetryPolicy
+from celery_domain_events.routing import validate_pattern, validate_word
+
 from .task import DomainEventTask
 
 __all__ = ["TASK_OPTIONS", "Handler", "domain_event_handler"]
@@ -183,11 +184,7 @@ def _is_event_type(annotation: Any) -> bool:
 def _register_task_on_apps(spec: HandlerSpec) -> None:
     # Same mechanism as @shared_task: apps finalized later pick the task up on finalize,
     # apps finalized already get it now.
-    celery_state.connect_on_app_finalize(lambda app: bind_task(app, spec))
-    for app in celery_state._get_active_apps():  # type: ignore[attr-defined]
-        if app.finalized:
-            with app._finalize_mutex:
-                bind_task(app, spec)
+    _compat.on_every_app(lambda app: bind_task(app, spec))
 
 
 def bind_task(app: Celery, spec: HandlerSpec) -> Task[Any, Any]:
@@ -209,7 +206,8 @@ def bind_task(app: Celery, spec: HandlerSpec) -> Task[Any, Any]:
         if spec.retry is not None
         else RetryPolicy(max_retries=0).task_options()
     )
-    task: Task[Any, Any] = app._task_from_fun(
+    task = _compat.task_from_fun(
+        app,
         run,
         name=spec.task_name,
         base=DomainEventTask,
@@ -217,7 +215,7 @@ def bind_task(app: Celery, spec: HandlerSpec) -> Task[Any, Any]:
         handler_spec=spec,
         **{**retry_options, **spec.task_options},
     )
-    # After _task_from_fun, which wraps run in Celery's autoretry: the dead letter must see
+    # After task_from_fun, which wraps run in Celery's autoretry: the dead letter must see
     # the final outcome, once retries are spent.
     cast(DomainEventTask, task).guard_run()
     return task

@@ -15,41 +15,19 @@ import sys
 import time
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any, cast
 
 import amqp
 from kombu import Connection
 from kombu.utils.url import maybe_sanitize_url
 
-from .exceptions import PublishError
+from celery_domain_events import _compat
+from celery_domain_events.exceptions import PublishError
+from celery_domain_events.wire.message import OutboundMessage
 
-__all__ = ["OutboundMessage", "connect", "publish_confirmed"]
+__all__ = ["connect", "publish_confirmed"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class OutboundMessage:
-    """One message to publish: body, destination and AMQP properties.
-
-    Treat it as immutable. It is not ``frozen``: a frozen dataclass sets each field through
-    ``object.__setattr__``, which doubled the cost of building one per event in transmit().
-    """
-
-    body: bytes
-    exchange: str
-    routing_key: str
-    content_type: str
-    content_encoding: str = "utf-8"
-    properties: dict[str, Any] = field(default_factory=dict)
-    headers: dict[str, Any] = field(default_factory=dict)
-    mandatory: bool = False
-    #: Treat an unroutable return as a failure and retry after declaring again: a dead letter
-    #: must not vanish because its queue was deleted under us.
-    must_route: bool = False
-    #: What the caller gets back in ``PublishError.events`` if this message is not confirmed.
-    source: Any = None
 
 
 # Properties publish() sets from the message's own fields (and every message is persistent).
@@ -82,9 +60,9 @@ class _ConfirmChannel:
         self.outstanding: dict[int, OutboundMessage] = {}
         self.returned: list[tuple[str, str]] = []
         self.native = isinstance(channel, amqp.Channel)
-        # Bypass basic_publish_confirm (installed when the connection has confirm_publish):
-        # it would wait for each ack in turn, and we wait for the whole batch.
-        self.basic_publish = getattr(channel, "_basic_publish", channel.basic_publish)
+        # Not basic_publish_confirm (installed when the connection has confirm_publish): it
+        # would wait for each ack in turn, and we wait for the whole batch.
+        self.basic_publish = _compat.unconfirmed_basic_publish(channel)
         #: (kind, name) of the entities declared through this channel.
         self.declared: set[tuple[str, str]] = set()
         if self.supports_confirms:
@@ -321,7 +299,7 @@ def publish_confirmed(
                     # pool hands out a fresh one (which declares again), and re-send
                     # everything not yet confirmed.
                     exc = sys.exc_info()[1]
-                    transport_conn = getattr(conn, "_connection", None)
+                    transport_conn = _compat.transport_connection(conn)
                     if transport_conn is not None:
                         _channels.pop(transport_conn, None)
                     conn.collect()

@@ -29,9 +29,13 @@ from pydantic import (
 )
 from pydantic_core import from_json, to_json
 
-from .events import METADATA_FIELDS, AnyEvent, DomainEvent, GenericEvent
-from .exceptions import EventDecodeError, EventValidationError, UnknownEventError
-from .registry import EventRegistry, default_events
+from celery_domain_events.events import METADATA_FIELDS, AnyEvent, DomainEvent, GenericEvent
+from celery_domain_events.exceptions import (
+    EventDecodeError,
+    EventValidationError,
+    UnknownEventError,
+)
+from celery_domain_events.registry import EventRegistry, default_events
 
 __all__ = [
     "CONTENT_TYPE",

@@ -31,13 +31,15 @@ from typing import Any
 
 from kombu import Exchange, Queue, binding
 
-from .config import KeyFormat, QueueType, Settings
-from .registry import HandlerSpec
+from celery_domain_events.config import KeyFormat, QueueType, Settings
+from celery_domain_events.registry import HandlerSpec
 
 __all__ = [
     "DLQ_SUFFIX",
+    "RETRY_SUFFIX",
     "Auxiliary",
     "BindingDiff",
+    "Topology",
     "binding_patterns",
     "dead_letter_queue",
     "dead_letter_queue_name",
@@ -277,3 +279,63 @@ class Auxiliary:
             if aux is not channel:
                 with contextlib.suppress(Exception):
                     aux.close()
+
+
+class Topology:
+    """The topology of one app: the builders above, bound to its settings.
+
+    ``DomainEvents.topology`` is one; everything that names or declares a queue asks it.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def exchange(self) -> Exchange:
+        """The topic exchange events are published to."""
+        return exchange(self.settings)
+
+    def retry_exchange(self) -> Exchange:
+        """The exchange retries and replays go through."""
+        return retry_exchange(self.settings)
+
+    def unrouted_queue(self) -> Queue | None:
+        """The queue that keeps events no handler is bound to, if enabled."""
+        return unrouted_queue(self.settings)
+
+    def routing_key(self, event: Any) -> str:
+        """The routing key ``event`` is published with."""
+        return routing_key(event.event_name, event.event_version, self.settings)
+
+    def binding_patterns(self, spec: HandlerSpec) -> tuple[str, ...]:
+        """The patterns ``spec``'s queue is bound by (after the key format)."""
+        return binding_patterns(spec, self.settings)
+
+    def handler_queue_name(self, spec: HandlerSpec) -> str:
+        """``<service>.<handler>``."""
+        return handler_queue_name(spec, self.settings)
+
+    def handler_queue(self, spec: HandlerSpec) -> Queue:
+        """The handler's durable queue with its bindings."""
+        return handler_queue(spec, self.settings)
+
+    def retry_queue(self, spec: HandlerSpec) -> Queue:
+        """The handler's queue as the retry exchange addresses it."""
+        return retry_queue(spec, self.settings)
+
+    def dead_letter_queue(self, spec: HandlerSpec) -> Queue:
+        """The handler's dead-letter queue."""
+        return dead_letter_queue(spec, self.settings)
+
+    def publisher_entities(self) -> list[Any]:
+        """What a publisher declares: the exchange and, if enabled, the unrouted queue."""
+        unrouted = self.unrouted_queue()
+        if unrouted is None:
+            return [self.exchange()]
+        return [self.exchange(), Auxiliary(unrouted, unrouted_advice(unrouted.name))]
+
+    def worker_entities(self, handlers: list[HandlerSpec]) -> list[Any]:
+        """What a worker declares: the publisher's, then each handler's DLQ and queue."""
+        entities = self.publisher_entities()
+        for spec in handlers:
+            entities += [Auxiliary(self.dead_letter_queue(spec)), self.handler_queue(spec)]
+        return entities

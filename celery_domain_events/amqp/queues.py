@@ -1,0 +1,97 @@
+"""Queues over AMQP: declaring the topology, a queue's depth, reading a dead-letter queue."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+from amqp.exceptions import PreconditionFailed
+from kombu import Connection
+from kombu.common import ignore_errors
+
+from celery_domain_events.exceptions import ConfigurationError
+from celery_domain_events.wire.dead_letter import DeadLetter, letter_from
+
+__all__ = ["declare", "depth", "process"]
+
+
+def depth(conn: Connection, queue: str) -> int | None:
+    """Return the number of messages in ``queue``, or None if it does not exist."""
+    channel: Any = conn.channel()  # transport channel: the stubs only know StdChannel
+    try:
+        _, count, _ = channel.queue_declare(queue, passive=True)
+        return int(count)
+    except conn.channel_errors:
+        return None
+    finally:
+        ignore_errors(conn, channel.close)
+
+
+def process(
+    conn: Connection,
+    queue: str,
+    select: Callable[[DeadLetter], bool] = lambda _: True,
+    act: Callable[[DeadLetter], None] | None = None,
+    *,
+    limit: int | None = None,
+) -> list[DeadLetter]:
+    """Read the dead letters of ``queue``; ``act`` on the selected ones, then ack them.
+
+    Messages are fetched unacked; those not selected (or all of them, when ``act`` is None,
+    as for ``list`` and dry runs) return to the queue in their order when the channel closes.
+    If ``act`` raises, the message it failed on is not acked and stays dead-lettered. Copies
+    of a failure already seen (same ``x-failure-key``) are counted in its ``copies`` and, when
+    it was acted on, acked without acting again.
+
+    Returns:
+        The selected dead letters, one per failure (at most ``limit``).
+    """
+    channel: Any = conn.channel()  # transport channel: the stubs only know StdChannel
+    selected: list[DeadLetter] = []
+    seen: dict[str, int] = {}  # failure key -> its index in selected
+    try:
+        _, count, _ = channel.queue_declare(queue, passive=True)
+        for _ in range(count):
+            raw = channel.basic_get(queue, no_ack=False)
+            if raw is None:
+                break
+            letter = letter_from(queue, raw)
+            if letter.key is not None and letter.key in seen:
+                first = seen[letter.key]
+                selected[first] = replace(selected[first], copies=selected[first].copies + 1)
+                if act is not None:
+                    channel.basic_ack(raw.delivery_tag)
+                continue
+            if limit is not None and len(selected) >= limit:
+                continue  # still read on: later copies of the selected ones are counted
+            if not select(letter):
+                continue
+            if letter.key is not None:
+                seen[letter.key] = len(selected)
+            selected.append(letter)
+            if act is not None:
+                act(letter)
+                channel.basic_ack(raw.delivery_tag)
+    finally:
+        ignore_errors(conn, channel.close)
+    return selected
+
+
+def declare(entities: list[Any], channel: Any) -> None:
+    """Declare ``entities`` (exchanges, queues with bindings, :class:`Auxiliary` queues).
+
+    Raises:
+        ConfigurationError: RabbitMQ refused to declare an exchange or a handler queue
+            (PRECONDITION_FAILED: it exists with other arguments, such as another queue
+            type). Auxiliary queues (unrouted, DLQs) are never fatal.
+    """
+    for entity in entities:
+        try:
+            entity.declare(channel=channel)
+        except PreconditionFailed as exc:
+            raise ConfigurationError(
+                f"RabbitMQ refused to declare {type(entity).__name__.lower()} "
+                f"{entity.name!r}: {exc.reply_text}. It exists with other arguments; "
+                "delete it or align the domain_events_* settings with it."
+            ) from exc

@@ -1,0 +1,1 @@
+"""For operators: the ``celery domain-events`` CLI, the AsyncAPI catalogue, the HTTP API."""

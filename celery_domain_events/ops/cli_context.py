@@ -1,0 +1,85 @@
+"""What every ``domain-events`` command shares: the app, a broker connection, the exit codes."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import click
+from celery import Celery
+from kombu import Connection
+
+from celery_domain_events.amqp.confirm import connect
+from celery_domain_events.exceptions import DomainEventsError
+from celery_domain_events.extension import DomainEvents
+from celery_domain_events.urls import redact
+
+__all__ = [
+    "EXIT_BROKER",
+    "EXIT_FOUND_DIFFERENCE",
+    "EXIT_MANAGEMENT",
+    "BrokerUnreachable",
+    "ManagementUnavailable",
+    "broker_connection",
+    "extension_of",
+]
+
+
+def extension_of(ctx: click.Context) -> DomainEvents:
+    """Return the ``DomainEvents`` of the app ``celery -A`` named, its handlers imported.
+
+    Raises:
+        click.UsageError: the app has no ``DomainEvents``.
+    """
+    app: Celery = ctx.obj.app
+    # Handlers register when their modules are imported, as the worker does on start.
+    app.loader.import_default_modules()
+    try:
+        return DomainEvents.of(app)
+    except DomainEventsError as exc:
+        raise click.UsageError(str(exc)) from exc
+
+
+#: Exit codes (documented in the README): 0 done, 1 a difference or nothing found,
+#: 2 a usage error (click), 3 the broker cannot be reached or refused us, 4 the management API.
+EXIT_FOUND_DIFFERENCE = 1
+EXIT_BROKER = 3
+EXIT_MANAGEMENT = 4
+
+
+class BrokerUnreachable(click.ClickException):
+    """The broker could not be reached within the publish deadline, or refused the login."""
+
+    exit_code = EXIT_BROKER
+
+
+class ManagementUnavailable(click.ClickException):
+    """The RabbitMQ management API could not be read."""
+
+    exit_code = EXIT_MANAGEMENT
+
+
+@contextmanager
+def broker_connection(ext: DomainEvents) -> Iterator[Connection]:
+    """A connection to the app's broker within ``domain_events_publish_timeout``.
+
+    Raises:
+        BrokerUnreachable: not reached by the deadline, or the login was refused.
+    """
+    conn = ext.app.connection_for_write()
+    deadline = time.monotonic() + ext.settings.publish_timeout
+    try:
+        connect(conn, deadline, level=logging.DEBUG)  # the one-line error below says it all
+    except Exception as exc:
+        conn.release()
+        cause = exc.__cause__ or exc
+        raise BrokerUnreachable(
+            f"cannot reach the broker at {redact(ext.app.conf.broker_url)} within "
+            f"{ext.settings.publish_timeout:g} s: {cause}".splitlines()[0]
+        ) from None
+    try:
+        yield conn
+    finally:
+        conn.release()
