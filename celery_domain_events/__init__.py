@@ -1,5 +1,6 @@
 """Typed domain events over a RabbitMQ topic exchange, each delivery handled as a Celery task."""
 
+from .amqp.transport import Transport
 from .consuming.handlers import Handler, domain_event_handler
 from .events import DomainEvent, GenericEvent
 from .exceptions import (
@@ -19,6 +20,7 @@ from .exceptions import (
 from .extension import DomainEvents
 from .publishing.api import buffered, discard, emit, scope, transmit
 from .retry import RetryPolicy
+from .wire.message import OutboundMessage
 
 __version__ = "0.1.0"
 
@@ -35,10 +37,12 @@ __all__ = [
     "Handler",
     "InvalidRoutingPattern",
     "NoActiveScope",
+    "OutboundMessage",
     "PublishError",
     "RegistrationError",
     "RejectEvent",
     "RetryPolicy",
+    "Transport",
     "UnknownEventError",
     "__version__",
     "buffered",
