@@ -34,7 +34,7 @@ from celery import Celery
 from kombu import Connection
 
 from celery_domain_events import DomainEvents, emit, transmit
-from celery_domain_events.wire import envelope as serialization
+from celery_domain_events.wire import envelope
 
 from .bench_app import EVENT_NAME, BenchHappened, build_app
 from .run import (
@@ -264,7 +264,7 @@ def _publisher(which: str, n: int, broker_url: str, exchange: str, unrouted: str
         for event in events[:10]:  # declarations, pooled connection, confirm channel
             emit(event)
         transmit(app)
-        raw_publish(conn, exchange, EVENT_NAME, bodies[:10], serialization.CONTENT_TYPE)
+        raw_publish(conn, exchange, EVENT_NAME, bodies[:10], envelope.CONTENT_TYPE)
         print("ready", flush=True)
         sys.stdin.readline()
         if which == "transmit":
@@ -272,7 +272,7 @@ def _publisher(which: str, n: int, broker_url: str, exchange: str, unrouted: str
                 emit(event)
             transmit(app)
         else:
-            raw_publish(conn, exchange, EVENT_NAME, bodies, serialization.CONTENT_TYPE)
+            raw_publish(conn, exchange, EVENT_NAME, bodies, envelope.CONTENT_TYPE)
         print("done", flush=True)
         sys.stdin.readline()
     app.close()

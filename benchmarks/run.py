@@ -50,7 +50,7 @@ from kombu import Connection
 
 from celery_domain_events import DomainEvents, emit, tracing, transmit
 from celery_domain_events.amqp.queues import declare
-from celery_domain_events.wire import envelope as serialization
+from celery_domain_events.wire import envelope
 
 from .bench_app import EVENT_NAME, NOOP_TASK, BenchHappened, build_app
 
@@ -183,7 +183,7 @@ def raw_publish(
 ) -> float:
     """Publish ``bodies`` on one confirm channel and wait for every confirm; return seconds.
 
-    The same py-amqp calls confirm.py makes, without the library's bookkeeping: the floor.
+    The same py-amqp calls amqp/confirm.py makes, without the library's bookkeeping: the floor.
     ``properties`` (one dict per body) adds AMQP properties such as Celery's task headers.
     """
     channel = conn.channel()
@@ -251,9 +251,7 @@ def event_bodies(n: int, service: str) -> list[bytes]:
     """``n`` bodies exactly as transmit() encodes them (with a traceparent), for raw publishes."""
     traceparent = tracing.new_traceparent()
     return [
-        serialization.encode(
-            BenchHappened(seq=i, payload=PAYLOAD), service, traceparent=traceparent
-        )
+        envelope.encode(BenchHappened(seq=i, payload=PAYLOAD), service, traceparent=traceparent)
         for i in range(n)
     ]
 
@@ -266,7 +264,7 @@ def scenario_raw(b: Bench, res: Results) -> None:
         with Connection(b.broker_url) as conn:
             conn.connect()
             conn.default_channel.queue_declare(queue, durable=True, auto_delete=False)
-            publish = raw_publish(conn, "", queue, bodies, serialization.CONTENT_TYPE)
+            publish = raw_publish(conn, "", queue, bodies, envelope.CONTENT_TYPE)
             consume = raw_consume(conn, queue, b.n, RAW_PREFETCH)
     finally:
         delete_entities(b.broker_url, [queue], [])
@@ -305,15 +303,13 @@ def scenario_transmit(b: Bench, res: Results, transmit_first: bool) -> None:
 
             def timed_raw() -> float:
                 return raw_publish(
-                    conn, env["BENCH_EXCHANGE"], EVENT_NAME, bodies, serialization.CONTENT_TYPE
+                    conn, env["BENCH_EXCHANGE"], EVENT_NAME, bodies, envelope.CONTENT_TYPE
                 )
 
             for event in events[:10]:  # declares the exchange, opens the pooled connection
                 emit(event)
             transmit(app)
-            raw_publish(
-                conn, env["BENCH_EXCHANGE"], EVENT_NAME, bodies[:10], serialization.CONTENT_TYPE
-            )
+            raw_publish(conn, env["BENCH_EXCHANGE"], EVENT_NAME, bodies[:10], envelope.CONTENT_TYPE)
             timings: dict[str, float] = {}
             order = ("d.transmit", "d.raw") if transmit_first else ("d.raw", "d.transmit")
             for key in order:

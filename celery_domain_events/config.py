@@ -2,7 +2,7 @@
 
 ``DomainEvents(app, service="billing")`` reads ``app.conf.domain_events_exchange`` and friends;
 keyword arguments win over ``app.conf``. An unknown ``domain_events_*`` key is an error, so a typo
-cannot silently fall back to a default. Every field is listed in the README's settings table.
+cannot silently fall back to a default. Every field is listed in docs/operations/settings.md.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ class KeyFormat(str, enum.Enum):
 
 
 class Settings(BaseModel):
-    """Validated settings of one app; see the README for each key."""
+    """Validated settings of one app; docs/operations/settings.md describes each key."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 

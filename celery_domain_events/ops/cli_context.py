@@ -42,7 +42,7 @@ def extension_of(ctx: click.Context) -> DomainEvents:
         raise click.UsageError(str(exc)) from exc
 
 
-#: Exit codes (documented in the README): 0 done, 1 a difference or nothing found,
+#: Exit codes (documented in docs/operations/failures.md): 0 done, 1 a difference or nothing found,
 #: 2 a usage error (click), 3 the broker cannot be reached or refused us, 4 the management API.
 EXIT_FOUND_DIFFERENCE = 1
 EXIT_BROKER = 3

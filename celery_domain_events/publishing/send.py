@@ -70,7 +70,7 @@ def _check_json(event: GenericEvent) -> None:
 def outbound_messages(
     ext: DomainEvents, events: list[AnyEvent], traceparent: str | None = None
 ) -> list[OutboundMessage]:
-    """Return the AMQP messages that publish ``events`` (the README's "Wire format").
+    """Return the AMQP messages that publish ``events`` (docs/design/wire-format.md).
 
     Structured CloudEvents: every attribute (``eventversion`` and ``traceparent`` included)
     is in the body; the AMQP properties repeat only what brokers and tools show without
