@@ -38,6 +38,7 @@ __all__ = [
     "decoded_task_message",
     "django_append_on_commit",
     "django_on_commit_funcs",
+    "django_remove_on_commit",
     "encoded_table_size",
     "harden_amqp_decoder",
     "on_every_app",
@@ -320,6 +321,12 @@ def transport_connection(conn: Any) -> Any | None:
 def django_on_commit_funcs(connection: Any) -> list[Any]:
     """The callbacks registered with ``on_commit`` on ``connection``, oldest first."""
     return [entry[1] for entry in connection.run_on_commit]
+
+
+def django_remove_on_commit(connection: Any, funcs: list[Any]) -> None:
+    """Unregister the ``on_commit`` callbacks ``funcs`` of ``connection``."""
+    gone = {id(func) for func in funcs}
+    connection.run_on_commit[:] = [e for e in connection.run_on_commit if id(e[1]) not in gone]
 
 
 def django_append_on_commit(connection: Any, func: Callable[[], Any], *, robust: bool) -> None:

@@ -23,7 +23,7 @@ from pydantic import (
 from .exceptions import ConfigurationError
 from .routing import validate_word
 
-__all__ = ["PREFIX", "KeyFormat", "QueueType", "Settings"]
+__all__ = ["NOT_SETTINGS", "PREFIX", "KeyFormat", "QueueType", "Settings", "setting_name"]
 
 #: Prefix of every app.conf key this library reads.
 PREFIX = "domain_events_"
@@ -103,22 +103,38 @@ class Settings(BaseModel):
         return self
 
     @classmethod
-    def from_conf(cls, conf: Mapping[str, Any], **overrides: Any) -> Settings:
-        """Build settings from ``conf``'s ``domain_events_*`` keys, then ``overrides``.
+    def from_conf(
+        cls, conf: Mapping[str, Any], *, namespace: str | None = None, **overrides: Any
+    ) -> Settings:
+        """Build settings from ``conf``'s domain-events keys, then ``overrides``.
+
+        A setting may be written as Celery does (``domain_events_exchange``), as Django does
+        (``DOMAIN_EVENTS_EXCHANGE``), or with the namespace given to
+        ``app.config_from_object(..., namespace="CELERY")`` (``CELERY_DOMAIN_EVENTS_EXCHANGE``).
 
         Raises:
-            ConfigurationError: a key is unknown or a value is invalid.
+            ConfigurationError: a key is unknown in any of these forms, a setting is given
+                twice with different values, or a value is invalid.
         """
         values: dict[str, Any] = {}
+        given_as: dict[str, str] = {}
         for key in list(conf.keys()):
-            if isinstance(key, str) and key.startswith(PREFIX):
-                name = key[len(PREFIX) :]
-                if name not in cls.model_fields:
-                    raise ConfigurationError(
-                        f"unknown setting {key!r}; known: "
-                        + ", ".join(PREFIX + f for f in cls.model_fields)
-                    )
-                values[name] = conf[key]
+            name = setting_name(key, namespace) if isinstance(key, str) else None
+            if name is None or name in NOT_SETTINGS:
+                continue
+            if name not in cls.model_fields:
+                raise ConfigurationError(
+                    f"unknown setting {key!r}; known: "
+                    + ", ".join(PREFIX + f for f in cls.model_fields)
+                    + " (or the same in upper case, with or without the Celery namespace)"
+                )
+            value = conf[key]
+            if name in values and values[name] != value:
+                raise ConfigurationError(
+                    f"setting {name!r} is given twice with different values: "
+                    f"{given_as[name]}={values[name]!r} and {key}={value!r}; keep one"
+                )
+            values[name], given_as[name] = value, key
         for name in overrides:
             if name not in cls.model_fields:
                 raise ConfigurationError(f"unknown DomainEvents option {name!r}")
@@ -127,3 +143,26 @@ class Settings(BaseModel):
             return cls.model_validate(values)
         except ValidationError as exc:
             raise ConfigurationError(f"invalid domain events settings: {exc}") from exc
+
+
+#: ``DOMAIN_EVENTS_*`` names that are not settings of ours but Django settings read elsewhere
+#: (``DOMAIN_EVENTS_CELERY_APP``: the app of ``contrib.django``'s middleware).
+NOT_SETTINGS = frozenset({"celery_app"})
+_UPPER = PREFIX.upper()
+
+
+def setting_name(key: str, namespace: str | None = None) -> str | None:
+    """Return the setting ``key`` names, in any form it may take; None if it names none.
+
+    ``domain_events_x``, ``DOMAIN_EVENTS_X`` and, with ``namespace`` "CELERY",
+    ``CELERY_DOMAIN_EVENTS_X`` all name ``x``.
+    """
+    if key.startswith(PREFIX):
+        return key[len(PREFIX) :]
+    if namespace:
+        ns = namespace.upper() + "_"
+        if key.startswith(ns + _UPPER):
+            key = key[len(ns) :]
+    if key.startswith(_UPPER) and key == key.upper():
+        return key[len(_UPPER) :].lower()
+    return None

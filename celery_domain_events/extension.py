@@ -13,7 +13,7 @@ from celery import Celery
 
 from . import _compat
 from .amqp.transport import AmqpTransport, Transport
-from .config import PREFIX, Settings
+from .config import Settings, setting_name
 from .exceptions import ConfigurationError
 from .registry import EventRegistry, HandlerRegistry, HandlerSpec, default_events, default_handlers
 from .urls import RedactedURL, redact
@@ -39,9 +39,12 @@ def _on_configure(sender: Celery, **_: Any) -> None:
     options.setdefault("confirm_publish", True)
     sender.conf.broker_transport_options = options
     # Celery's report masks only the settings it knows: hide our URL's password from it too.
-    url = sender.conf.get(PREFIX + "management_url")
-    if isinstance(url, str) and not isinstance(url, RedactedURL):
-        sender.conf[PREFIX + "management_url"] = RedactedURL(url)
+    for key in [k for k in list(sender.conf) if isinstance(k, str)]:
+        if setting_name(key, getattr(sender, "namespace", None)) != "management_url":
+            continue
+        url = sender.conf.get(key)
+        if isinstance(url, str) and not isinstance(url, RedactedURL):
+            sender.conf[key] = RedactedURL(url)
 
 
 class DomainEvents:
@@ -65,6 +68,9 @@ class DomainEvents:
         handler_registry: the handler registry (default: the one the decorator fills).
         transport: where messages are published (default: the app's broker, with confirms);
             the in-process test harness passes its own.
+        discover_handlers: import the ``handlers`` module of every package Celery discovers
+            tasks in by itself (the installed apps of a Django project), when a worker or a
+            ``celery`` command starts: ``app.autodiscover_tasks(related_name="handlers")``.
         overrides: settings, as keyword arguments (``service="billing"``).
 
     Raises:
@@ -79,6 +85,7 @@ class DomainEvents:
         events: EventRegistry = default_events,
         handler_registry: HandlerRegistry = default_handlers,
         transport: Transport | None = None,
+        discover_handlers: bool = True,
         **overrides: Any,
     ) -> None:
         unknown = set(overrides) - set(Settings.model_fields)
@@ -101,6 +108,9 @@ class DomainEvents:
             _installed[app] = self
         app.steps["worker"].add(_WORKER_STEP)
         app.steps["consumer"].add(_CONSUMER_STEP)
+        if discover_handlers:
+            # Lazy, as Celery's own discovery: run when the worker imports its modules.
+            app.autodiscover_tasks(related_name="handlers")
         if app.configured:  # type: ignore[attr-defined]  # missing from celery-types
             _on_configure(app)
         else:
@@ -174,7 +184,9 @@ class DomainEvents:
     @cached_property
     def settings(self) -> Settings:
         """The validated settings (read from ``app.conf`` on first access)."""
-        return Settings.from_conf(self.app.conf, **self._overrides)
+        return Settings.from_conf(
+            self.app.conf, namespace=getattr(self.app, "namespace", None), **self._overrides
+        )
 
     @property
     def handlers(self) -> list[HandlerSpec]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator
 from contextlib import suppress
@@ -21,7 +22,7 @@ if not settings.configured:
                 "ATOMIC_REQUESTS": True,
             }
         },
-        INSTALLED_APPS=[],
+        INSTALLED_APPS=["celery_domain_events.contrib.django"],
         ALLOWED_HOSTS=["testserver"],
         SECRET_KEY="test",
         LOGGING_CONFIG=None,  # leave pytest's logging alone
@@ -43,11 +44,14 @@ from celery_domain_events import (
 )
 from celery_domain_events.amqp import transport as extension_module
 from celery_domain_events.contrib.django import emit_on_commit
+from celery_domain_events.contrib.django import outbox as django_outbox
+from celery_domain_events.contrib.django.models import OutboxMessage
 from celery_domain_events.publishing import api as publisher_module
 
 from .conftest import Topology, wait_for
 
 pytestmark = [pytest.mark.rabbitmq]
+pytest_plugins = ["celery_domain_events.testing.pytest_plugin"]
 
 
 #: The app DOMAIN_EVENTS_CELERY_APP names in the middleware tests (set per test).
@@ -85,6 +89,17 @@ def _table() -> Iterator[None]:
     yield
     publisher_module.discard()
     assert not connection.in_atomic_block
+
+
+@pytest.fixture
+def outbox_table() -> Iterator[None]:
+    """The outbox table, made by the app's own migration."""
+    from django.core.management import call_command
+
+    call_command("migrate", "domain_events", verbosity=0)
+    OutboxMessage.objects.all().delete()
+    yield
+    OutboxMessage.objects.all().delete()
 
 
 @pytest.fixture
@@ -238,10 +253,11 @@ def test_events_for_two_apps_go_out_as_one_batch_each(
     assert probe.received() == ["test.django.app1.a", "test.django.app1.b", "test.django.app2.a"]
 
 
-def write_and_emit(app: Celery, emitted: list[Any]) -> None:
+def write_and_emit(app: Celery, emitted: list[Any], *, robust: bool = True) -> None:
     with transaction.atomic():
         add_note("committed anyway")
-        emitted.append(emit_on_commit("test.django.lost", app=app))
+        emitted.append(emit_on_commit("test.django.lost", app=app, robust=robust))
+        transaction.on_commit(lambda: add_note("later callback ran"))
 
 
 @pytest.fixture
@@ -253,12 +269,54 @@ def down() -> Celery:
     return app
 
 
-def test_a_failed_publish_leaves_the_atomic_block_and_logs_the_events(
+def test_a_failed_publish_after_commit_keeps_the_events_in_the_outbox(
+    topology: Topology,
+    app: Celery,
+    probe: Probe,
+    outbox_table: None,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The same service and exchange as `app`, while its broker is unreachable.
+    down = topology.app(domain_events_publish_timeout=1)
+    down.conf.broker_url = "amqp://guest:guest@127.0.0.1:5999//"
+    emitted: list[Any] = []
+    with caplog.at_level(logging.WARNING):
+        write_and_emit(down, emitted)  # robust by default: no error out of the commit
+    [kept] = emitted
+    assert notes() == ["committed anyway", "later callback ran"]  # later callbacks still run
+    [row] = OutboxMessage.objects.all()
+    assert row.id == str(kept.event_id)
+    assert row.routing_key == "test.django.lost"
+    assert json.loads(bytes(row.body))["id"] == str(kept.event_id)
+    assert any("kept in the outbox" in r.getMessage() for r in caplog.records)
+    # The relay publishes it once the broker is back (here: the app whose broker is up).
+    assert django_outbox.relay_once(app=app) == 1
+    assert OutboxMessage.objects.count() == 0
+    assert probe.received() == ["test.django.lost"]
+
+
+def test_without_the_outbox_a_failed_publish_after_commit_is_logged_in_full(
+    down: Celery, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(
+        "django.apps.apps.is_installed", lambda name: name != "celery_domain_events.contrib.django"
+    )
+    emitted: list[Any] = []
+    with caplog.at_level(logging.ERROR):
+        write_and_emit(down, emitted)
+    [lost] = emitted
+    assert notes() == ["committed anyway", "later callback ran"]
+    [record] = [r for r in caplog.records if r.name == "celery_domain_events.publishing.send"]
+    assert record.levelno == logging.ERROR
+    assert str(lost.event_id) in record.getMessage()
+
+
+def test_a_failed_publish_with_robust_false_leaves_the_atomic_block_and_logs_the_events(
     app: Celery, down: Celery, probe: Probe, caplog: pytest.LogCaptureFixture
 ) -> None:
     emitted: list[Any] = []
     with caplog.at_level(logging.ERROR), pytest.raises(PublishError) as info:
-        write_and_emit(down, emitted)
+        write_and_emit(down, emitted, robust=False)
     [lost] = emitted
     assert info.value.events == (lost,)
     assert notes() == ["committed anyway"]  # the error comes after COMMIT
@@ -392,3 +450,39 @@ def test_django_keeps_on_commit_callbacks_as_savepoint_ids_func_robust() -> None
         assert robust is False
         assert _compat.django_on_commit_funcs(connection)[-1] is callback
         transaction.set_rollback(True)
+
+
+def test_capture_events_sees_emit_on_commit_inside_a_test_case_transaction() -> None:
+    # A TestCase wraps each test in a transaction that never commits: the harness publishes
+    # what emit_on_commit holds as that commit would, and no more (a rolled-back savepoint's
+    # events stay dropped, other callbacks are left alone).
+    from celery_domain_events.testing import capture_events
+
+    app = Celery("django-capture", broker="memory://", set_as_current=False)
+    DomainEvents(app, service="django-capture")
+    others: list[str] = []
+    with transaction.atomic(), capture_events(app) as events:  # as TestCase does
+        transaction.on_commit(lambda: others.append("ran"))
+        with transaction.atomic():
+            emit_on_commit("test.django.kept", app=app)
+        try:
+            with transaction.atomic():
+                emit_on_commit("test.django.dropped", app=app)
+                raise Rollback
+        except Rollback:
+            pass
+        assert [e.event_name for e in events.published] == ["test.django.kept"]
+        events.join()
+        assert [e.event_name for e in events.published] == ["test.django.kept"]  # once
+        assert others == []
+        transaction.set_rollback(True)
+
+
+def test_the_capture_fixture_is_also_a_context_manager(domain_events_capture: Any) -> None:
+    app = Celery("django-fixture", broker="memory://", set_as_current=False)
+    ext = DomainEvents(app, service="django-fixture")
+    broker = ext.transport
+    with domain_events_capture(app) as events:
+        emit_on_commit("test.django.fixture", app=app)  # autocommit: at once
+        assert [e.event_name for e in events.published] == ["test.django.fixture"]
+    assert ext.transport is broker  # ended by the with block

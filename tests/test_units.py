@@ -165,6 +165,39 @@ def test_settings_reject_unknown_keys_and_bad_values() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("key", "namespace"),
+    [
+        ("domain_events_exchange", None),  # Celery's own form
+        ("DOMAIN_EVENTS_EXCHANGE", None),  # Django settings, no namespace
+        ("DOMAIN_EVENTS_EXCHANGE", "CELERY"),  # Django settings, plain, with a namespace
+        ("CELERY_DOMAIN_EVENTS_EXCHANGE", "CELERY"),  # the Celery docs' Django layout
+    ],
+)
+def test_settings_are_read_in_every_form_django_users_write(
+    key: str, namespace: str | None
+) -> None:
+    settings = Settings.from_conf({key: "djw_events", "X": 1}, namespace=namespace, service="s")
+    assert settings.exchange == "djw_events"
+    misspelled = key.replace("EXCHANGE", "EXCHNAGE").replace("exchange", "exchnage")
+    with pytest.raises(cde.ConfigurationError, match=misspelled):
+        Settings.from_conf({misspelled: "x"}, namespace=namespace, service="s")
+
+
+def test_a_setting_given_twice_must_agree_and_others_namespaces_are_not_ours() -> None:
+    conf = {"DOMAIN_EVENTS_EXCHANGE": "a", "CELERY_DOMAIN_EVENTS_EXCHANGE": "b"}
+    with pytest.raises(cde.ConfigurationError, match="twice"):
+        Settings.from_conf(conf, namespace="CELERY", service="s")
+    conf = {"DOMAIN_EVENTS_EXCHANGE": "a", "CELERY_DOMAIN_EVENTS_EXCHANGE": "a"}
+    assert Settings.from_conf(conf, namespace="CELERY", service="s").exchange == "a"
+    # Without that namespace, CELERY_DOMAIN_EVENTS_* is someone else's key (as Celery reads it).
+    assert Settings.from_conf({"CELERY_DOMAIN_EVENTS_EXCHNAGE": "x"}, service="s")
+    # A Django setting read by contrib.django, not a setting of ours.
+    assert Settings.from_conf({"DOMAIN_EVENTS_CELERY_APP": "proj.celery.app"}, service="s")
+    # Mixed case is no Django setting (Django ignores it) and no Celery one.
+    assert Settings.from_conf({"Domain_Events_Exchnage": "x"}, service="s")
+
+
 def test_every_error_derives_from_the_root_and_pickles() -> None:
     errors = [
         exceptions.ConfigurationError("bad"),

@@ -36,7 +36,6 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from sqlalchemy import (
@@ -59,20 +58,15 @@ from sqlalchemy import (
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from celery_domain_events import tracing
+from celery_domain_events.contrib._outbox_rows import DEFAULT_TABLE_NAME, messages_of, rows_of
 from celery_domain_events.events import AnyEvent
 from celery_domain_events.exceptions import PublishError
 from celery_domain_events.extension import DomainEvents
-from celery_domain_events.publishing.send import as_event, outbound_messages
-from celery_domain_events.wire import envelope
-from celery_domain_events.wire.message import OutboundMessage
+from celery_domain_events.publishing.send import as_event
 
 __all__ = ["DEFAULT_TABLE_NAME", "Outbox", "define_table"]
 
 log = logging.getLogger(__name__)
-
-#: Name of the outbox table unless you choose another.
-DEFAULT_TABLE_NAME = "domain_events_outbox"
 
 
 def define_table(metadata: MetaData, name: str = DEFAULT_TABLE_NAME) -> Table:
@@ -97,23 +91,6 @@ def define_table(metadata: MetaData, name: str = DEFAULT_TABLE_NAME) -> Table:
         Column("attempts", Integer, nullable=False, default=0, server_default="0"),
         Index(f"ix_{name}_created_at", "created_at"),
     )
-
-
-class _Clock:
-    """Wall-clock timestamps, strictly increasing within the process."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._last = datetime.min.replace(tzinfo=timezone.utc)
-
-    def now(self) -> datetime:
-        # Rows of one transaction would otherwise tie at clock resolution and lose emit order.
-        with self._lock:
-            self._last = max(datetime.now(timezone.utc), self._last + timedelta(microseconds=1))
-            return self._last
-
-
-_clock = _Clock()
 
 
 class Outbox:
@@ -158,21 +135,8 @@ class Outbox:
             TypeError: ``data`` was given with a typed event.
         """
         event = as_event(event, data, version=version)
-        # Exactly what publish_events would send now, trace context included.
-        traceparent = tracing.current_traceparent() or tracing.new_traceparent()
-        [message] = outbound_messages(self.ext, [event], traceparent)
-        target.execute(
-            insert(self.table).values(
-                id=str(event.event_id),
-                created_at=_clock.now(),
-                exchange=message.exchange,
-                routing_key=message.routing_key,
-                body=message.body,
-                properties=message.properties,
-                headers=message.headers,
-                attempts=0,
-            )
-        )
+        [row] = rows_of(self.ext, [event])  # exactly what publish_events would send now
+        target.execute(insert(self.table).values(**row))
         return event
 
     def relay_once(
@@ -261,21 +225,9 @@ class Outbox:
         return total
 
     def _publish(self, rows: Sequence[Any]) -> None:
-        settings = self.ext.settings
-        messages = [
-            OutboundMessage(
-                body=row.body,
-                exchange=row.exchange,
-                routing_key=row.routing_key,
-                content_type=envelope.CONTENT_TYPE,
-                properties=dict(row.properties),
-                headers=dict(row.headers),
-                mandatory=settings.unrouted_queue is None,
-                source=row.id,
-            )
-            for row in rows
-        ]
-        self.ext.publish(messages, declare=self.ext.topology.publisher_entities())
+        self.ext.publish(
+            messages_of(self.ext, rows), declare=self.ext.topology.publisher_entities()
+        )
 
     def _keep_unconfirmed(self, conn: Connection, ids: list[str], exc: PublishError) -> None:
         table = self.table

@@ -42,11 +42,12 @@ dead-lettering take the production code path. Semantics:
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections import defaultdict, deque
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
@@ -123,6 +124,7 @@ class EventCapture:
         self._pending: deque[_Delivery] = deque()
         self._handled: dict[str, list[AnyEvent]] = defaultdict(list)
         self._dead_letters: list[CapturedDeadLetter] = []
+        self._exit = ExitStack()
 
     @property
     def published(self) -> list[AnyEvent]:
@@ -131,6 +133,7 @@ class EventCapture:
         An event whose body does not decode (its deliveries dead-letter as poison) is listed
         as it was emitted.
         """
+        self._settle_django()
         with self._lock:
             return list(self._published)
 
@@ -196,6 +199,7 @@ class EventCapture:
             raise RuntimeError("join() after capture_events() exited: its transport is gone")
         if self._joining:
             raise RuntimeError("join() cannot be called from a handler")
+        self._settle_django()
         deadline = time.monotonic() + timeout
         failures: list[BaseException] = []
         self._joining = True
@@ -208,6 +212,38 @@ class EventCapture:
             self._joining = False
         if failures and (self.fail_fast if fail_fast is None else fail_fast):
             raise failures[0]
+
+    def __enter__(self) -> EventCapture:
+        """``with domain_events_capture(app) as events:`` works as well as a plain call."""
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        """End the capture now: restore the app's transport and drop pending deliveries."""
+        self.close()
+
+    def close(self) -> None:
+        """End the capture (idempotent); its records stay readable."""
+        self._exit.close()
+        self._close()
+
+    def _settle_django(self) -> None:
+        # A Django TestCase runs each test in a transaction that never commits: events held
+        # by emit_on_commit are published as that commit would, when the test looks at them.
+        if not self._open or "django.db" not in sys.modules:
+            return
+        from django.conf import settings  # noqa: PLC0415 (only where Django is in use)
+
+        if not settings.configured:
+            return
+        from django.db import connections  # noqa: PLC0415
+
+        from celery_domain_events.contrib.django import (  # noqa: PLC0415
+            flush_pending_on_commit,
+        )
+
+        for connection in connections.all(initialized_only=True):
+            if connection.in_atomic_block:
+                flush_pending_on_commit(connection.alias)
 
     def _next(self, deadline: float, timeout: float) -> _Delivery | None:
         with self._lock:
@@ -328,12 +364,12 @@ def capture_events(app: Celery, *, fail_fast: bool = True) -> Iterator[EventCapt
         ConfigurationError: the app has no ``DomainEvents``.
     """
     capture = EventCapture(app, fail_fast=fail_fast)
+    capture._exit.enter_context(capture.ext.using(CaptureTransport(capture)))
     capture._open = True
     try:
-        with capture.ext.using(CaptureTransport(capture)):
-            yield capture
+        yield capture
     finally:
-        capture._close()
+        capture.close()
 
 
 class CaptureTransport:

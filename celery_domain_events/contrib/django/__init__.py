@@ -12,21 +12,28 @@
     # settings.py: plain emit() in a view is transmitted once the view has returned
     MIDDLEWARE = [..., "celery_domain_events.contrib.django.DomainEventsMiddleware"]
     DOMAIN_EVENTS_CELERY_APP = "proj.celery.app"  # optional; default: celery.current_app
+    INSTALLED_APPS = [..., "celery_domain_events.contrib.django"]  # the outbox (optional)
 
-Install with the ``django`` extra (Django >= 4.2). This module is imported by path, never
-re-exported, so the package does not depend on Django.
+A publish that fails after ``COMMIT`` never fails the request by default (``robust=True``, as
+Django's own ``on_commit(robust=True)``): the unconfirmed events are written to the outbox
+when the app is installed, for its relay to publish, and logged at ERROR in full otherwise;
+later ``on_commit`` callbacks run either way.
+
+Install with the ``django`` extra (Django >= 4.2). This package is imported by path, never
+re-exported, so the library does not depend on Django.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from celery import Celery
 from celery import current_app as _current_app
+from django.apps import apps as django_apps  # not .apps, our AppConfig module
 from django.conf import settings
-from django.db import transaction
+from django.db import DatabaseError, transaction
 from django.utils.module_loading import import_string
 
 from celery_domain_events import _compat
@@ -36,7 +43,7 @@ from celery_domain_events.extension import DomainEvents
 from celery_domain_events.publishing import api as publisher
 from celery_domain_events.publishing import send
 
-__all__ = ["DomainEventsMiddleware", "emit_on_commit"]
+__all__ = ["DomainEventsMiddleware", "emit_on_commit", "flush_pending_on_commit", "resolve_app"]
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +58,7 @@ def emit_on_commit(
     version: int = 1,
     using: str | None = None,
     app: Celery | None = None,
+    robust: bool = True,
 ) -> AnyEvent:
     """Publish an event when the current transaction of database ``using`` commits.
 
@@ -67,27 +75,40 @@ def emit_on_commit(
         using: the database alias (default: ``"default"``).
         app: the Celery app to publish with (default: setting ``DOMAIN_EVENTS_CELERY_APP``,
             else ``celery.current_app``).
+        robust: if the publish fails after ``COMMIT``, keep the event (in the outbox when
+            ``celery_domain_events.contrib.django`` is installed, else in the ERROR log) and
+            let the commit finish; with False, raise.
 
     Returns:
         The event (a ``GenericEvent`` for untyped ones).
 
     Raises:
-        PublishError: the batch was not confirmed. Raised by the commit (out of the outermost
-            ``atomic()`` block, or from this call in autocommit mode) after the data has been
-            committed; the events are logged at ERROR in full.
+        PublishError: only with ``robust=False``: the batch was not confirmed. Raised by the
+            commit (out of the outermost ``atomic()`` block, or from this call in autocommit
+            mode) after the data has been committed; the events are logged at ERROR in full.
         InvalidRoutingPattern: an untyped event name is not dotted words.
         ConfigurationError: the app has no ``DomainEvents``.
     """
     event = send.as_event(event, data, version=version)
-    ext = DomainEvents.of(_resolve_app(app))
+    ext = DomainEvents.of(resolve_app(app))
     connection = transaction.get_connection(using)
+    pending = _Pending(ext, event, robust, connection.alias)
     if not connection.in_atomic_block:
         # Runs at once in autocommit mode; raises as Django does under manual transactions.
-        connection.on_commit(lambda: _publish([(ext, event)]))
+        connection.on_commit(lambda: _publish([pending]))
         return event
     batch = _current_batch(connection) or _Batch()
-    batch.add(connection, ext, event)
+    batch.add(connection, pending)
     return event
+
+
+class _Pending(NamedTuple):
+    """One event waiting for its transaction's commit, and what to do if its publish fails."""
+
+    ext: DomainEvents
+    event: AnyEvent
+    robust: bool
+    using: str
 
 
 class _Batch:
@@ -105,14 +126,14 @@ class _Batch:
     """
 
     def __init__(self) -> None:
-        self.committed: list[tuple[DomainEvents, AnyEvent]] = []
+        self.committed: list[_Pending] = []
         self.last_flush: _Flush | None = None
 
-    def add(self, connection: Any, ext: DomainEvents, event: AnyEvent) -> None:
-        connection.on_commit(lambda: self.committed.append((ext, event)))
+    def add(self, connection: Any, pending: _Pending) -> None:
+        connection.on_commit(_Mark(self, pending))
         self.last_flush = _Flush(self)
-        # No savepoint can drop the flush. Not robust, so a PublishError leaves the atomic()
-        # block instead of being only logged.
+        # No savepoint can drop the flush. Not robust for Django: our own policy decides
+        # (see _publish), and with robust=False a PublishError leaves the atomic() block.
         _compat.django_append_on_commit(connection, self.last_flush, robust=False)
 
     def flush(self, caller: _Flush) -> None:
@@ -120,6 +141,17 @@ class _Batch:
             return  # a later event registered a later flush
         committed, self.committed = self.committed, []
         _publish(committed)
+
+
+class _Mark:
+    """The mark callback of one event (a type of its own, to be found again)."""
+
+    def __init__(self, batch: _Batch, pending: _Pending) -> None:
+        self.batch = batch
+        self.pending = pending
+
+    def __call__(self) -> None:
+        self.batch.committed.append(self.pending)
 
 
 class _Flush:
@@ -141,28 +173,80 @@ def _current_batch(connection: Any) -> _Batch | None:
     return None
 
 
-def _publish(pending: list[tuple[DomainEvents, AnyEvent]]) -> None:
+def _publish(pending: list[_Pending]) -> None:
     """Publish ``pending`` with one confirmed batch per app, in order.
 
+    A batch that fails keeps its robust events (outbox, else ERROR log) and raises for the
+    others, after every batch was tried.
+
     Raises:
-        PublishError: the first batch that failed, after every batch was tried and logged.
+        PublishError: the first failure that concerned an event with ``robust=False``.
     """
-    batches: dict[DomainEvents, list[AnyEvent]] = {}
-    for ext, event in pending:
-        batches.setdefault(ext, []).append(event)
+    batches: dict[DomainEvents, list[_Pending]] = {}
+    for item in pending:
+        batches.setdefault(item.ext, []).append(item)
     failure: PublishError | None = None
-    for ext, events in batches.items():
+    for ext, items in batches.items():
         try:
-            send.publish_events(ext, events)
+            send.publish_events(ext, [item.event for item in items])
         except PublishError as exc:
-            send.log_unpublished(ext, exc, "A transaction committed")
-            if failure is None:
+            lost = {id(event) for event in exc.events}
+            unconfirmed = [item for item in items if id(item.event) in lost]
+            _keep([item for item in unconfirmed if item.robust], ext, exc)
+            if failure is None and any(not item.robust for item in unconfirmed):
+                send.log_unpublished(ext, exc, "A transaction committed")
                 failure = exc
     if failure is not None:
         raise failure
 
 
-def _resolve_app(app: Celery | None) -> Celery:
+def _keep(items: list[_Pending], ext: DomainEvents, exc: PublishError) -> None:
+    """Keep events whose publish failed after COMMIT: in the outbox if installed, else the log."""
+    if not items:
+        return
+    events = [item.event for item in items]
+    if django_apps.is_installed(__name__):
+        from celery_domain_events.contrib.django.outbox import store  # noqa: PLC0415 (models)
+
+        try:
+            store(ext, events, using=items[0].using)
+        except DatabaseError as db_error:
+            log.error("Could not keep %d event(s) in the outbox: %s", len(events), db_error)
+        else:
+            log.warning(
+                "A transaction committed but %d event(s) could not be published (%s); kept in "
+                "the outbox for its relay: %s",
+                len(events),
+                exc,
+                ", ".join(str(e.event_id) for e in events),
+            )
+            return
+    send.log_unpublished(ext, PublishError(str(exc), events), "A transaction committed")
+
+
+def flush_pending_on_commit(using: str | None = None) -> int:
+    """Publish now the events ``emit_on_commit`` is holding for the current transaction.
+
+    For tests only: a Django ``TestCase`` runs each test in a transaction that never commits,
+    so the events would never leave. This runs our own commit callbacks as a commit would (the
+    others are left alone) and removes them. Events of rolled-back savepoints are already gone.
+
+    Returns:
+        How many callbacks ran.
+    """
+    connection = transaction.get_connection(using)
+    ours = [
+        func
+        for func in _compat.django_on_commit_funcs(connection)
+        if isinstance(func, _Mark | _Flush)
+    ]
+    _compat.django_remove_on_commit(connection, ours)
+    for func in ours:
+        func()
+    return len(ours)
+
+
+def resolve_app(app: Celery | None) -> Celery:
     """Return ``app``, else the app named by ``DOMAIN_EVENTS_CELERY_APP``, else the current app.
 
     Raises:
@@ -232,7 +316,7 @@ class DomainEventsMiddleware:
         setattr(request, _VIEW_FAILED, True)
 
     def _transmit(self) -> None:
-        app = _resolve_app(None)
+        app = resolve_app(None)
         try:
             publisher.transmit(app)
         except PublishError as exc:

@@ -1,0 +1,87 @@
+"""What an outbox row holds, shared by the SQLAlchemy and the Django outbox (one table layout).
+
+A row is the exact message :func:`~celery_domain_events.publishing.send.publish_events` would
+send: the CloudEvents body (trace context included), exchange, routing key and AMQP properties.
+A relay of either kind can publish the rows of the other.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from celery_domain_events import tracing
+from celery_domain_events.events import AnyEvent
+from celery_domain_events.extension import DomainEvents
+from celery_domain_events.publishing.send import outbound_messages
+from celery_domain_events.wire import envelope
+from celery_domain_events.wire.message import OutboundMessage
+
+__all__ = ["DEFAULT_TABLE_NAME", "messages_of", "now", "rows_of"]
+
+#: Name of the outbox table unless you choose another.
+DEFAULT_TABLE_NAME = "domain_events_outbox"
+
+
+class _Clock:
+    """Wall-clock timestamps, strictly increasing within the process."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last = datetime.min.replace(tzinfo=timezone.utc)
+
+    def now(self) -> datetime:
+        # Rows of one transaction would otherwise tie at clock resolution and lose emit order.
+        with self._lock:
+            self._last = max(datetime.now(timezone.utc), self._last + timedelta(microseconds=1))
+            return self._last
+
+
+_clock = _Clock()
+
+
+def now() -> datetime:
+    """A row's ``created_at``: now, and later than every earlier row of this process."""
+    return _clock.now()
+
+
+def rows_of(ext: DomainEvents, events: list[AnyEvent]) -> list[dict[str, Any]]:
+    """Return the outbox rows of ``events``: what publishing them now would send."""
+    traceparent = tracing.current_traceparent() or tracing.new_traceparent()
+    return [
+        {
+            "id": str(event.event_id),
+            "created_at": now(),
+            "exchange": message.exchange,
+            "routing_key": message.routing_key,
+            "body": message.body,
+            "properties": message.properties,
+            "headers": message.headers,
+            "attempts": 0,
+        }
+        for event, message in zip(events, outbound_messages(ext, events, traceparent), strict=True)
+    ]
+
+
+def messages_of(ext: DomainEvents, rows: Iterable[Any]) -> list[OutboundMessage]:
+    """Return the messages that publish outbox ``rows`` (objects with the row's attributes).
+
+    Each message's ``source`` is its row id, so ``PublishError.events`` holds the ids of the
+    rows that were not confirmed.
+    """
+    mandatory = ext.settings.unrouted_queue is None
+    return [
+        OutboundMessage(
+            body=bytes(row.body),
+            exchange=row.exchange,
+            routing_key=row.routing_key,
+            content_type=envelope.CONTENT_TYPE,
+            properties=dict(row.properties),
+            headers=dict(row.headers),
+            mandatory=mandatory,
+            source=str(row.id),
+        )
+        for row in rows
+    ]

@@ -1,0 +1,1 @@
+"""Management commands of the domain events Django app."""

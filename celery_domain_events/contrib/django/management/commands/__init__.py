@@ -1,0 +1,1 @@
+"""``domain_events_relay``."""
