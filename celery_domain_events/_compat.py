@@ -7,7 +7,8 @@ that fails on an upgrade that changes it. No other module touches a private name
   headers), the encoder (header sizes), ``Channel._basic_publish`` (publish without waiting
   for each confirm).
 - kombu: ``Connection._connection`` (the transport connection a confirm channel belongs to).
-- Celery: the worker's task consumer and remote control (``consume``, ``cancel_task_queue``,
+- Celery: which of ``app.amqp.queues`` its task consumer reads (``consume_from``); the worker's
+  task consumer and remote control (``consume``, ``cancel_task_queue``,
   ``add_task_queue``); a task message whose body is already decoded (``content_type=None`` in
   ``celery.app.trace``); ``@shared_task``'s registration on every app (``_get_active_apps``,
   ``_finalize_mutex``, ``_task_from_fun``); the task being traced (``celery._state``); the
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
 __all__ = [
     "MAX_DECODED_TABLE_DEPTH",
     "UNDECODABLE_HEADER",
+    "add_unconsumed_queue",
     "current_traced_task",
     "decoded_task_message",
     "django_append_on_commit",
@@ -208,6 +210,20 @@ def route_queue_control(
     add_task_queue.__wrapped__ = add  # type: ignore[attr-defined]
     consumer.cancel_task_queue = cancel_task_queue
     consumer.add_task_queue = add_task_queue
+
+
+def add_unconsumed_queue(queues: Any, queue: Any) -> None:
+    """Add ``queue`` to ``app.amqp.queues`` without Celery's task consumer reading it.
+
+    Celery's quorum-queue detection and its DelayedDelivery bindings look at every queue in
+    ``app.amqp.queues``; its task consumer reads ``queues.consume_from``. From Celery 5.7 that
+    is the queues defined at construction (or chosen by ``-Q``) plus ``select_add`` ones; on
+    5.5 and 5.6, with no ``-Q``, it is every queue, so an added handler queue was consumed as a
+    task queue too and its events refused as undecodable task messages. ``deselect`` keeps it
+    out on each.
+    """
+    queues.add(queue)
+    queues.deselect(queue.name)
 
 
 def start_with_task_consumer(task_consumer: Any, start: Callable[[], None]) -> None:

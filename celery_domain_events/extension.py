@@ -220,10 +220,10 @@ class DomainEvents:
         """Make Celery's routing aware of the handler queues, without consuming them.
 
         Celery's quorum-queue detection (global QoS off, native delayed delivery) and its
-        delayed-delivery bindings look at ``app.amqp.queues``. ``Queues.add`` does not make
-        the default task consumer read a queue; the bootstep consumes them itself.
+        delayed-delivery bindings look at ``app.amqp.queues``; Celery's task consumer must not
+        read them (see ``_compat.add_unconsumed_queue``): the bootstep consumes them itself.
         """
         queues = self.app.amqp.queues
         for spec in self.handlers:
             if self.topology.handler_queue_name(spec) not in queues:
-                queues.add(self.topology.retry_queue(spec))
+                _compat.add_unconsumed_queue(queues, self.topology.retry_queue(spec))

@@ -105,6 +105,9 @@ class Topology:
         self.uid = uuid.uuid4().hex[:10]
         self.exchange = f"test.{self.uid}.events"
         self.unrouted = f"test.{self.uid}.unrouted"
+        # Celery's own task queue: a worker on the shared "celery" queue would also take (and
+        # drop as unregistered) the task messages of every other test run on the same broker.
+        self.tasks = f"test.{self.uid}.celery"
         self.apps: list[Celery] = []
 
     def service(self, name: str = "svc") -> str:
@@ -118,6 +121,7 @@ class Topology:
         **conf: Any,
     ) -> Celery:
         app = Celery(f"test-{service}", broker=self.broker_url, set_as_current=False)
+        conf.setdefault("task_default_queue", self.tasks)
         app.conf.update(
             broker_heartbeat=None,
             broker_connection_retry_on_startup=True,
@@ -149,6 +153,8 @@ class Topology:
                     ):
                         _ignore(conn, lambda q=queue: conn.default_channel.queue_delete(q))
             _ignore(conn, lambda: conn.default_channel.queue_delete(self.unrouted))
+            _ignore(conn, lambda: conn.default_channel.queue_delete(self.tasks))
+            _ignore(conn, lambda: conn.default_channel.exchange_delete(self.tasks))
             _ignore(conn, lambda: conn.default_channel.queue_delete(f"test.{self.uid}.probe"))
             _ignore(conn, lambda: conn.default_channel.exchange_delete(self.exchange))
             _ignore(conn, lambda: conn.default_channel.exchange_delete(self.exchange + ".retry"))
@@ -197,6 +203,7 @@ class WorkerProcess:
             "TEST_BROKER_URL": topology.broker_url,
             "TEST_EXCHANGE": topology.exchange,
             "TEST_UNROUTED": topology.unrouted,
+            "TEST_TASK_QUEUE": topology.tasks,
             "TEST_SERVICE": topology.service("proc"),
             "TEST_HANDLERS": ",".join(handlers),
             "TEST_MARKER_DIR": str(self.markers),

@@ -20,7 +20,7 @@ from celery import _state as celery_state
 from celery.app import trace
 from celery.worker import loops
 from celery.worker.consumer.consumer import Consumer
-from kombu import Connection
+from kombu import Connection, Exchange, Queue
 
 from celery_domain_events import _compat
 
@@ -239,3 +239,15 @@ def test_kombu_keeps_the_transport_connection_in_an_attribute() -> None:
     assert "_connection" in vars(Connection)  # None until connected, then py-amqp's
     conn = Connection("amqp://guest:guest@127.0.0.1:1//")
     assert _compat.transport_connection(conn) is None  # not connected, and not connecting
+
+
+@pytest.mark.parametrize("selected", [None, "celery"], ids=["all-queues", "worker-Q"])
+def test_an_added_handler_queue_is_no_celery_task_queue(selected: str | None) -> None:
+    # Celery 5.5 and 5.6 consume every queue in app.amqp.queues unless -Q selects some.
+    queues = Celery(set_as_current=False).amqp.queues
+    queues.select(selected)
+    handler_queue = Queue("svc.handler", Exchange("events.retry", "topic"), "svc.handler")
+    _compat.add_unconsumed_queue(queues, handler_queue)
+    assert queues["svc.handler"] is handler_queue  # seen by quorum detection, DelayedDelivery
+    assert "svc.handler" not in queues.consume_from  # never read by Celery's task consumer
+    assert list(queues.consume_from) == ["celery"]

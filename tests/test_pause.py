@@ -16,6 +16,7 @@ pytestmark = [pytest.mark.rabbitmq, pytest.mark.worker, pytest.mark.slow]
 EVENTS = 20
 
 
+@pytest.mark.matrix
 @pytest.mark.parametrize("pool", list(POOLS))
 def test_pause_one_handler_and_resume_it_without_losing_events(
     topology: Topology, worker_process: Callable[..., WorkerProcess], pool: str

@@ -104,6 +104,7 @@ def canvas(kind: str, marker: Path, raw_event: str) -> bytes:
     return json.dumps([[], {"raw_event": raw_event, "meta": {}}, embed]).encode()
 
 
+@pytest.mark.matrix
 def test_no_message_runs_a_task_or_a_canvas(
     topology: Topology, worker_process: Make, pool: tuple[str, ...], tmp_path: Path
 ) -> None:
@@ -151,6 +152,7 @@ def test_no_message_runs_a_task_or_a_canvas(
     assert "tests.plant_marker[" not in worker.log()  # never received, never run
 
 
+@pytest.mark.matrix
 def test_poison_pills_never_stop_the_worker(
     topology: Topology, worker_process: Make, pool: tuple[str, ...]
 ) -> None:
@@ -233,6 +235,7 @@ def test_a_dead_letter_too_large_for_a_frame_is_trimmed_never_lost(
     assert_alive_and_fast(worker)
 
 
+@pytest.mark.matrix
 def test_every_hard_time_limit_is_dead_lettered(topology: Topology, worker_process: Make) -> None:
     worker = worker_process(["times_out", "typed_or_not"]).start(*POOLS["prefork"])
     queue = worker.queue("times_out")

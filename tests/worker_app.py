@@ -24,8 +24,9 @@ app.conf.update(
     domain_events_exchange=os.environ["TEST_EXCHANGE"],
     domain_events_unrouted_queue=os.environ["TEST_UNROUTED"],
     domain_events_queue_type=os.environ.get("TEST_QUEUE_TYPE", "classic"),
-    # In a cluster Celery's own task queue must survive a node too (set on private clusters
-    # only: the shared broker's "celery" queue exists as a classic queue).
+    # Celery's own task queue, one per test (never the shared "celery" queue); in a cluster
+    # it must survive a node too (quorum, set on private clusters only).
+    task_default_queue=os.environ.get("TEST_TASK_QUEUE", "celery"),
     task_default_queue_type=os.environ.get("TEST_CELERY_QUEUE_TYPE", "classic"),
     domain_events_delivery_limit=int(os.environ["TEST_DELIVERY_LIMIT"])
     if os.environ.get("TEST_DELIVERY_LIMIT")

@@ -174,7 +174,8 @@ def _check_signature(fn: Callable[..., Any]) -> None:
 def _is_event_type(annotation: Any) -> bool:
     if annotation in (Any, object, inspect.Parameter.empty):
         return True
-    if isinstance(annotation, type):
+    # get_origin: on Python 3.10 a parametrised generic (dict[str, Any]) is a "type" too.
+    if isinstance(annotation, type) and typing.get_origin(annotation) is None:
         return issubclass(annotation, DomainEvent | GenericEvent)
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         return all(arg is type(None) or _is_event_type(arg) for arg in typing.get_args(annotation))

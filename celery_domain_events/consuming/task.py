@@ -58,7 +58,8 @@ __all__ = ["DomainEventTask", "HandlerRequest", "retry_message"]
 log = logging.getLogger(__name__)
 
 
-class DomainEventTask(Task[Any, Any]):
+# A plain ``Task`` base: Celery < 5.7's Task is not subscriptable at run time.
+class DomainEventTask(Task):  # type: ignore[type-arg]
     """Base class of handler tasks; see the module docstring."""
 
     #: Ack only after the handler finished (or its dead letter was confirmed).
