@@ -40,7 +40,7 @@ from kombu.utils.url import maybe_sanitize_url
 from celery_domain_events import _compat
 from celery_domain_events.amqp.queues import declare, depth
 from celery_domain_events.config import QueueType
-from celery_domain_events.exceptions import EventDecodeError
+from celery_domain_events.exceptions import ConfigurationError, EventDecodeError
 from celery_domain_events.extension import DomainEvents
 from celery_domain_events.registry import HandlerSpec
 from celery_domain_events.wire import inbound
@@ -178,7 +178,11 @@ class DomainEventsStep(bootsteps.StartStopStep):
         self.handler_queues: set[str] = set()
         # All steps are built before any starts: registering the queues here lets Celery's
         # Tasks step turn global QoS off and DelayedDelivery switch on for quorum queues.
-        DomainEvents.of(parent.app).register_retry_queues()
+        try:
+            DomainEvents.of(parent.app).register_retry_queues()
+        except ConfigurationError as exc:
+            # Celery would print a traceback for it; a setting's mistake deserves one line.
+            raise SystemExit(f"Error: {exc}") from None
         super().__init__(parent, **kwargs)
 
     def start(self, parent: Any) -> None:

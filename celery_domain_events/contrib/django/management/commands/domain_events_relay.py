@@ -32,7 +32,7 @@ class Command(BaseCommand):
             except PublishError as exc:
                 self.stderr.write(f"relay failed: {exc}")
                 raise SystemExit(1) from None
-            self.stdout.write(f"relayed {count} event(s)")
+            self.stdout.write(f"{count} event(s) relayed")
             return
         stop = threading.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -43,4 +43,4 @@ class Command(BaseCommand):
             using=options["database"],
             stop=stop,
         )
-        self.stdout.write(f"relayed {total} event(s); stopped")
+        self.stdout.write(f"stopped: {total} event(s) relayed")

@@ -1,0 +1,1 @@
+"""The ledger app: books the payments other services announce, and issues invoices."""
