@@ -22,7 +22,12 @@ if not settings.configured:
                 "ATOMIC_REQUESTS": True,
             }
         },
-        INSTALLED_APPS=["celery_domain_events.contrib.django"],
+        INSTALLED_APPS=[
+            "django.contrib.contenttypes",
+            "django.contrib.auth",
+            "django.contrib.admin",
+            "celery_domain_events.contrib.django",
+        ],
         ALLOWED_HOSTS=["testserver"],
         SECRET_KEY="test",
         LOGGING_CONFIG=None,  # leave pytest's logging alone
@@ -81,7 +86,10 @@ def notes() -> list[str]:
 
 
 @pytest.fixture(autouse=True)
-def _table() -> Iterator[None]:
+def _table(request: pytest.FixtureRequest) -> Iterator[None]:
+    if isinstance(request.instance, TestCase):  # it keeps its own transaction open
+        yield
+        return
     with connection.cursor() as cursor:
         cursor.execute("CREATE TABLE IF NOT EXISTS note (id INTEGER PRIMARY KEY, text TEXT)")
         cursor.execute("DELETE FROM note")
@@ -486,3 +494,30 @@ def test_the_capture_fixture_is_also_a_context_manager(domain_events_capture: An
         emit_on_commit("test.django.fixture", app=app)  # autocommit: at once
         assert [e.event_name for e in events.published] == ["test.django.fixture"]
     assert ext.transport is broker  # ended by the with block
+
+
+class CaptureInsideATestCase(TestCase):
+    """A real Django TestCase: its transaction never commits, and no wrapping is needed."""
+
+    def test_emit_on_commit_reaches_the_capture(self) -> None:
+        from celery_domain_events.testing import capture_events
+
+        app = Celery("django-testcase", broker="memory://", set_as_current=False)
+        DomainEvents(app, service="django-testcase")
+        with capture_events(app) as events:
+            with transaction.atomic():
+                emit_on_commit("test.django.in_test_case", app=app)
+            events.join()
+        assert [e.event_name for e in events.published] == ["test.django.in_test_case"]
+
+
+def test_the_outbox_is_listed_read_only_in_the_admin() -> None:
+    from django.contrib import admin
+
+    from celery_domain_events.contrib.django import admin as outbox_admin
+
+    model_admin = admin.site._registry[OutboxMessage]
+    assert isinstance(model_admin, outbox_admin.OutboxMessageAdmin)
+    assert not model_admin.has_add_permission(HttpRequest())
+    assert not model_admin.has_change_permission(HttpRequest())
+    assert "routing_key" in model_admin.list_display
