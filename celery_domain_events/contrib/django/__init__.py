@@ -192,7 +192,9 @@ def _publish(pending: list[_Pending]) -> None:
         except PublishError as exc:
             lost = {id(event) for event in exc.events}
             unconfirmed = [item for item in items if id(item.event) in lost]
-            _keep([item for item in unconfirmed if item.robust], ext, exc)
+            robust = [item for item in unconfirmed if item.robust]
+            if robust:
+                _keep(ext, [item.event for item in robust], exc, robust[0].using)
             if failure is None and any(not item.robust for item in unconfirmed):
                 send.log_unpublished(ext, exc, "A transaction committed")
                 failure = exc
@@ -200,28 +202,32 @@ def _publish(pending: list[_Pending]) -> None:
         raise failure
 
 
-def _keep(items: list[_Pending], ext: DomainEvents, exc: PublishError) -> None:
+def _keep(
+    ext: DomainEvents,
+    events: list[AnyEvent],
+    exc: PublishError,
+    using: str | None = None,
+    what: str = "A transaction committed",
+) -> None:
     """Keep events whose publish failed after COMMIT: in the outbox if installed, else the log."""
-    if not items:
-        return
-    events = [item.event for item in items]
     if django_apps.is_installed(__name__):
         from celery_domain_events.contrib.django.outbox import store  # noqa: PLC0415 (models)
 
         try:
-            store(ext, events, using=items[0].using)
+            store(ext, events, using=using)
         except DatabaseError as db_error:
             log.error("Could not keep %d event(s) in the outbox: %s", len(events), db_error)
         else:
             log.warning(
-                "A transaction committed but %d event(s) could not be published (%s); kept in "
-                "the outbox for its relay: %s",
+                "%s but %d event(s) could not be published (%s); kept in the outbox for its "
+                "relay: %s",
+                what,
                 len(events),
                 exc,
                 ", ".join(str(e.event_id) for e in events),
             )
             return
-    send.log_unpublished(ext, PublishError(str(exc), events), "A transaction committed")
+    send.log_unpublished(ext, PublishError(str(exc), events), what)
 
 
 def flush_pending_on_commit(using: str | None = None) -> int:
@@ -279,9 +285,10 @@ class DomainEventsMiddleware:
 
     Put it after any middleware whose ``process_exception`` turns an exception into a response:
     Django calls ``process_exception`` bottom-up and stops at the first response, and a view
-    failure this middleware does not see is transmitted. A ``PublishError`` propagates (the
-    request fails although its transaction committed) and the events are logged at ERROR.
-    Sync only: under ASGI, Django runs it in a thread.
+    failure this middleware does not see is transmitted. A publish that fails (after the
+    transaction committed) does not fail the request: as with ``emit_on_commit``, the
+    unconfirmed events go to the outbox when the app is installed, else to the ERROR log in
+    full. Sync only: under ASGI, Django runs it in a thread.
 
     The app is the one named by setting ``DOMAIN_EVENTS_CELERY_APP`` (a dotted path), else
     ``celery.current_app``.
@@ -291,11 +298,7 @@ class DomainEventsMiddleware:
         self.get_response = get_response
 
     def __call__(self, request: Any) -> Any:
-        """Run the rest of the chain and the view in a buffer of their own.
-
-        Raises:
-            PublishError: as for :func:`~celery_domain_events.transmit`.
-        """
+        """Run the rest of the chain and the view in a buffer of their own."""
         token = publisher.open_buffer()
         try:
             response = self.get_response(request)
@@ -320,5 +323,5 @@ class DomainEventsMiddleware:
         try:
             publisher.transmit(app)
         except PublishError as exc:
-            send.log_unpublished(DomainEvents.of(app), exc, "A request succeeded")
-            raise
+            publisher.discard()  # exactly exc.events: kept below
+            _keep(DomainEvents.of(app), list(exc.events), exc, what="A request succeeded")
