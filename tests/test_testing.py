@@ -391,7 +391,9 @@ class RabbitBus:
 @pytest.fixture(
     params=[
         "in_process",
-        pytest.param("rabbitmq", marks=[pytest.mark.rabbitmq, pytest.mark.worker]),
+        pytest.param(
+            "rabbitmq", marks=[pytest.mark.rabbitmq, pytest.mark.worker, pytest.mark.matrix]
+        ),
     ]
 )
 def broker_mode(request: pytest.FixtureRequest) -> str:
