@@ -411,3 +411,46 @@ def test_a_transport_passed_in_receives_every_publish() -> None:
     [[message]] = transport.batches
     assert message.routing_key == "seam.thing"
     assert message.properties["message_id"] == sent.event_id
+
+
+def test_a_refused_dead_letter_holds_the_queue_15_s_doubling_to_300_s() -> None:
+    # The README's numbers for the hold, and that operators' pause/resume override it.
+    from celery_domain_events.consuming import bootstep
+
+    class Timer:
+        def __init__(self) -> None:
+            self.delays: list[float] = []
+
+        def call_after(self, delay: float, fun: Any, args: Any) -> Any:
+            self.delays.append(delay)
+            return type("Entry", (), {"cancel": lambda self: None})()
+
+    class Consumer:
+        def __init__(self) -> None:
+            self.consuming = True
+
+        def consuming_from(self, queue: str) -> bool:
+            return self.consuming
+
+        def cancel_by_queue(self, queue: str) -> None:
+            self.consuming = False
+
+        def add_queue(self, queue: Any) -> None:
+            self.consuming = True
+
+        def consume(self) -> None: ...
+
+    step = bootstep.DomainEventsStep.__new__(bootstep.DomainEventsStep)
+    consumer = Consumer()
+    step.by_queue = {"svc.h": (consumer, None)}
+    step.paused, step.held, step.backoff, step.timer = set(), {}, {}, Timer()
+    for _ in range(8):
+        step.hold("svc.h")
+        assert not consumer.consuming  # held: not consumed
+        step._end_hold("svc.h")
+        assert consumer.consuming
+    assert step.timer.delays == [15, 30, 60, 120, 240, 300, 300, 300]
+    step.hold("svc.h")
+    step.resume("svc.h")  # an operator's add_consumer ends the hold at once
+    assert step.held == {}
+    assert consumer.consuming
