@@ -343,3 +343,13 @@ def child_emit_on_commit(config: dict[str, Any]) -> list[str]:
         entry(7)
         event = emit_on_commit("test.outbox.order_paid", {"order_id": 7})
     return [str(event.event_id)]
+
+
+def test_a_misspelled_setting_stops_the_relay_with_one_line(ledger: Ledger) -> None:
+    # Even with an empty outbox: a relay must not idle silently on a setting it cannot read.
+    typo = {"LEDGER_EXTRA_SETTINGS": json.dumps({"CELERY_DOMAIN_EVENTS_SERVCE": "x"})}
+    for args in (("--once",), ("--interval", "0.1")):
+        relay = ledger.manage("domain_events_relay", *args, timeout=30, **typo)
+        assert relay.returncode != 0, relay.stdout
+        [line] = relay.stderr.strip().splitlines()
+        assert line.startswith("CommandError: unknown setting 'CELERY_DOMAIN_EVENTS_SERVCE'")

@@ -52,7 +52,9 @@ _after_publish: Callable[[], None] | None = None
 def _ext(app: Celery | None) -> DomainEvents:
     from celery_domain_events.contrib.django import resolve_app  # noqa: PLC0415 (package init)
 
-    return DomainEvents.of(resolve_app(app))
+    ext = DomainEvents.of(resolve_app(app))
+    _ = ext.settings  # read now: a misspelled setting fails here, not at the first row
+    return ext
 
 
 def add(

@@ -6,10 +6,10 @@ import signal
 import threading
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandParser
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from celery_domain_events.contrib.django import outbox
-from celery_domain_events.exceptions import PublishError
+from celery_domain_events.exceptions import ConfigurationError, PublishError
 
 
 class Command(BaseCommand):
@@ -26,6 +26,12 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         """Relay once, or until a signal arrives."""
+        try:
+            self._relay(options)
+        except ConfigurationError as exc:
+            raise CommandError(str(exc)) from None
+
+    def _relay(self, options: dict[str, Any]) -> None:
         if options["once"]:
             try:
                 count = outbox.relay_once(limit=options["limit"], using=options["database"])
