@@ -187,6 +187,31 @@ def running_worker(app: Celery, **kwargs: Any) -> Iterator[Any]:
         yield worker
 
 
+def read_log(path: Path) -> str:
+    """The text of a worker's log so far ("" before it exists)."""
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def spawn_worker(
+    app: str, *args: str, cwd: Path, env: dict[str, str], log_path: Path
+) -> tuple[subprocess.Popen[bytes], str]:
+    """Start ``celery -A APP worker ARGS`` logging to ``log_path``; return it once ready.
+
+    Returns:
+        The process (its own session, so a kill reaches its pool) and its hostname.
+    """
+    hostname = f"t{uuid.uuid4().hex[:8]}@{socket.gethostname()}"
+    cmd = [sys.executable, "-m", "celery", "-A", app, "worker", "--loglevel", "INFO"]
+    cmd += ["--without-mingle", "--without-gossip", "--hostname", hostname, *args]
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen(
+            cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    wait_for(lambda: " ready." in read_log(log_path) or proc.poll() is not None, timeout=60)
+    assert proc.poll() is None, read_log(log_path)
+    return proc, hostname
+
+
 class WorkerProcess:
     """A real `celery worker` subprocess running tests/worker_app.py (prefork by default)."""
 
@@ -212,37 +237,17 @@ class WorkerProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, *args: str) -> WorkerProcess:
-        self.hostname = f"t{uuid.uuid4().hex[:8]}@{socket.gethostname()}"
-        cmd = [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
+        self.proc, self.hostname = spawn_worker(
             "tests.worker_app",
-            "worker",
-            "--loglevel",
-            "INFO",
-            "--without-mingle",
-            "--without-gossip",
-            "--hostname",
-            self.hostname,
             *(args or ("-P", "prefork", "-c", "2")),
-        ]
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            cmd,
             cwd=ROOT,
             env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+            log_path=self.log_path,
         )
-        wait_for(lambda: " ready." in self.log() or self.proc.poll() is not None, timeout=60)
-        assert self.proc.poll() is None, self.log()
         return self
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return read_log(self.log_path)
 
     def kill(self) -> None:
         """SIGKILL the worker and its pool processes (a power cut, not a shutdown)."""

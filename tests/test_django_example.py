@@ -12,11 +12,9 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from decimal import Decimal
@@ -30,7 +28,7 @@ from kombu import Connection, Queue, binding
 from celery_domain_events import DomainEvents, emit, transmit
 from celery_domain_events.ops.rabbitmq_api import ManagementClient
 
-from .conftest import DB_URL, ROOT, Topology, _ignore, drain, wait_for
+from .conftest import DB_URL, ROOT, Topology, _ignore, drain, read_log, spawn_worker, wait_for
 
 pytestmark = [pytest.mark.rabbitmq]
 
@@ -169,40 +167,20 @@ class LedgerWorker:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, *pool: str) -> LedgerWorker:
-        self.hostname = f"t{uuid.uuid4().hex[:8]}@{socket.gethostname()}"
-        cmd = [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
+        self.proc, self.hostname = spawn_worker(
             "ledger_site",
-            "worker",
-            "--loglevel",
-            "INFO",
-            "--without-mingle",
-            "--without-gossip",
             "--without-heartbeat",
-            "--hostname",
-            self.hostname,
             "-Q",
             self.task_queue,
             *pool,
-        ]
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                cmd,
-                cwd=EXAMPLE,
-                env=self.ledger.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        wait_for(lambda: " ready." in self.log() or self.proc.poll() is not None, timeout=60)
-        assert self.proc.poll() is None, self.log()
+            cwd=EXAMPLE,
+            env=self.ledger.env,
+            log_path=self.log_path,
+        )
         return self
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return read_log(self.log_path)
 
     def stop(self) -> None:
         """Warm shutdown, as ``celery control shutdown`` asks for it.
