@@ -7,6 +7,7 @@ A relay of either kind can publish the rows of the other.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterable
 from datetime import datetime, timedelta, timezone
@@ -14,12 +15,15 @@ from typing import Any
 
 from celery_domain_events import tracing
 from celery_domain_events.events import AnyEvent
+from celery_domain_events.exceptions import PublishError
 from celery_domain_events.extension import DomainEvents
 from celery_domain_events.publishing.send import outbound_messages
 from celery_domain_events.wire import envelope
 from celery_domain_events.wire.message import OutboundMessage
 
-__all__ = ["DEFAULT_TABLE_NAME", "messages_of", "now", "rows_of"]
+__all__ = ["DEFAULT_TABLE_NAME", "messages_of", "now", "rows_of", "split_confirmed"]
+
+log = logging.getLogger("celery_domain_events.contrib.outbox")
 
 #: Name of the outbox table unless you choose another.
 DEFAULT_TABLE_NAME = "domain_events_outbox"
@@ -63,6 +67,22 @@ def rows_of(ext: DomainEvents, events: list[AnyEvent]) -> list[dict[str, Any]]:
         }
         for event, message in zip(events, outbound_messages(ext, events, traceparent), strict=True)
     ]
+
+
+def split_confirmed(ids: list[str], exc: PublishError) -> tuple[list[str], list[str]]:
+    """Split the row ids of a batch that failed into (confirmed, unconfirmed), and log it.
+
+    The relay deletes the confirmed rows and keeps the others for the next attempt.
+    """
+    unconfirmed = {str(row_id) for row_id in exc.events}
+    confirmed = [row_id for row_id in ids if row_id not in unconfirmed]
+    log.warning(
+        "Outbox relay: %d event(s) published, %d kept for the next attempt: %s",
+        len(confirmed),
+        len(unconfirmed),
+        exc,
+    )
+    return confirmed, sorted(unconfirmed)
 
 
 def messages_of(ext: DomainEvents, rows: Iterable[Any]) -> list[OutboundMessage]:

@@ -58,7 +58,12 @@ from sqlalchemy import (
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from celery_domain_events.contrib._outbox_rows import DEFAULT_TABLE_NAME, messages_of, rows_of
+from celery_domain_events.contrib._outbox_rows import (
+    DEFAULT_TABLE_NAME,
+    messages_of,
+    rows_of,
+    split_confirmed,
+)
 from celery_domain_events.events import AnyEvent
 from celery_domain_events.exceptions import PublishError
 from celery_domain_events.extension import DomainEvents
@@ -231,16 +236,9 @@ class Outbox:
 
     def _keep_unconfirmed(self, conn: Connection, ids: list[str], exc: PublishError) -> None:
         table = self.table
-        unconfirmed = {str(row_id) for row_id in exc.events}
-        confirmed = [row_id for row_id in ids if row_id not in unconfirmed]
+        confirmed, unconfirmed = split_confirmed(ids, exc)
         if confirmed:
             conn.execute(delete(table).where(table.c.id.in_(confirmed)))
         conn.execute(
             update(table).where(table.c.id.in_(unconfirmed)).values(attempts=table.c.attempts + 1)
-        )
-        log.warning(
-            "Outbox relay: %d event(s) published, %d kept for the next attempt: %s",
-            len(confirmed),
-            len(unconfirmed),
-            exc,
         )

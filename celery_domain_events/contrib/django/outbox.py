@@ -34,7 +34,7 @@ from celery import Celery
 from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections, transaction
 from django.db.models import F
 
-from celery_domain_events.contrib._outbox_rows import messages_of, rows_of
+from celery_domain_events.contrib._outbox_rows import messages_of, rows_of, split_confirmed
 from celery_domain_events.contrib.django.models import OutboxMessage
 from celery_domain_events.events import AnyEvent
 from celery_domain_events.exceptions import PublishError
@@ -117,15 +117,9 @@ def relay_once(*, limit: int = 500, using: str | None = None, app: Celery | None
         try:
             ext.publish(messages_of(ext, rows), declare=ext.topology.publisher_entities())
         except PublishError as exc:
-            unconfirmed = {str(row_id) for row_id in exc.events}
-            rows_of_db.filter(id__in=[i for i in ids if i not in unconfirmed]).delete()
+            confirmed, unconfirmed = split_confirmed(ids, exc)
+            rows_of_db.filter(id__in=confirmed).delete()
             rows_of_db.filter(id__in=unconfirmed).update(attempts=F("attempts") + 1)
-            log.warning(
-                "Outbox relay: %d event(s) published, %d kept for the next attempt: %s",
-                len(ids) - len(unconfirmed),
-                len(unconfirmed),
-                exc,
-            )
             error = exc
         else:
             if _after_publish is not None:
