@@ -18,7 +18,15 @@ from .exceptions import (
     UnknownEventError,
 )
 from .extension import DomainEvents
-from .publishing.api import buffered, discard, emit, scope, transmit
+from .publishing.api import (
+    buffered,
+    discard,
+    emit,
+    scope,
+    scope_async,
+    transmit,
+    transmit_async,
+)
 from .retry import RetryPolicy
 from .wire.message import OutboundMessage
 
@@ -50,5 +58,7 @@ __all__ = [
     "domain_event_handler",
     "emit",
     "scope",
+    "scope_async",
     "transmit",
+    "transmit_async",
 ]

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import cached_property
 from typing import Any
+from urllib.parse import quote
 
 from celery import Celery
+from kombu import Connection
 
 from . import _compat
 from .amqp.transport import AmqpTransport, Transport
@@ -29,6 +32,20 @@ _lock = threading.Lock()
 # that installs DomainEvents never imports the worker side.
 _WORKER_STEP = "celery_domain_events.consuming.bootstep:DomainEventsTopology"
 _CONSUMER_STEP = "celery_domain_events.consuming.bootstep:DomainEventsStep"
+
+
+def _aio_url(conn: Connection) -> str:
+    """The URL aio-pika understands for a kombu connection (its defaults filled in)."""
+    info = conn.info()
+    vhost = info["virtual_host"] or "/"
+    return "{}://{}:{}@{}:{}/{}".format(
+        "amqps" if info["ssl"] else "amqp",
+        quote(str(info["userid"]), safe=""),
+        quote(str(info["password"]), safe=""),
+        info["hostname"],
+        info["port"],
+        "" if vhost == "/" else quote(vhost, safe=""),
+    )
 
 
 def _on_configure(sender: Celery, **_: Any) -> None:
@@ -154,6 +171,56 @@ class DomainEvents:
             yield transport
         finally:
             self._transport = previous
+
+    @cached_property
+    def _aio_broker(self) -> Any:
+        urls = self._amqp_urls()
+        if urls is None:
+            return None  # not RabbitMQ (kombu's memory:// in tests): the sync path, in a thread
+        try:
+            from .amqp.aio import AioPikaTransport  # noqa: PLC0415 (an optional dependency)
+        except ImportError as exc:
+            raise ConfigurationError(
+                f"publishing from asyncio needs aio-pika ({exc}); "
+                "pip install 'celery-domain-events[asyncio]'"
+            ) from exc
+        return AioPikaTransport(urls, lambda: self.settings.publish_timeout)
+
+    def _amqp_urls(self) -> list[str] | None:
+        """The broker's AMQP URLs (a failover list has several), or None for other brokers."""
+        conn = self.app.connection_for_write()
+        try:
+            if conn.transport.driver_type != "amqp":
+                return None
+            return [_aio_url(Connection(alt)) for alt in conn.alt] or [_aio_url(conn)]
+        finally:
+            conn.release()
+
+    async def publish_async(
+        self, messages: list[OutboundMessage], declare: Sequence[Any] = ()
+    ) -> None:
+        """Publish ``messages`` from asyncio and wait for every confirm, without blocking.
+
+        Through aio-pika, one connection per event loop; a transport passed in (the test
+        harness's) is used as :meth:`publish` would, awaited if it has ``publish_async``.
+
+        Raises:
+            PublishError: as for :meth:`publish`.
+            ConfigurationError: aio-pika is not installed.
+        """
+        transport: Any = self._transport if self._transport is not None else self._aio_broker
+        if transport is None:
+            transport = self._broker
+        publish_async = getattr(transport, "publish_async", None)
+        if publish_async is not None:
+            await publish_async(messages, declare)
+        else:
+            await asyncio.to_thread(transport.publish, messages, declare)
+
+    async def aclose(self) -> None:
+        """Close the asyncio connection of the running event loop (in an ASGI lifespan's end)."""
+        if "_aio_broker" in self.__dict__ and self._aio_broker is not None:
+            await self._aio_broker.close()
 
     def publish(self, messages: list[OutboundMessage], declare: Sequence[Any] = ()) -> None:
         """Publish ``messages`` through :attr:`transport` and wait for every confirm.

@@ -23,6 +23,7 @@ import re
 from contextlib import AbstractContextManager
 from typing import Any
 
+_otel_trace: Any
 try:  # optional; imported once, since a failed import searches sys.path again every time
     from opentelemetry import trace as _otel_trace
 except ImportError:  # pragma: no cover - depends on the environment

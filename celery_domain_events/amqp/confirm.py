@@ -38,7 +38,14 @@ class _Unroutable(Exception):
     """A message that must reach a queue came back from the broker (basic.return)."""
 
 
+# An exchange that exists with other arguments, or that the user may not write to: waiting
+# for the deadline would not change it.
+_REFUSED_CHANNEL = (amqp.exceptions.PreconditionFailed, amqp.exceptions.AccessRefused)
+
+
 def _irrecoverable(conn: Connection, exc: BaseException | None) -> bool:
+    if isinstance(exc, _REFUSED_CHANNEL):
+        return True
     return isinstance(exc, tuple(conn.connection_errors)) and not isinstance(
         exc, tuple(conn.recoverable_connection_errors)
     )
@@ -304,7 +311,7 @@ def publish_confirmed(
                         _channels.pop(transport_conn, None)
                     conn.collect()
                     if _irrecoverable(conn, exc):
-                        raise  # wrong credentials or vhost: waiting will not fix it
+                        raise  # wrong credentials, vhost or exchange: waiting will not fix it
                     raise _Retry from exc
         except _Retry as retry:
             error = retry.__cause__

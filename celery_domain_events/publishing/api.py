@@ -9,6 +9,9 @@
     # or, on rollback:
     discard()
 
+From asyncio, ``await transmit_async()`` and ``async with scope_async():`` do the same without
+blocking the event loop.
+
 ``transmit()`` returns only when RabbitMQ has confirmed every event. If it cannot by the
 deadline (``domain_events_publish_timeout``), it raises
 :class:`~celery_domain_events.exceptions.PublishError` with exactly the unconfirmed events
@@ -32,9 +35,10 @@ from celery_domain_events.extension import DomainEvents
 
 from . import buffer, task_scope
 from .buffer import buffered, close_buffer, discard
-from .send import as_event, publish_events
+from .send import as_event, publish_events, publish_events_async
 
 __all__ = [
+    "AsyncScope",
     "Scope",
     "buffered",
     "close_buffer",
@@ -42,7 +46,9 @@ __all__ = [
     "emit",
     "open_buffer",
     "scope",
+    "scope_async",
     "transmit",
+    "transmit_async",
 ]
 
 
@@ -134,6 +140,51 @@ class Scope:
             close_buffer(self._token)
 
 
+def scope_async(app: Celery | None = None, *, transmit_on_exit: bool = True) -> AsyncScope:
+    """Run a unit of work from asyncio: transmit its events if the block succeeds, else discard.
+
+    ``async with scope_async(app):`` is :func:`scope` with :func:`transmit_async`.
+
+    The scope belongs to the asyncio task that enters it: events emitted by other tasks
+    (each has its own context) never join it.
+
+    Raises:
+        PublishError: as for :func:`transmit_async`, when the block succeeded.
+    """
+    return AsyncScope(app, transmit_on_exit)
+
+
+class AsyncScope:
+    """The async context manager :func:`scope_async` returns."""
+
+    __slots__ = ("_token", "app", "transmit_on_exit")
+
+    def __init__(self, app: Celery | None, transmit_on_exit: bool) -> None:
+        self.app = app
+        self.transmit_on_exit = transmit_on_exit
+
+    async def __aenter__(self) -> None:
+        self._token = open_buffer()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            if exc_type is None:
+                if self.transmit_on_exit:
+                    await transmit_async(self.app)
+            else:
+                discard()
+        except BaseException:
+            discard()
+            raise
+        finally:
+            close_buffer(self._token)
+
+
 def open_buffer(*, owner: Any = ...) -> contextvars.Token[buffer.Buffer | None]:
     """Start a fresh, empty buffer in this context (for integrations); see :func:`scope`.
 
@@ -172,3 +223,21 @@ def transmit(app: Celery | None = None) -> list[AnyEvent]:
         return []
     ext = DomainEvents.of(app or _current_app)
     return buffer.flush(lambda batch: publish_events(ext, batch))
+
+
+async def transmit_async(app: Celery | None = None) -> list[AnyEvent]:
+    """Publish the buffered events from asyncio and wait for RabbitMQ's confirms.
+
+    :func:`transmit` without blocking the event loop: the same deadline
+    (``domain_events_publish_timeout``), the same ``PublishError`` (exactly the unconfirmed
+    events stay buffered), through aio-pika with one connection per event loop.
+
+    Raises:
+        PublishError: as for :func:`transmit`.
+        ConfigurationError: the app has no ``DomainEvents``, or aio-pika is not installed
+            (``pip install 'celery-domain-events[asyncio]'``).
+    """
+    if not buffer.current():
+        return []
+    ext = DomainEvents.of(app or _current_app)
+    return await buffer.flush_async(lambda batch: publish_events_async(ext, batch))

@@ -7,7 +7,7 @@ buffer left open around a task never collects that task's events (see :mod:`.tas
 from __future__ import annotations
 
 import contextvars
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from celery_domain_events.events import AnyEvent
@@ -20,6 +20,7 @@ __all__ = [
     "current",
     "discard",
     "flush",
+    "flush_async",
     "new_buffer",
     "open_buffer",
     "start",
@@ -85,12 +86,31 @@ def flush(publish: Callable[[list[AnyEvent]], None]) -> list[AnyEvent]:
     try:
         publish(batch)
     except PublishError as exc:
-        unconfirmed = {id(event) for event in exc.events}
-        # Keep whatever was emitted meanwhile (by a callback during the wait, say).
-        pending[: len(batch)] = [event for event in batch if id(event) in unconfirmed]
+        _keep_unconfirmed(pending, batch, exc)
         raise
     del pending[: len(batch)]
     return batch
+
+
+async def flush_async(publish: Callable[[list[AnyEvent]], Awaitable[None]]) -> list[AnyEvent]:
+    """:func:`flush` for a coroutine ``publish``."""
+    pending = _buffer.get()
+    if not pending:
+        return []
+    batch = list(pending)
+    try:
+        await publish(batch)
+    except PublishError as exc:
+        _keep_unconfirmed(pending, batch, exc)
+        raise
+    del pending[: len(batch)]
+    return batch
+
+
+def _keep_unconfirmed(pending: Buffer, batch: list[AnyEvent], exc: PublishError) -> None:
+    unconfirmed = {id(event) for event in exc.events}
+    # Keep whatever was emitted meanwhile (by a callback during the wait, say).
+    pending[: len(batch)] = [event for event in batch if id(event) in unconfirmed]
 
 
 def current() -> Buffer | None:

@@ -17,7 +17,13 @@ from celery_domain_events.routing import validate_event_name
 from celery_domain_events.wire import envelope
 from celery_domain_events.wire.message import OutboundMessage
 
-__all__ = ["as_event", "log_unpublished", "outbound_messages", "publish_events"]
+__all__ = [
+    "as_event",
+    "log_unpublished",
+    "outbound_messages",
+    "publish_events",
+    "publish_events_async",
+]
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +144,24 @@ def publish_events(ext: DomainEvents, events: list[AnyEvent]) -> None:
     traceparent = tracing.current_traceparent() or tracing.new_traceparent()
     messages = outbound_messages(ext, events, traceparent)
     ext.publish(messages, declare=ext.topology.publisher_entities())
+    _log_emitted(ext, events, traceparent)
+
+
+async def publish_events_async(ext: DomainEvents, events: list[AnyEvent]) -> None:
+    """:func:`publish_events` from asyncio: the event loop keeps running while it waits.
+
+    Raises:
+        PublishError: as for :func:`transmit_async`.
+        ConfigurationError: aio-pika is not installed.
+    """
+    ext.check_broker()
+    traceparent = tracing.current_traceparent() or tracing.new_traceparent()
+    messages = outbound_messages(ext, events, traceparent)
+    await ext.publish_async(messages, declare=ext.topology.publisher_entities())
+    _log_emitted(ext, events, traceparent)
+
+
+def _log_emitted(ext: DomainEvents, events: list[AnyEvent], traceparent: str) -> None:
     if not tracing.event_log.isEnabledFor(logging.INFO):
         return  # skip building the structured fields of a few thousand records nobody keeps
     trace = tracing.trace_id(traceparent)

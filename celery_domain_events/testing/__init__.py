@@ -386,6 +386,12 @@ class CaptureTransport:
         """Hand ``messages`` to the capture (``declare`` has nothing to do in memory)."""
         self.capture._receive(messages)
 
+    async def publish_async(
+        self, messages: Sequence[OutboundMessage], declare: Sequence[Any] = ()
+    ) -> None:
+        """:meth:`publish`, for ``transmit_async`` (nothing to wait for in memory)."""
+        self.capture._receive(messages)
+
 
 def _event_id(message: OutboundMessage) -> str:
     # As a worker does: the CloudEvents id from the body, whatever message_id says.
