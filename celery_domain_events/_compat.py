@@ -14,16 +14,18 @@ that fails on an upgrade that changes it. No other module touches a private name
   ``_finalize_mutex``, ``_task_from_fun``); the task being traced (``celery._state``); the
   current app slot that ``celery.contrib.testing`` changes.
 - Django: ``connection.run_on_commit`` entries ``(savepoint ids, func, robust)``.
+- SQLAlchemy: ``sqlalchemy.util.await_only`` (await a coroutine from the sync code an
+  ``AsyncSession`` runs in its greenlet; documented for dialect authors, not in ``__all__``).
 """
 
 from __future__ import annotations
 
 import sys
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from struct import unpack_from
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from amqp import serialization
 from celery import _state as celery_state
@@ -31,6 +33,8 @@ from kombu.message import Message
 
 if TYPE_CHECKING:
     from celery import Celery, Task
+
+T = TypeVar("T")
 
 __all__ = [
     "MAX_DECODED_TABLE_DEPTH",
@@ -46,6 +50,7 @@ __all__ = [
     "on_every_app",
     "restored_current_app",
     "route_queue_control",
+    "sqlalchemy_await",
     "start_with_task_consumer",
     "task_from_fun",
     "transport_connection",
@@ -352,3 +357,14 @@ def django_append_on_commit(connection: Any, func: Callable[[], Any], *, robust:
     an entry when one of its savepoints rolls back; with no ids, none can.
     """
     connection.run_on_commit.append((set(), func, robust))
+
+
+def sqlalchemy_await(awaitable: Awaitable[T]) -> T:
+    """Await ``awaitable`` from sync code that an ``AsyncSession`` runs (its event hooks).
+
+    Raises:
+        sqlalchemy.exc.MissingGreenlet: not called from within an ``AsyncSession`` call.
+    """
+    from sqlalchemy.util import await_only  # noqa: PLC0415 (an optional dependency)
+
+    return await_only(awaitable)

@@ -251,3 +251,23 @@ def test_an_added_handler_queue_is_no_celery_task_queue(selected: str | None) ->
     assert queues["svc.handler"] is handler_queue  # seen by quorum detection, DelayedDelivery
     assert "svc.handler" not in queues.consume_from  # never read by Celery's task consumer
     assert list(queues.consume_from) == ["celery"]
+
+
+def test_sqlalchemy_awaits_a_coroutine_from_inside_an_async_session_call_only() -> None:
+    import asyncio
+
+    from sqlalchemy.exc import MissingGreenlet
+    from sqlalchemy.util import greenlet_spawn
+
+    async def answer() -> int:
+        await asyncio.sleep(0)
+        return 42
+
+    def sync_hook() -> int:  # what an AsyncSession's event hook is
+        return _compat.sqlalchemy_await(answer())
+
+    assert asyncio.run(greenlet_spawn(sync_hook)) == 42
+    coroutine = answer()
+    with pytest.raises(MissingGreenlet):
+        _compat.sqlalchemy_await(coroutine)
+    coroutine.close()

@@ -29,13 +29,20 @@ Delivery is **at least once**. Where a crash can strike:
 
 Nothing is deleted before the broker confirmed it, so nothing is lost. Use PostgreSQL (or another
 database with ``SKIP LOCKED``) at the READ COMMITTED isolation level, its default.
+
+From asyncio, ``await outbox.add_async(session, event)`` takes an ``AsyncSession`` or
+``AsyncConnection``, and ``relay_once_async`` / ``relay_forever_async`` relay from an
+``AsyncEngine`` with :func:`~celery_domain_events.transmit_async`'s transport (aio-pika), so a
+relay can run as a task of the web service's own event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import (
@@ -43,13 +50,17 @@ from sqlalchemy import (
     Column,
     Connection,
     DateTime,
+    Delete,
     Engine,
     Index,
+    Insert,
     Integer,
     LargeBinary,
     MetaData,
+    Select,
     String,
     Table,
+    Update,
     delete,
     insert,
     select,
@@ -140,9 +151,30 @@ class Outbox:
             TypeError: ``data`` was given with a typed event.
         """
         event = as_event(event, data, version=version)
-        [row] = rows_of(self.ext, [event])  # exactly what publish_events would send now
-        target.execute(insert(self.table).values(**row))
+        target.execute(self._insert(event))
         return event
+
+    async def add_async(
+        self,
+        target: Any,
+        event: AnyEvent | str,
+        data: Mapping[str, Any] | None = None,
+        *,
+        version: int = 1,
+    ) -> AnyEvent:
+        """:meth:`add` for an ``AsyncSession`` or ``AsyncConnection``.
+
+        Raises:
+            InvalidRoutingPattern: an untyped event name is not dotted words.
+            TypeError: ``data`` was given with a typed event.
+        """
+        event = as_event(event, data, version=version)
+        await target.execute(self._insert(event))
+        return event
+
+    def _insert(self, event: AnyEvent) -> Insert:
+        [row] = rows_of(self.ext, [event])  # exactly what publish_events would send now
+        return insert(self.table).values(**row)
 
     def relay_once(
         self,
@@ -165,29 +197,85 @@ class Outbox:
                 ``error.events``, their ``attempts`` went up and they stay in the outbox.
                 Rows that were confirmed are deleted.
         """
-        table = self.table
         with engine.connect() as conn, conn.begin():
-            rows = conn.execute(
-                select(table)
-                .order_by(table.c.created_at, table.c.id)
-                .limit(limit)
-                .with_for_update(skip_locked=True)
-            ).all()
+            rows = conn.execute(self._batch(limit)).all()
             if not rows:
                 return 0
             ids = [row.id for row in rows]
             try:
                 self._publish(rows)
             except PublishError as exc:
-                self._keep_unconfirmed(conn, ids, exc)
+                for statement in self._keep_unconfirmed(ids, exc):
+                    conn.execute(statement)
                 error = exc
             else:
                 if _after_publish is not None:
                     _after_publish()
-                conn.execute(delete(table).where(table.c.id.in_(ids)))
+                conn.execute(self._delete(ids))
                 return len(rows)
         # Raised once the transaction committed: the confirmed rows are gone for good.
         raise error
+
+    async def relay_once_async(
+        self,
+        engine: Any,
+        limit: int = 500,
+        *,
+        _after_publish: Callable[[], Awaitable[None]] | None = None,
+    ) -> int:
+        """:meth:`relay_once` from asyncio, on an ``AsyncEngine``, publishing with aio-pika.
+
+        Raises:
+            PublishError: as for :meth:`relay_once`.
+        """
+        async with engine.connect() as conn, conn.begin():
+            rows = (await conn.execute(self._batch(limit))).all()
+            if not rows:
+                return 0
+            ids = [row.id for row in rows]
+            try:
+                await self.ext.publish_async(
+                    messages_of(self.ext, rows), declare=self.ext.topology.publisher_entities()
+                )
+            except PublishError as exc:
+                for statement in self._keep_unconfirmed(ids, exc):
+                    await conn.execute(statement)
+                error = exc
+            else:
+                if _after_publish is not None:
+                    await _after_publish()
+                await conn.execute(self._delete(ids))
+                return len(rows)
+        raise error
+
+    async def relay_forever_async(
+        self,
+        engine: Any,
+        *,
+        interval: float = 1.0,
+        limit: int = 500,
+        stop: asyncio.Event | None = None,
+    ) -> int:
+        """:meth:`relay_forever` from asyncio: relay until ``stop`` is set (or cancelled).
+
+        Returns:
+            How many events were relayed in total.
+        """
+        stop = stop or asyncio.Event()
+        total = 0
+        while not stop.is_set():
+            try:
+                count = await self.relay_once_async(engine, limit)
+            except (PublishError, OperationalError) as exc:
+                log.warning("Outbox relay failed, retrying in %.1f s: %s", interval, exc)
+                count = 0
+            if count:
+                total += count
+                log.info("Relayed %d event(s) from %s", count, self.table.name)
+            if count < limit:  # caught up (or failed): do not spin
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(stop.wait(), interval)
+        return total
 
     def relay_forever(
         self,
@@ -234,11 +322,24 @@ class Outbox:
             messages_of(self.ext, rows), declare=self.ext.topology.publisher_entities()
         )
 
-    def _keep_unconfirmed(self, conn: Connection, ids: list[str], exc: PublishError) -> None:
+    def _batch(self, limit: int) -> Select[Any]:
+        table = self.table
+        return (
+            select(table)
+            .order_by(table.c.created_at, table.c.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+
+    def _delete(self, ids: list[str]) -> Delete:
+        return delete(self.table).where(self.table.c.id.in_(ids))
+
+    def _keep_unconfirmed(self, ids: list[str], exc: PublishError) -> list[Delete | Update]:
+        """Delete the confirmed rows of a failed batch; count an attempt on the others."""
         table = self.table
         confirmed, unconfirmed = split_confirmed(ids, exc)
-        if confirmed:
-            conn.execute(delete(table).where(table.c.id.in_(confirmed)))
-        conn.execute(
+        statements: list[Delete | Update] = [self._delete(confirmed)] if confirmed else []
+        statements.append(
             update(table).where(table.c.id.in_(unconfirmed)).values(attempts=table.c.attempts + 1)
         )
+        return statements

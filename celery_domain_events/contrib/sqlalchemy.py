@@ -27,6 +27,16 @@ outbox instead (:mod:`celery_domain_events.contrib.outbox`).
 
 A session joined to an external connection's transaction (``join_transaction_mode``) publishes
 when the *session* commits, which is not yet the database commit.
+
+``AsyncSession`` works the same way, without blocking the event loop::
+
+    Session = async_sessionmaker(engine)
+    events_sa.install(Session, app)
+
+    async with Session.begin() as session:
+        session.add(User(id=1, email="ada@example.com"))
+        events_sa.emit_with(session, UserCreated(user_id=1, email="ada@example.com"))
+    # committed: published with transmit_async's path (aio-pika), awaited by the commit
 """
 
 from __future__ import annotations
@@ -42,10 +52,16 @@ from celery import current_app as _current_app
 from sqlalchemy import event as sa_event
 from sqlalchemy.orm import Session, SessionTransaction, scoped_session, sessionmaker
 
+from celery_domain_events import _compat
 from celery_domain_events.events import AnyEvent
 from celery_domain_events.exceptions import ConfigurationError
 from celery_domain_events.extension import DomainEvents
 from celery_domain_events.publishing import send
+
+try:  # the asyncio extension needs greenlet; without it there are no async sessions to serve
+    from sqlalchemy.ext.asyncio import AsyncSession, async_scoped_session, async_sessionmaker
+except ImportError:  # pragma: no cover - depends on the environment
+    AsyncSession = async_sessionmaker = async_scoped_session = None  # type: ignore[assignment,misc]
 
 __all__ = ["emit_with", "install"]
 
@@ -53,6 +69,10 @@ log = logging.getLogger(__name__)
 
 #: ``session.info`` key of the events pending per transaction.
 INFO_KEY = "celery_domain_events.pending"
+#: ``session.info`` key set on the sessions of an ``AsyncSession``: publish with asyncio.
+ASYNC_KEY = "celery_domain_events.async"
+#: ``session.info`` key of the installation an ``async_sessionmaker`` passes to its sessions.
+INSTALLED_KEY = "celery_domain_events.installed"
 
 
 @dataclass
@@ -70,36 +90,57 @@ class _Installation:
 
 # Session instances and Session classes (a sessionmaker's own subclass) install() was given.
 _installed: weakref.WeakKeyDictionary[Any, _Installation] = weakref.WeakKeyDictionary()
+# What our listeners are registered on.
+_listening: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
-def install(
-    target: Session | sessionmaker[Any] | scoped_session[Any] | type[Session],
-    app: Celery | None = None,
-) -> None:
+def install(target: Any, app: Celery | None = None) -> None:
     """Publish the events emitted with :func:`emit_with` when sessions of ``target`` commit.
 
     Installing twice on the same target only replaces ``app``.
 
     Args:
         target: a ``Session``, a ``sessionmaker`` (or ``scoped_session`` of one), or a
-            ``Session`` subclass (``Session`` itself covers every session of the process).
+            ``Session`` subclass (``Session`` itself covers every session of the process);
+            or their asyncio twins: an ``AsyncSession``, an ``async_sessionmaker`` (or
+            ``async_scoped_session`` of one), an ``AsyncSession`` subclass.
         app: the Celery app with ``DomainEvents`` to publish through (default: the current app
             at commit time).
 
     Raises:
         TypeError: ``target`` is none of these.
     """
+    installation = _Installation(app)
+    if async_scoped_session is not None and isinstance(target, async_scoped_session):
+        target = target.session_factory
+    if async_sessionmaker is not None and isinstance(target, async_sessionmaker):
+        # Its sessions are plain AsyncSessions: hand them the installation through their
+        # info, and listen on the class of the sync sessions they wrap.
+        info = dict(target.kw.get("info") or {})
+        info[INSTALLED_KEY] = installation
+        target.configure(info=info)
+        _listen(target.kw.get("sync_session_class") or target.class_.sync_session_class)
+        return
+    if AsyncSession is not None and isinstance(target, AsyncSession):
+        target = target.sync_session
+    elif AsyncSession is not None and isinstance(target, type) and issubclass(target, AsyncSession):
+        target = target.sync_session_class
     key = _listen_target(target)
+    _listen(key)
+    _installed[key] = installation
+
+
+def _listen(key: Any) -> None:
     # Our own weak registry, not event.contains(): SQLAlchemy keys that on id(target), and a
     # new sessionmaker class can reuse the id of a collected one.
-    if key not in _installed:
+    if key not in _listening:
         sa_event.listen(key, "after_commit", _after_commit)
         sa_event.listen(key, "after_transaction_end", _after_transaction_end)
-    _installed[key] = _Installation(app)
+        _listening.add(key)
 
 
 def emit_with(
-    session: Session,
+    session: Session | Any,
     event: AnyEvent | str,
     data: Mapping[str, Any] | None = None,
     *,
@@ -108,7 +149,7 @@ def emit_with(
     """Attach an event to ``session``'s current transaction, to be published on commit.
 
     Args:
-        session: a session covered by :func:`install`.
+        session: a session covered by :func:`install` (a ``Session`` or an ``AsyncSession``).
         event: a ``DomainEvent`` instance, or an event name for an untyped event.
         data: the payload of an untyped event.
         version: the version of an untyped event.
@@ -122,6 +163,9 @@ def emit_with(
         InvalidRoutingPattern: an untyped event name is not dotted words.
         TypeError: ``data`` was given with a typed event.
     """
+    if AsyncSession is not None and isinstance(session, AsyncSession):
+        session = session.sync_session
+        session.info[ASYNC_KEY] = True
     if _installation(session) is None:
         raise ConfigurationError(
             "this session has no domain events hooks; call "
@@ -149,8 +193,14 @@ def _listen_target(target: Any) -> Session | type[Session]:
 
 
 def _installation(session: Session) -> _Installation | None:
-    # The instance first, then its classes from the most derived: the closest install wins.
-    for key in (session, *type(session).__mro__):
+    # The instance first, then its async_sessionmaker's, then its classes from the most
+    # derived: the closest install wins.
+    if session in _installed:
+        return _installed[session]
+    from_maker = session.info.get(INSTALLED_KEY)
+    if isinstance(from_maker, _Installation):
+        return from_maker
+    for key in type(session).__mro__:
         if key in _installed:
             return _installed[key]
     return None
@@ -189,4 +239,10 @@ def _after_transaction_end(session: Session, transaction: SessionTransaction) ->
         return
     installation = _installation(session)
     app = installation.app if installation is not None else None
-    send.publish_events(DomainEvents.of(app or _current_app), pending.events)
+    ext = DomainEvents.of(app or _current_app)
+    if session.info.get(ASYNC_KEY):
+        # Inside AsyncSession's greenlet: the commit's caller awaits the publish, and the
+        # event loop runs other tasks meanwhile.
+        _compat.sqlalchemy_await(send.publish_events_async(ext, pending.events))
+    else:
+        send.publish_events(ext, pending.events)
