@@ -1,0 +1,1 @@
+"""The storefront: a FastAPI service on SQLAlchemy's asyncio ORM, publishing the shop's events."""
