@@ -48,6 +48,9 @@ PRELUDE: dict[str, str] = {
     "app": "from celery import Celery\napp: Celery",
     "db": "from typing import Any\ndb: Any  # the reader's database session",
     "engine": "from typing import Any\nengine: Any",
+    "async_engine": "from sqlalchemy.ext.asyncio import AsyncEngine\nasync_engine: AsyncEngine",
+    "Sessions": "from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker\n"
+    "Sessions: async_sessionmaker[AsyncSession]",
     "transaction": "from typing import Any\ntransaction: Any  # django.db.transaction",
     "Order": "from typing import Any\nOrder: Any  # a Django model",
     "User": "from typing import Any\nUser: Any  # an SQLAlchemy model",
