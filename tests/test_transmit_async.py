@@ -256,3 +256,52 @@ def test_a_broker_stopped_mid_batch_loses_nothing_and_resends_only_the_unconfirm
     seen = copies_by_id(private_node.url, probe_queue)
     assert set(seen) == {e.event_id for e in events}  # 0 lost
     assert [i for i in confirmed_ids if seen[i] > 1] == []  # 0 confirmed events sent twice
+
+
+def test_a_failover_list_is_tried_in_turn(topology: Topology) -> None:
+    dead = topology.broker_url.replace("127.0.0.1:5672", "127.0.0.1:5999")
+    assert dead != topology.broker_url
+    app = topology.app()
+    app.conf.broker_url = f"{dead};{topology.broker_url}"
+    queue = probe(topology, app)
+
+    async def main() -> None:
+        emit("test.aio.failover", {})
+        await transmit_async(app)
+
+    started = time.monotonic()
+    run(main, app)
+    assert time.monotonic() - started < 3
+    assert len(drain(topology.broker_url, queue)) == 1
+
+
+def test_an_unknown_vhost_fails_at_once(broker_url: str) -> None:
+    app = app_for(broker_url.rstrip("/") + "/no-such-vhost")
+
+    async def main() -> float:
+        emit("test.aio.vhost", {})
+        started = time.monotonic()
+        with pytest.raises(
+            PublishError, match="no-such-vhost: the broker refused to open the vhost"
+        ):
+            await transmit_async(app)
+        discard()
+        return time.monotonic() - started
+
+    assert run(main, app) < 1
+
+
+def test_a_lost_connection_is_replaced_on_the_next_publish(topology: Topology) -> None:
+    app = topology.app()
+    queue = probe(topology, app)
+
+    async def main() -> None:
+        emit("test.aio.lost", {"n": 1})
+        await transmit_async(app)
+        link = DomainEvents.of(app)._aio_broker._link()
+        await link.connection.close()  # as a broker restart or a network cut would
+        emit("test.aio.lost", {"n": 2})
+        await transmit_async(app)
+
+    run(main, app)
+    assert [json.loads(m.body)["data"]["n"] for m in drain(topology.broker_url, queue)] == [1, 2]

@@ -156,8 +156,14 @@ class AioPikaTransport:
                     raise failure
             except _IRRECOVERABLE as exc:
                 await link.reset()
+                reason = repr(exc)
+                if isinstance(exc, aiormq.exceptions.InvalidFrameError):
+                    # aiormq's words for a Connection.Close in place of Connection.OpenOk.
+                    reason = (
+                        "the broker refused to open the vhost (does it exist, may the user use it?)"
+                    )
                 raise PublishError(
-                    f"could not publish {len(pending)} message(s) to {self._where()}: {exc!r}",
+                    f"could not publish {len(pending)} message(s) to {self._where()}: {reason}",
                     _sources(pending),
                 ) from exc
             except _RETRIED as exc:
