@@ -11,7 +11,7 @@ import asyncio
 import json
 import os
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ import sqlalchemy as sa
 from fastapi import FastAPI
 from kombu import Connection
 
-from examples.fastapi_shop.app import create_app
+from celery_domain_events.registry import default_events
 
 from .conftest import (
     DB_URL,
@@ -38,6 +38,16 @@ from .conftest import (
 from .test_transmit_async import max_loop_lag
 
 pytestmark = [pytest.mark.rabbitmq]
+
+
+@pytest.fixture(scope="module")
+def create_app() -> Iterator[Callable[..., FastAPI]]:
+    """The example's app factory, imported without leaving the shop's event classes registered
+    for the rest of the session (other tests declare their own ``user.created``)."""
+    with default_events.isolated():
+        from examples.fastapi_shop.app import create_app
+
+        yield create_app
 
 
 @pytest.fixture
@@ -59,7 +69,9 @@ async def client(api: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
             yield http
 
 
-def storefront(topology: Topology, prefix: str, **options: str) -> FastAPI:
+def storefront(
+    create_app: Callable[..., FastAPI], topology: Topology, prefix: str, **options: str
+) -> FastAPI:
     options.setdefault("broker_url", topology.broker_url)
     return create_app(
         db_url=DB_URL,
@@ -70,8 +82,10 @@ def storefront(topology: Topology, prefix: str, **options: str) -> FastAPI:
     )
 
 
-def test_a_user_created_is_confirmed_before_the_response(topology: Topology, prefix: str) -> None:
-    api = storefront(topology, prefix)
+def test_a_user_created_is_confirmed_before_the_response(
+    create_app: Callable[..., FastAPI], topology: Topology, prefix: str
+) -> None:
+    api = storefront(create_app, topology, prefix)
     queue = probe(topology, api.state.storefront.celery_app)
 
     async def main() -> list[dict[str, Any]]:
@@ -94,7 +108,7 @@ def test_a_user_created_is_confirmed_before_the_response(topology: Topology, pre
 
 @pytest.mark.worker
 def test_the_shop_worker_handles_what_the_storefront_publishes(
-    topology: Topology, prefix: str, tmp_path: Path
+    create_app: Callable[..., FastAPI], topology: Topology, prefix: str, tmp_path: Path
 ) -> None:
     service = topology.service("shop")
     env = {
@@ -105,7 +119,7 @@ def test_the_shop_worker_handles_what_the_storefront_publishes(
     }
     log = tmp_path / "shop.log"
     worker, _ = spawn_worker("examples.shop.app", "-P", "solo", cwd=ROOT, env=env, log_path=log)
-    api = storefront(topology, prefix)
+    api = storefront(create_app, topology, prefix)
     try:
 
         async def main() -> None:
@@ -133,9 +147,9 @@ def test_the_shop_worker_handles_what_the_storefront_publishes(
 
 
 def test_with_the_broker_down_the_service_keeps_answering_and_the_outbox_keeps_the_event(
-    topology: Topology, prefix: str, engine: sa.Engine
+    create_app: Callable[..., FastAPI], topology: Topology, prefix: str, engine: sa.Engine
 ) -> None:
-    api = storefront(topology, prefix, broker_url="amqp://guest:guest@127.0.0.1:5999//")
+    api = storefront(create_app, topology, prefix, broker_url="amqp://guest:guest@127.0.0.1:5999//")
     api.state.storefront.celery_app.conf.domain_events_publish_timeout = 2
 
     async def main() -> tuple[httpx.Response, float, list[float]]:

@@ -19,7 +19,11 @@ __all__ = ["AmqpTransport", "Transport"]
 
 @runtime_checkable
 class Transport(Protocol):
-    """Publishes messages, returning only once each is confirmed."""
+    """Publishes messages, returning only once each is confirmed.
+
+    ``transmit_async`` awaits the transport's ``async def publish_async(messages, declare)``
+    if it has one (the test harness's does), and otherwise runs ``publish`` in a thread.
+    """
 
     def publish(self, messages: Sequence[OutboundMessage], declare: Sequence[Any] = ()) -> None:
         """Publish ``messages`` in order, declaring ``declare`` (kombu entities) first.
