@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import hashlib
 import itertools
 import json
@@ -343,6 +344,7 @@ def scenario_transmit(b: Bench, res: Results, transmit_first: bool) -> None:
             order = ("d.transmit", "d.raw") if transmit_first else ("d.raw", "d.transmit")
             for key in order:
                 conn.default_channel.queue_purge(env["BENCH_UNROUTED"])
+                gc.collect()  # both sides start with no garbage pending (see README, Method)
                 timings[key] = timed_transmit() if key == "d.transmit" else timed_raw()
     finally:
         app.close()
@@ -471,6 +473,7 @@ def scenario_transmit_async(b: Bench, res: Results, transmit_first: bool) -> Non
             order = ("e.transmit", "e.raw") if transmit_first else ("e.raw", "e.transmit")
             for key in order:
                 await queue.purge()
+                gc.collect()  # as in (d): no garbage pending from earlier scenarios
                 side = timed_transmit(events) if key == "e.transmit" else timed_raw(raw)
                 timings[key] = await asyncio.create_task(side)
             return timings
