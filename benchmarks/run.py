@@ -17,6 +17,9 @@ Scenarios (see benchmarks/README.md for the method and how to read the output):
     no-op tasks/s: both do the identical side effect (bench_app.record_completion).
 (d) emit()+transmit() of N events vs raw kombu batched-confirm publishing of the same bodies
     to the same exchange and routing key.
+(e) the same from asyncio: emit() N events in an asyncio task, then ``await transmit_async()``,
+    vs a raw aio-pika publish of the same bodies and properties on one confirm channel (every
+    ``exchange.publish`` future gathered). (e)/(d) puts async and sync transmit side by side.
 
 Workers are timed from their ``worker_ready`` signal to the last completion, both recorded by
 the worker itself in Redis, so neither publishing nor polling is part of a measurement.
@@ -25,6 +28,8 @@ the worker itself in Redis, so neither publishing nor polling is part of a measu
 from __future__ import annotations
 
 import argparse
+import asyncio
+import gc
 import hashlib
 import itertools
 import json
@@ -42,14 +47,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aio_pika
 import amqp
 import celery
 import kombu
 import redis
 from kombu import Connection
 
-from celery_domain_events import DomainEvents, emit, tracing, transmit
+from celery_domain_events import DomainEvents, emit, tracing, transmit, transmit_async
 from celery_domain_events.amqp.queues import declare
+from celery_domain_events.extension import _aio_url
 from celery_domain_events.wire import envelope
 
 from .bench_app import EVENT_NAME, NOOP_TASK, BenchHappened, build_app
@@ -147,6 +154,26 @@ class Results:
 # --------------------------------------------------------------------------- raw AMQP
 
 
+@dataclass
+class Span:
+    """Wall-clock and CPU seconds (this process, user + system) of one timed publish."""
+
+    wall: float
+    cpu: float
+
+
+class Stopwatch:
+    """Times a block: ``with Stopwatch() as watch: ...``, then ``watch.span``."""
+
+    def __enter__(self) -> Stopwatch:
+        self._cpu = time.process_time()
+        self._wall = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.span = Span(wall=time.perf_counter() - self._wall, cpu=time.process_time() - self._cpu)
+
+
 class _ConfirmCounter:
     """Counts publisher confirms, single or ``multiple``, without scanning outstanding tags."""
 
@@ -180,8 +207,8 @@ def raw_publish(
     content_type: str,
     *,
     properties: Sequence[dict[str, Any]] | None = None,
-) -> float:
-    """Publish ``bodies`` on one confirm channel and wait for every confirm; return seconds.
+) -> Span:
+    """Publish ``bodies`` on one confirm channel and wait for every confirm; return the time.
 
     The same py-amqp calls amqp/confirm.py makes, without the library's bookkeeping: the floor.
     ``properties`` (one dict per body) adds AMQP properties such as Celery's task headers.
@@ -192,20 +219,23 @@ def raw_publish(
         counter = _ConfirmCounter()
         channel.events["basic_ack"].add(counter.on_ack)
         channel.events["basic_nack"].add(counter.on_nack)
-        started = time.perf_counter()
-        for body, extra in zip(bodies, properties or itertools.repeat({}), strict=False):
-            message = amqp.Message(
-                body, content_type=content_type, content_encoding="utf-8", delivery_mode=2, **extra
-            )
-            channel.basic_publish(message, exchange=exchange, routing_key=routing_key)
-        while counter.confirmed < len(bodies):
-            conn.drain_events(timeout=30)
-        elapsed = time.perf_counter() - started
+        with Stopwatch() as watch:
+            for body, extra in zip(bodies, properties or itertools.repeat({}), strict=False):
+                message = amqp.Message(
+                    body,
+                    content_type=content_type,
+                    content_encoding="utf-8",
+                    delivery_mode=2,
+                    **extra,
+                )
+                channel.basic_publish(message, exchange=exchange, routing_key=routing_key)
+            while counter.confirmed < len(bodies):
+                conn.drain_events(timeout=30)
     finally:
         channel.close()
     if counter.nacked:
         raise RuntimeError(f"the broker nacked {counter.nacked} raw publish(es)")
-    return elapsed
+    return watch.span
 
 
 def raw_consume(conn: Connection, queue: str, n: int, prefetch: int) -> float:
@@ -264,7 +294,7 @@ def scenario_raw(b: Bench, res: Results) -> None:
         with Connection(b.broker_url) as conn:
             conn.connect()
             conn.default_channel.queue_declare(queue, durable=True, auto_delete=False)
-            publish = raw_publish(conn, "", queue, bodies, envelope.CONTENT_TYPE)
+            publish = raw_publish(conn, "", queue, bodies, envelope.CONTENT_TYPE).wall
             consume = raw_consume(conn, queue, b.n, RAW_PREFETCH)
     finally:
         delete_entities(b.broker_url, [queue], [])
@@ -290,18 +320,18 @@ def scenario_transmit(b: Bench, res: Results, transmit_first: bool) -> None:
     events = [BenchHappened(seq=i, payload=PAYLOAD) for i in range(b.n)]
     bodies = event_bodies(b.n, ext.settings.service)
 
-    def timed_transmit() -> float:
-        started = time.perf_counter()
-        for event in events:
-            emit(event)
-        transmit(app)
-        return time.perf_counter() - started
+    def timed_transmit() -> Span:
+        with Stopwatch() as watch:
+            for event in events:
+                emit(event)
+            transmit(app)
+        return watch.span
 
     try:
         with Connection(b.broker_url) as conn:
             conn.connect()
 
-            def timed_raw() -> float:
+            def timed_raw() -> Span:
                 return raw_publish(
                     conn, env["BENCH_EXCHANGE"], EVENT_NAME, bodies, envelope.CONTENT_TYPE
                 )
@@ -310,10 +340,11 @@ def scenario_transmit(b: Bench, res: Results, transmit_first: bool) -> None:
                 emit(event)
             transmit(app)
             raw_publish(conn, env["BENCH_EXCHANGE"], EVENT_NAME, bodies[:10], envelope.CONTENT_TYPE)
-            timings: dict[str, float] = {}
+            timings: dict[str, Span] = {}
             order = ("d.transmit", "d.raw") if transmit_first else ("d.raw", "d.transmit")
             for key in order:
                 conn.default_channel.queue_purge(env["BENCH_UNROUTED"])
+                gc.collect()  # both sides start with no garbage pending (see README, Method)
                 timings[key] = timed_transmit() if key == "d.transmit" else timed_raw()
     finally:
         app.close()
@@ -322,10 +353,143 @@ def scenario_transmit(b: Bench, res: Results, transmit_first: bool) -> None:
             [env["BENCH_UNROUTED"]],
             [env["BENCH_EXCHANGE"], env["BENCH_UNROUTED"]],
         )
-    for key, seconds in timings.items():
-        res.add(key, b.n / seconds)
+    add_publishes(res, b.n, timings)
     b.say(
         f"(d) transmit {res.values['d.transmit'][-1]:,.0f}/s raw {res.values['d.raw'][-1]:,.0f}/s"
+    )
+
+
+def add_publishes(res: Results, n: int, timings: dict[str, Span]) -> None:
+    """Record each side's rate (``<key>``) and its CPU seconds for the N events (``<key>.cpu``)."""
+    for key, span in timings.items():
+        res.add(key, n / span.wall)
+        res.add(f"{key}.cpu", span.cpu)
+
+
+# --------------------------------------------------------------------------- (e) transmit_async
+
+
+@dataclass
+class RawEvent:
+    """What a raw publish needs of one event: the body transmit() would send, and properties."""
+
+    body: bytes
+    message_id: str
+    occurred_at: Any  # datetime; pamqp writes it as the same whole seconds transmit() sends
+
+
+def raw_events(n: int, service: str) -> list[RawEvent]:
+    """``n`` events encoded as transmit() encodes them, with their message properties."""
+    encode = envelope.encoder(service, traceparent=tracing.new_traceparent())
+    raw = []
+    for i in range(n):
+        event = BenchHappened(seq=i, payload=PAYLOAD)
+        body, event_id = encode(event)
+        raw.append(RawEvent(body, event_id, event.occurred_at))
+    return raw
+
+
+async def raw_publish_async(
+    exchange: aio_pika.abc.AbstractExchange,
+    routing_key: str,
+    events: Sequence[RawEvent],
+    service: str,
+) -> Span:
+    """Publish ``events`` with aio-pika on a confirm channel, all at once; return the time.
+
+    The fastest honest use of the client: one ``exchange.publish`` per message, every
+    future gathered, so all messages are in flight before the first confirm is awaited. The
+    same properties as transmit_async() (persistent, content type and encoding, message_id,
+    type, timestamp, app_id) and the same ``mandatory`` (False: an unrouted queue is set).
+    A nack raises ``DeliveryError`` here.
+    """
+    persistent = aio_pika.DeliveryMode.PERSISTENT
+    content_type = envelope.CONTENT_TYPE
+    with Stopwatch() as watch:
+        await asyncio.gather(
+            *(
+                exchange.publish(
+                    aio_pika.Message(
+                        e.body,
+                        content_type=content_type,
+                        content_encoding="utf-8",
+                        delivery_mode=persistent,
+                        message_id=e.message_id,
+                        type=routing_key,
+                        timestamp=e.occurred_at,
+                        app_id=service,
+                    ),
+                    routing_key,
+                    mandatory=False,
+                )
+                for e in events
+            )
+        )
+    return watch.span
+
+
+def scenario_transmit_async(b: Bench, res: Results, transmit_first: bool) -> None:
+    """(e) emit()+await transmit_async() of N events vs raw aio-pika, same destination.
+
+    As (d), no handler is bound. Each repeat runs one event loop (``asyncio.run``) holding two
+    connections: the library's (one per loop, opened by its first transmit_async) and the raw
+    side's. Both are warmed up in that loop (connection, confirm channel, declarations) before
+    either is timed, so neither timing includes connecting; both are closed at the end of the
+    repeat. Each side runs in its own asyncio task, the order alternating between repeats.
+    """
+    uid = uuid.uuid4().hex[:8]
+    env = run_env(b, uid, "events", DEFAULT_PREFETCH, handlers="")
+    app = build_app(env)
+    ext = DomainEvents.of(app)
+    service = ext.settings.service
+    exchange_name, unrouted = env["BENCH_EXCHANGE"], env["BENCH_UNROUTED"]
+    events = [BenchHappened(seq=i, payload=PAYLOAD) for i in range(b.n)]
+    raw = raw_events(b.n, service)
+
+    async def timed_transmit(batch: Sequence[BenchHappened]) -> Span:
+        with Stopwatch() as watch:
+            for event in batch:
+                emit(event)
+            await transmit_async(app)
+        return watch.span
+
+    async def pair() -> dict[str, Span]:
+        # The URL the library's own aio-pika connection uses.
+        connection = await aio_pika.connect(_aio_url(Connection(b.broker_url)))
+        try:
+            channel = await connection.channel(publisher_confirms=True)
+            exchange = await channel.get_exchange(exchange_name, ensure=False)
+            admin = await connection.channel(publisher_confirms=False)
+            queue = await admin.get_queue(unrouted, ensure=False)
+
+            async def timed_raw(batch: Sequence[RawEvent]) -> Span:
+                return await raw_publish_async(exchange, EVENT_NAME, batch, service)
+
+            # Warm-up: the library's first transmit declares the exchange and opens the
+            # loop's connection and confirm channel; the raw side publishes once too.
+            await asyncio.create_task(timed_transmit(events[:10]))
+            await asyncio.create_task(timed_raw(raw[:10]))
+            timings: dict[str, Span] = {}
+            order = ("e.transmit", "e.raw") if transmit_first else ("e.raw", "e.transmit")
+            for key in order:
+                await queue.purge()
+                gc.collect()  # as in (d): no garbage pending from earlier scenarios
+                side = timed_transmit(events) if key == "e.transmit" else timed_raw(raw)
+                timings[key] = await asyncio.create_task(side)
+            return timings
+        finally:
+            await ext.aclose()
+            await connection.close()
+
+    try:
+        timings = asyncio.run(pair())
+    finally:
+        app.close()
+        delete_entities(b.broker_url, [unrouted], [exchange_name, unrouted])
+    add_publishes(res, b.n, timings)
+    b.say(
+        f"(e) transmit_async {res.values['e.transmit'][-1]:,.0f}/s "
+        f"raw aio-pika {res.values['e.raw'][-1]:,.0f}/s"
     )
 
 
@@ -581,11 +745,25 @@ MAIN_ROWS = (
     ("c.prefork", "(c) domain events, prefork -c 2", "runs/s"),
     ("d.transmit", "(d) emit()+transmit(), one batch", "ev/s"),
     ("d.raw", "(d) raw kombu publish, same bodies", "msg/s"),
+    ("e.transmit", "(e) emit()+await transmit_async(), one batch", "ev/s"),
+    ("e.raw", "(e) raw aio-pika publish, same bodies", "msg/s"),
 )
-MAIN_RATIOS = (
+#: (title, numerator, denominator, target or None for an informative ratio).
+MAIN_RATIOS: tuple[tuple[str, str, str, float | None], ...] = (
     ("(c)/(b) solo", "c.solo", "b.solo", 1.0),
     ("(c)/(b) prefork -c 2", "c.prefork", "b.prefork", 1.0),
     ("(d) transmit/raw", "d.transmit", "d.raw", 0.8),
+    ("(e) async transmit/raw aio-pika", "e.transmit", "e.raw", 0.8),
+    ("(e)/(d) async/sync transmit", "e.transmit", "d.transmit", None),
+    ("(e)/(d) raw aio-pika/raw kombu", "e.raw", "d.raw", None),
+)
+#: Publisher CPU of this process: (title, side A, side B); the ratio is B/A, so below 1.0 means
+#: A costs more CPU than B (for (d) and (e): what the library adds to the raw publish).
+PUBLISHER_CPU = (
+    ("(d) A transmit(), B raw kombu", "d.transmit", "d.raw"),
+    ("(e) A transmit_async(), B raw aio-pika", "e.transmit", "e.raw"),
+    ("A transmit_async(), B transmit()", "e.transmit", "d.transmit"),
+    ("A raw aio-pika, B raw kombu", "e.raw", "d.raw"),
 )
 
 
@@ -593,7 +771,8 @@ def _fmt_runs(values: Sequence[float], digits: int = 0) -> str:
     return "[" + ", ".join(f"{v:,.{digits}f}" for v in values) + "]"
 
 
-def print_table(res: Results, rows: Sequence[tuple[str, str, str]]) -> None:
+def print_table(res: Results, rows: Sequence[tuple[str, str, str]], n: int = 0) -> None:
+    """The rows' medians and runs; ``cpu/task`` is per event of this process for publishers."""
     print(
         f"{'scenario':<44} {'median':>9} {'unit':<8} {'max gap':>8} {'stalled':>8} "
         f"{'startup':>8} {'cpu/task':>9}  runs"
@@ -611,6 +790,9 @@ def print_table(res: Results, rows: Sequence[tuple[str, str, str]]) -> None:
             )
             if any(d.timed_out for d in drains):
                 diag += "  TIMED OUT"
+        elif n and f"{key}.cpu" in res.values:  # a publisher: CPU of this process per event
+            cpu_us = res.median(f"{key}.cpu") / n * 1e6
+            diag = f"{'-':>8} {'-':>8} {'-':>8} {cpu_us:>7.0f}us"
         else:
             diag = f"{'-':>8} {'-':>8} {'-':>8} {'-':>9}"
         print(
@@ -635,19 +817,76 @@ def print_cpu_ratios(res: Results, pairs: Sequence[tuple[str, str, str]]) -> Non
         print(f"{title:<30} {value:>10.2f}  {_fmt_runs(paired, 2)}")
 
 
-def print_ratios(res: Results, ratios: Sequence[tuple[str, str, str, float]]) -> None:
+def ratio(res: Results, num: str, den: str) -> dict[str, Any] | None:
+    """``num``/``den``: ratio of the medians, per-repeat (paired) ratios and their median."""
+    if num not in res.values or den not in res.values:
+        return None
+    paired = [a / c for a, c in zip(res.values[num], res.values[den], strict=False)]
+    return {
+        "of_medians": res.median(num) / res.median(den),
+        "paired": statistics.median(paired),
+        "per_repeat": paired,
+    }
+
+
+def all_ratios(res: Results) -> dict[str, dict[str, Any]]:
+    """Every ratio of the main table, for --json: throughput, then publisher CPU."""
+    ratios: dict[str, dict[str, Any]] = {}
+    for title, num, den, target in MAIN_RATIOS:
+        value = ratio(res, num, den)
+        if value is not None:
+            ratios[title] = {**value, "target": target}
+    for title, a, b in PUBLISHER_CPU:
+        value = ratio(res, f"{b}.cpu", f"{a}.cpu")
+        if value is not None:
+            ratios[f"publisher CPU B/A, {title}"] = {**value, "target": None}
+    return ratios
+
+
+def print_publisher_cpu(res: Results, pairs: Sequence[tuple[str, str, str]]) -> None:
+    """CPU seconds of the benchmark process per run of N events: A, B (medians) and B/A.
+
+    ``time.process_time()`` (user + system, all threads) around exactly what the throughput
+    times; the broker's CPU is not in it. B/A = 1.0 means A costs the publishing process what
+    B costs; below 1.0, A costs more.
+    """
+    print(
+        f"\n{'publisher CPU, s per run of N':<40} {'A':>6} {'B':>6} "
+        f"{'B/A':>10} {'paired':>7}  per repeat (paired)"
+    )
+    for title, a, b in pairs:
+        value = ratio(res, f"{b}.cpu", f"{a}.cpu")
+        if value is None:
+            continue
+        print(
+            f"{title:<40} {res.median(f'{a}.cpu'):>6.3f} {res.median(f'{b}.cpu'):>6.3f} "
+            f"{value['of_medians']:>10.2f} {value['paired']:>7.2f}  "
+            f"{_fmt_runs(value['per_repeat'], 2)}"
+        )
+
+
+def print_ratios(res: Results, ratios: Sequence[tuple[str, str, str, float | None]]) -> None:
     """Ratio of the medians and median of the paired ratios, each judged against the target.
 
     The two halves of a pair ran back to back, so paired ratios cancel slow drift; when only
-    one of the two meets the target, the run was too noisy to conclude.
+    one of the two meets the target, the run was too noisy to conclude. A ratio without a
+    target is informative only.
     """
     print(f"\n{'ratio':<30} {'of medians':>10} {'paired':>7}  {'target':<8} per repeat (paired)")
     for title, num, den, target in ratios:
-        if num not in res.values or den not in res.values:
+        computed = ratio(res, num, den)
+        if computed is None:
             continue
-        value = res.median(num) / res.median(den)
-        paired = [a / c for a, c in zip(res.values[num], res.values[den], strict=False)]
-        paired_median = statistics.median(paired)
+        value, paired_median, paired = (
+            computed["of_medians"],
+            computed["paired"],
+            computed["per_repeat"],
+        )
+        if target is None:
+            print(
+                f"{title:<30} {value:>10.2f} {paired_median:>7.2f}  {'-':<8} {_fmt_runs(paired, 2)}"
+            )
+            continue
         met = (value >= target, paired_median >= target)
         verdict = "ok" if all(met) else "BELOW" if not any(met) else "unclear (noisy)"
         print(
@@ -701,6 +940,7 @@ def run_main(b: Bench, res: Results) -> None:
                 drain = scenario_worker(b, mode, pool, DEFAULT_PREFETCH)
                 res.add_drain(f"{'c' if mode == 'events' else 'b'}.{pool}", drain)
         scenario_transmit(b, res, transmit_first=i % 2 == 0)
+        scenario_transmit_async(b, res, transmit_first=i % 2 == 0)
 
 
 def run_sweep(b: Bench, res: Results) -> None:
@@ -797,9 +1037,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.hub_flush:
         print("EXPERIMENT --hub-flush: workers run bench_app.FlushReadyBeforePoll")
     if not args.no_main:
-        print_table(res, MAIN_ROWS)
+        print_table(res, MAIN_ROWS, b.n)
         print_ratios(res, MAIN_RATIOS)
         print_cpu_ratios(res, [(f"{pool}", f"b.{pool}", f"c.{pool}") for pool in POOLS])
+        print_publisher_cpu(res, PUBLISHER_CPU)
     if args.prefetch_sweep:
         print(
             f"\nsolo pool by worker_prefetch_multiplier x{{1,4,16}} = unacked deliveries "
@@ -841,6 +1082,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "repeat": b.repeat,
                     "values": res.values,
                     "drains": {k: [asdict(d) for d in v] for k, v in res.drains.items()},
+                    "ratios": all_ratios(res),
                     "instructions": counts,
                 },
                 indent=2,
