@@ -17,14 +17,19 @@ with structured fields in ``extra`` (``event_id``, ``event_name``, ``event_versi
 from __future__ import annotations
 
 import contextvars
+import importlib
 import logging
 import random
 import re
 from contextlib import AbstractContextManager
 from typing import Any
 
-try:  # optional; imported once, since a failed import searches sys.path again every time
-    from opentelemetry import trace as _otel_trace
+# Optional; imported once, since a failed import searches sys.path again every time. Imported
+# by name so that mypy accepts the same code with OpenTelemetry (a typed package, which the
+# fastapi test dependency pulls in) and without it.
+_otel_trace: Any
+try:
+    _otel_trace = importlib.import_module("opentelemetry.trace")
 except ImportError:  # pragma: no cover - depends on the environment
     _otel_trace = None
 
