@@ -1,0 +1,264 @@
+"""``async def`` handlers: the per-process event loop (no broker)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import os
+import select
+import signal
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from celery.exceptions import SoftTimeLimitExceeded
+
+from celery_domain_events.consuming import aio_loop
+
+# --- The loop (no broker) -------------------------------------------------------------------
+
+
+def test_run_returns_the_result_and_raises_the_exception_of_the_coroutine() -> None:
+    async def double(n: int) -> int:
+        await asyncio.sleep(0)
+        return 2 * n
+
+    async def fail() -> None:
+        await asyncio.sleep(0)
+        raise KeyError("inside")
+
+    assert aio_loop.run(double(21)) == 42
+    with pytest.raises(KeyError, match="inside") as raised:
+        aio_loop.run(fail())
+    assert any(entry.name == "fail" for entry in raised.traceback)  # the coroutine's frame
+
+
+def test_runs_from_several_threads_share_the_loop_and_overlap_on_it() -> None:
+    async def nap() -> tuple[int, str]:
+        await asyncio.sleep(0.2)
+        return id(asyncio.get_running_loop()), threading.current_thread().name
+
+    results: list[tuple[int, str]] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(aio_loop.run(nap()))) for _ in range(8)
+    ]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    elapsed = time.monotonic() - started
+    assert len(results) == 8
+    assert set(results) == {(id(aio_loop.get_loop()), aio_loop.THREAD_NAME)}
+    assert elapsed < 1.0, elapsed  # 8 x 0.2 s one after the other would be 1.6 s
+    assert aio_loop.run(nap())[0] == id(aio_loop.get_loop())  # the same loop, run after run
+
+
+_var: contextvars.ContextVar[str] = contextvars.ContextVar("test_aio_var", default="unset")
+
+
+def test_the_coroutine_runs_in_a_copy_of_the_callers_context() -> None:
+    async def swap() -> str:
+        seen = _var.get()
+        _var.set("set by the coroutine")
+        return seen
+
+    token = _var.set("set by the caller")
+    try:
+        assert aio_loop.run(swap()) == "set by the caller"
+        assert _var.get() == "set by the caller"  # the coroutine changed its copy only
+    finally:
+        _var.reset(token)
+    seen_in_thread: list[str] = []
+
+    def other_thread() -> None:
+        _var.set("another thread's")
+        seen_in_thread.append(aio_loop.run(swap()))
+
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    thread.join(10)
+    assert seen_in_thread == ["another thread's"]
+
+
+@pytest.fixture
+def soft_time_limit_in(request: pytest.FixtureRequest) -> Iterator[Callable[[float], None]]:
+    """Raise SoftTimeLimitExceeded in this (main) thread after a delay, as billiard does.
+
+    A signal sent to the process (SIGUSR1), whose handler raises, from another thread.
+    """
+
+    def handler(signum: int, frame: Any) -> None:
+        raise SoftTimeLimitExceeded("soft time limit (test)")
+
+    previous = signal.signal(signal.SIGUSR1, handler)
+    timers: list[threading.Timer] = []
+
+    def arm(seconds: float) -> None:
+        timer = threading.Timer(seconds, os.kill, (os.getpid(), signal.SIGUSR1))
+        timers.append(timer)
+        timer.start()
+
+    yield arm
+    for timer in timers:
+        timer.cancel()
+        timer.join()
+    signal.signal(signal.SIGUSR1, previous)
+
+
+def test_an_interrupted_wait_cancels_the_coroutine(
+    soft_time_limit_in: Callable[[float], None],
+) -> None:
+    events: list[str] = []
+
+    async def slow() -> None:
+        events.append("started")
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            await asyncio.sleep(0.05)  # cleanup that awaits still runs
+            events.append("cancelled")
+            raise
+        events.append("finished")
+
+    soft_time_limit_in(0.3)
+    started = time.monotonic()
+    with pytest.raises(SoftTimeLimitExceeded):
+        aio_loop.run(slow())
+    assert 0.25 < time.monotonic() - started < 3
+    assert events == ["started", "cancelled"]  # finished its cancellation before run() raised
+    assert aio_loop.run(asyncio.sleep(0, "still usable")) == "still usable"
+
+
+def test_a_coroutine_ignoring_its_cancellation_is_left_after_cancel_timeout(
+    soft_time_limit_in: Callable[[float], None], caplog: pytest.LogCaptureFixture
+) -> None:
+    finished = threading.Event()
+
+    async def stubborn() -> None:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            await asyncio.sleep(0.5)  # swallows the cancellation and goes on
+        finished.set()
+
+    soft_time_limit_in(0.1)
+    started = time.monotonic()
+    with (
+        caplog.at_level(logging.WARNING, logger=aio_loop.__name__),
+        pytest.raises(SoftTimeLimitExceeded),
+    ):
+        aio_loop.run(stubborn(), cancel_timeout=0.1)
+    assert time.monotonic() - started < 0.45  # did not wait for the 0.5 s
+    assert not finished.is_set()
+    assert "did not finish within 0.1 s of its cancellation" in caplog.text
+    assert finished.wait(5)  # it went on running on the loop
+
+
+@pytest.mark.parametrize("exc_type", [SystemExit, KeyboardInterrupt])
+def test_a_base_exception_in_a_coroutine_does_not_stop_the_loop(
+    exc_type: type[BaseException],
+) -> None:
+    async def escape() -> None:
+        await asyncio.sleep(0)
+        raise exc_type("out")
+
+    loop = aio_loop.get_loop()
+    with pytest.raises(exc_type):
+        aio_loop.run(escape())
+    assert aio_loop.run(asyncio.sleep(0, "alive")) == "alive"
+    assert aio_loop.get_loop() is loop
+
+
+def test_run_on_the_loops_own_thread_refuses_instead_of_deadlocking() -> None:
+    async def nested() -> str:
+        inner = asyncio.sleep(0)
+        try:
+            aio_loop.run(inner)
+        except RuntimeError as exc:
+            return str(exc)
+        return "no error"
+
+    assert "would wait for itself" in aio_loop.run(nested())
+
+
+@pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="no per-thread signal masks")
+def test_the_loop_thread_leaves_signals_to_the_pool_thread() -> None:
+    async def mask() -> set[int]:
+        return set(signal.pthread_sigmask(signal.SIG_BLOCK, []))
+
+    blocked = aio_loop.run(mask())
+    assert {signal.SIGUSR1, signal.SIGALRM, signal.SIGTERM, signal.SIGINT} <= blocked
+    assert signal.SIGSEGV not in blocked
+    assert signal.SIGUSR1 not in signal.pthread_sigmask(signal.SIG_BLOCK, [])  # not here
+
+
+def _fork(child: Callable[[], str]) -> str:
+    """Run ``child`` in a forked process; return what it returned (or its error)."""
+    read_end, write_end = os.pipe()
+    with warnings.catch_warnings():
+        # Python 3.12+ warns about forking a process that has threads (our loop's).
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        status = 0
+        try:
+            os.close(read_end)
+            os.write(write_end, child().encode())
+        except BaseException as exc:
+            os.write(write_end, f"error: {exc!r}".encode())
+            status = 1
+        finally:
+            os._exit(status)
+    os.close(write_end)
+    try:
+        ready, _, _ = select.select([read_end], [], [], 15)
+        output = os.read(read_end, 65536).decode() if ready else "timeout"
+    finally:
+        os.close(read_end)
+        if not ready:
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    return output
+
+
+def test_a_forked_child_never_uses_its_parents_loop() -> None:
+    async def where() -> str:
+        return f"{os.getpid()} {threading.get_native_id()}"
+
+    parent_loop = aio_loop.get_loop()
+    parent_where = aio_loop.run(where())
+
+    def child() -> str:
+        loop = aio_loop.get_loop()
+        assert loop is not parent_loop
+        assert not loop.is_closed()
+        return aio_loop.run(where())
+
+    # A lock held by another thread at the fork (here: this one) must not block the child.
+    with aio_loop._lock:
+        child_where = _fork(child)
+    child_pid, child_thread = child_where.split()
+    parent_pid, parent_thread = parent_where.split()
+    assert child_pid != parent_pid, child_where
+    assert child_thread != parent_thread
+    assert aio_loop.get_loop() is parent_loop  # the parent's is untouched
+    assert aio_loop.run(where()) == parent_where
+
+
+def test_a_fork_the_at_fork_hook_misses_is_caught_by_the_pid_check(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    parent = aio_loop._loop_thread()
+    # As after a fork that does not run Python's at-fork hooks: the state is the parent's.
+    monkeypatch.setattr(parent, "pid", os.getpid() + 1)
+    try:
+        assert aio_loop.get_loop() is not parent.loop
+        assert aio_loop.run(asyncio.sleep(0, "ok")) == "ok"
+    finally:
+        parent.loop.call_soon_threadsafe(parent.loop.stop)  # this process has two: end one
+        parent.thread.join(5)
