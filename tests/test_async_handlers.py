@@ -1,4 +1,4 @@
-"""``async def`` handlers: the per-process event loop (no broker)."""
+"""``async def`` handlers: the per-process event loop, and handlers run in process (no broker)."""
 
 from __future__ import annotations
 
@@ -12,12 +12,31 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
+from celery import Celery
 from celery.exceptions import SoftTimeLimitExceeded
 
+from celery_domain_events import (
+    DomainEvent,
+    DomainEvents,
+    GenericEvent,
+    RetryPolicy,
+    discard,
+    domain_event_handler,
+    emit,
+    transmit,
+)
 from celery_domain_events.consuming import aio_loop
+from celery_domain_events.testing import capture_events
+from celery_domain_events.tracing import current_traceparent, trace_id, use_traceparent
+
+from .conftest import RECORDER, Recorder
+
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+
 
 # --- The loop (no broker) -------------------------------------------------------------------
 
@@ -262,3 +281,51 @@ def test_a_fork_the_at_fork_hook_misses_is_caught_by_the_pid_check(
     finally:
         parent.loop.call_soon_threadsafe(parent.loop.stop)  # this process has two: end one
         parent.thread.join(5)
+
+
+# --- Async handlers in process (the capture harness, no broker) ------------------------------
+
+
+class AhPing(DomainEvent):
+    event_name: ClassVar[str] = "ah.ping"
+    n: int
+
+
+@domain_event_handler("ah.ping", name="ah_ping", retry=RetryPolicy(max_retries=1))
+async def ah_ping(event: AhPing) -> None:
+    attempt = len([e for e in RECORDER.get("ah_ping") if e[0] == event.n]) + 1
+    RECORDER.record("ah_ping", (event.n, attempt, type(event), current_traceparent()))
+    emit("ah.pong", {"n": event.n, "attempt": attempt})
+    await asyncio.sleep(0.01)
+    if event.n == 1 and attempt == 1:
+        raise ConnectionError("the first attempt's pong must be discarded")
+    if event.n == 2:
+        discard()  # as in a plain function: nothing emitted so far goes out
+        emit("ah.pong", {"n": 2, "attempt": attempt, "after_discard": True})
+
+
+@domain_event_handler("ah.pong", name="ah_pong", retry=None)
+async def ah_pong(event: GenericEvent) -> None:
+    RECORDER.record("ah_pong", (event.event_data(), current_traceparent()))
+
+
+def test_async_handlers_in_process_emit_only_what_a_plain_function_would(
+    recorder: Recorder,
+) -> None:
+    app = Celery("ah", broker="memory://", set_as_current=False)
+    DomainEvents(app, service="ah", handlers=[ah_ping, ah_pong])
+    with capture_events(app) as events, use_traceparent(TRACEPARENT):
+        emit(AhPing(n=1))
+        emit(AhPing(n=2))
+        transmit(app)
+        events.join()
+    assert [(n, attempt, kind) for n, attempt, kind, _ in recorder.get("ah_ping")] == [
+        (1, 1, AhPing),
+        (1, 2, AhPing),
+        (2, 1, AhPing),
+    ]
+    pongs = [data for data, _ in recorder.get("ah_pong")]
+    assert pongs == [{"n": 1, "attempt": 2}, {"n": 2, "attempt": 1, "after_discard": True}]
+    traces = [tp for *_, tp in recorder.get("ah_ping")] + [tp for _, tp in recorder.get("ah_pong")]
+    assert {trace_id(tp) for tp in traces} == {TRACE_ID}
+    assert events.dead_letters == []

@@ -22,6 +22,7 @@ __all__ = [
     "flush",
     "new_buffer",
     "open_buffer",
+    "replace",
     "start",
 ]
 
@@ -96,6 +97,15 @@ def flush(publish: Callable[[list[AnyEvent]], None]) -> list[AnyEvent]:
 def current() -> Buffer | None:
     """The buffer of this context, if one is open."""
     return _buffer.get()
+
+
+def replace(pending: Buffer | None) -> None:
+    """Make ``pending`` the buffer of this context.
+
+    For code that ran in a copy of this context (an ``async def`` handler): what it left
+    current there becomes current here, as if it had run here.
+    """
+    _buffer.set(pending)
 
 
 def start(owner: Any = None) -> tuple[Buffer, contextvars.Token[Buffer | None]]:
