@@ -1,4 +1,10 @@
-"""``async def`` handlers: the per-process event loop, and handlers run in process (no broker)."""
+"""``async def`` handlers: the per-process event loop and the in-process harness (no broker),
+then real workers.
+
+The real-worker tests run tests/worker_app.py's async handlers (``aio_*``), which leave one line
+per run in a marker file: ``<time> <fields...>``, where a run records ``_where()``, that is
+``<pid> <id of the running loop> <native id of the loop's thread> <thread name>``.
+"""
 
 from __future__ import annotations
 
@@ -31,9 +37,11 @@ from celery_domain_events import (
 from celery_domain_events.consuming import aio_loop
 from celery_domain_events.testing import capture_events
 from celery_domain_events.tracing import current_traceparent, trace_id, use_traceparent
+from celery_domain_events.wire.dead_letter import HEADER_PREFIX
 
-from .conftest import RECORDER, Recorder
+from .conftest import RECORDER, Recorder, Topology, WorkerProcess, drain, wait_for
 
+Make = Callable[..., WorkerProcess]
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 
@@ -329,3 +337,163 @@ def test_async_handlers_in_process_emit_only_what_a_plain_function_would(
     traces = [tp for *_, tp in recorder.get("ah_ping")] + [tp for _, tp in recorder.get("ah_pong")]
     assert {trace_id(tp) for tp in traces} == {TRACE_ID}
     assert events.dead_letters == []
+
+
+# --- Real broker, real `celery worker` --------------------------------------------------------
+
+
+def records(worker: WorkerProcess, name: str) -> list[list[str]]:
+    """Every line handler ``name`` recorded, for any event, split into fields."""
+    lines = [
+        line.split()
+        for path in sorted(worker.markers.glob(f"{name}-*"))
+        for line in path.read_text().splitlines()
+    ]
+    return sorted(lines, key=lambda fields: float(fields[0]))
+
+
+POOLS = {
+    "solo": ("-P", "solo"),
+    "prefork": ("-P", "prefork", "-c", "2"),
+    "threads": ("-P", "threads", "-c", "4"),
+}
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.worker
+@pytest.mark.parametrize(
+    "pool",
+    [pytest.param("solo", marks=pytest.mark.matrix), "prefork", "threads"],
+)
+def test_an_async_handler_runs_on_one_loop_per_worker_process(
+    topology: Topology, worker_process: Make, pool: str
+) -> None:
+    env = {"TEST_AIO_PRESTART": "1"} if pool == "prefork" else {}
+    worker = worker_process(["aio_ping"], **env).start(*POOLS[pool])
+    publisher = topology.app("pub")
+    sent = [emit("probe.aio", {"n": n}) for n in range(6)]
+    transmit(publisher)
+    wait_for(lambda: len(records(worker, "aio_ping")) == 6, timeout=30)
+    wait_for(lambda: topology.queue_depth(worker.queue("aio_ping")) == 0)
+    runs = records(worker, "aio_ping")
+    assert sorted(int(n) for _, kind, n, *_ in runs if kind == "AioPing") == list(range(6))
+    assert {event.event_id for event in sent} == {
+        path.name.removeprefix("aio_ping-") for path in worker.markers.glob("aio_ping-*")
+    }
+    where = {tuple(fields[3:]) for fields in runs}  # (pid, loop id, loop thread id, name)
+    assert {name for *_, name in where} == {aio_loop.THREAD_NAME}
+    pids = {pid for pid, *_ in where}
+    assert len(where) == len(pids), where  # one loop (and one thread) per process, reused
+    assert worker.proc is not None
+    if pool == "prefork":
+        [parent] = records(worker, "aio_parent")
+        parent_pid, parent_loop, parent_thread = parent[1:4]
+        assert parent_pid == str(worker.proc.pid)
+        assert parent_pid not in pids
+        # The parent's loop object is still in each child's memory: a new one has another id.
+        assert all(loop != parent_loop and thread != parent_thread for _, loop, thread, _ in where)
+        assert len({thread for _, _, thread, _ in where}) == len(pids)
+    else:
+        assert pids == {str(worker.proc.pid)}
+    assert "Traceback" not in worker.log(), worker.log()
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.worker
+def test_async_failures_are_retried_then_dead_lettered_for_that_handler_only(
+    topology: Topology, worker_process: Make
+) -> None:
+    handlers = ["aio_flaky", "aio_fails", "aio_fail_sibling"]
+    worker = worker_process(handlers).start()
+    publisher = topology.app("pub")
+    flaky = emit("probe.aio.flaky", {})
+    failing = emit("probe.aio.fail", {})
+    transmit(publisher)
+    dlq = worker.queue("aio_fails") + ".dlq"
+    wait_for(lambda: topology.queue_depth(dlq) == 1, timeout=30)
+    wait_for(lambda: len(records(worker, "aio_flaky")) == 2, timeout=30)
+    wait_for(lambda: topology.queue_depth(worker.queue("aio_flaky")) == 0)
+    # Fails once, is retried after its countdown (1 s), succeeds: no dead letter.
+    (first_at, first), (second_at, second) = (
+        (float(t), outcome) for t, outcome in records(worker, "aio_flaky")
+    )
+    assert (first, second) == ("fail", "ok")
+    assert second_at - first_at >= 0.9
+    assert topology.queue_depth(worker.queue("aio_flaky") + ".dlq") == 0
+    # Always fails: 1 + max_retries attempts, then its own DLQ; the sibling ran once.
+    assert len(records(worker, "aio_fails")) == 2
+    assert len(records(worker, "aio_fail_sibling")) == 1
+    [letter] = drain(topology.broker_url, dlq)
+    headers = letter.headers
+    assert headers[HEADER_PREFIX + "reason"] == "retries-exhausted"
+    assert headers[HEADER_PREFIX + "attempts"] == 2
+    assert headers[HEADER_PREFIX + "exception"] == "builtins.RuntimeError"
+    assert headers[HEADER_PREFIX + "message"] == f"aio_fails failed {failing.event_id}"
+    assert "in aio_fails" in headers[HEADER_PREFIX + "traceback"]  # the coroutine's frame
+    assert headers[HEADER_PREFIX + "handler"] == "aio_fails"
+    assert letter.properties["message_id"] == str(failing.event_id)
+    assert len(worker.marker_lines("aio_flaky", flaky.event_id)) == 2
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.worker
+def test_events_an_async_handler_emits_go_out_only_when_it_succeeds_in_its_trace(
+    topology: Topology, worker_process: Make
+) -> None:
+    worker = worker_process(["aio_emits", "aio_receiver"]).start("-P", "solo")
+    publisher = topology.app("pub")
+    with use_traceparent(TRACEPARENT):
+        cause = emit("probe.aio.emit", {})
+        transmit(publisher)
+    wait_for(lambda: len(records(worker, "aio_receiver")) >= 1, timeout=30)
+    wait_for(lambda: topology.queue_depth(worker.queue("aio_receiver")) == 0)
+    wait_for(lambda: topology.queue_depth(worker.queue("aio_emits")) == 0)
+    emitter = records(worker, "aio_emits")
+    receiver = records(worker, "aio_receiver")
+    assert [attempt for _, attempt, _ in emitter] == ["1", "2"]
+    # The first attempt failed after emitting: its event was discarded with it.
+    assert [attempt for _, attempt, _ in receiver] == ["2"]
+    assert worker.marker_lines("aio_receiver", cause.event_id)
+    traces = [tp for *_, tp in emitter + receiver]
+    assert {trace_id(tp) for tp in traces} == {TRACE_ID}
+    assert len(set(traces)) == 3  # one span per handler run
+    assert topology.queue_depth(worker.queue("aio_emits") + ".dlq") == 0
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.worker
+def test_the_soft_time_limit_cancels_an_async_handler_as_it_stops_a_plain_one(
+    topology: Topology, worker_process: Make
+) -> None:
+    # Time limits need the prefork pool (solo and threads have none).
+    worker = worker_process(["aio_soft", "sync_soft"]).start("-P", "prefork", "-c", "2")
+    publisher = topology.app("pub")
+    event = emit("probe.soft", {})
+    transmit(publisher)
+    dlqs = {name: worker.queue(name) + ".dlq" for name in ("aio_soft", "sync_soft")}
+    wait_for(lambda: all(topology.queue_depth(q) == 1 for q in dlqs.values()), timeout=40)
+    aio_runs = records(worker, "aio_soft")
+    assert [fields[1] for fields in aio_runs] == ["started", "cancelled"] * 2
+    for (started_at, *_), (cancelled_at, *_) in zip(aio_runs[::2], aio_runs[1::2], strict=True):
+        # Cancelled at the soft time limit (1 s; billiard checks it about once a second).
+        assert 0.9 <= float(cancelled_at) - float(started_at) < 4
+    sync_runs = records(worker, "sync_soft")
+    assert [fields[1] for fields in sync_runs] == ["started", "soft-time-limit"] * 2
+    letters = {name: drain(topology.broker_url, q) for name, q in dlqs.items()}
+    summary = {
+        name: {
+            key: letter.headers[HEADER_PREFIX + key] for key in ("reason", "attempts", "exception")
+        }
+        for name, [letter] in letters.items()
+    }
+    assert (
+        summary["aio_soft"]
+        == summary["sync_soft"]
+        == {
+            "reason": "retries-exhausted",
+            "attempts": 2,
+            "exception": "billiard.exceptions.SoftTimeLimitExceeded",
+        }
+    )
+    assert worker.marker_lines("aio_soft", event.event_id)
+    assert "Hard time limit" not in worker.log()
