@@ -14,7 +14,8 @@ blocks the calling (pool) thread until the coroutine is done::
   ``ctx = copy_context()``, which is ``ctx.run(...)`` on the loop thread (Python 3.10 has no
   ``create_task(context=)``). ``emit()`` appends to the buffer of the scope the handler task
   opened, and the trace context is the handler's. Changes the coroutine makes to context
-  variables stay in its copy.
+  variables stay in its copy (the handler task takes back the one that matters, the emit()
+  buffer the coroutine leaves current, so that ``discard()`` works as in a plain function).
 * **Interruption.** If the wait is interrupted by any ``BaseException`` (Celery's soft time limit
   raises ``SoftTimeLimitExceeded`` in the pool thread; a ``KeyboardInterrupt``), the asyncio
   task is cancelled, so the coroutine sees ``CancelledError`` where it awaits and stops; the
@@ -40,8 +41,8 @@ blocks the calling (pool) thread until the coroutine is done::
   runs of several pool threads overlap on it. Blocking work belongs in
   ``asyncio.to_thread`` (or ``loop.run_in_executor``).
 
-Not for eventlet or gevent pools: their monkey-patched threads are greenlets, and a loop run
-forever in one never yields to the others.
+Not supported on the eventlet and gevent pools, whose monkey-patched threads are greenlets
+(untested there).
 """
 
 from __future__ import annotations
