@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+import inspect
+from collections.abc import AsyncIterator, Callable
 from typing import Any, ClassVar
 
 import pytest
 
 from celery_domain_events import (
+    ConfigurationError,
     DomainEvent,
     EventDefinitionError,
     GenericEvent,
@@ -80,6 +83,33 @@ def test_handlers_may_take_any_event_type() -> None:
 
     for fn in (typed, generic, either, untyped, anything, later):
         assert _decorate(fn).name == fn.__name__
+
+
+def test_async_def_handlers_are_checked_like_plain_ones() -> None:
+    async def typed(event: Named) -> str:
+        await asyncio.sleep(0)
+        return event.event_name
+
+    async def two_args(event: Named, other: int) -> None: ...
+
+    async def wrong_type(event: int) -> None: ...
+
+    handler = _decorate(typed)
+    assert handler.name == "typed"
+    call = handler(Named())
+    assert inspect.iscoroutine(call)  # called directly, it is the function: await it
+    assert asyncio.run(call) == "programmer.named"
+    for fn in (two_args, wrong_type):
+        with pytest.raises(EventDefinitionError, match=fn.__name__):
+            _decorate(fn)
+
+
+def test_an_async_generator_is_no_handler() -> None:
+    async def yields(event: Named) -> AsyncIterator[None]:
+        yield None
+
+    with pytest.raises(ConfigurationError, match="async generator"):
+        _decorate(yields)
 
 
 @pytest.mark.rabbitmq

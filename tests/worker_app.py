@@ -6,15 +6,27 @@ $TEST_MARKER_DIR so the test process can see what happened inside the worker's p
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import ClassVar
 
 from celery import Celery
+from celery.exceptions import SoftTimeLimitExceeded
 
-from celery_domain_events import DomainEvent, DomainEvents, RetryPolicy, domain_event_handler
+from celery_domain_events import (
+    DomainEvent,
+    DomainEvents,
+    GenericEvent,
+    RetryPolicy,
+    domain_event_handler,
+    emit,
+)
+from celery_domain_events.consuming import aio_loop
+from celery_domain_events.tracing import current_traceparent
 
 app = Celery("worker_app", broker=os.environ["TEST_BROKER_URL"])
 app.conf.update(
@@ -144,3 +156,114 @@ def typed_or_not(event: DomainEvent) -> None:
 def also_untyped(event: DomainEvent) -> None:
     """A second handler of probe.untyped (for pausing one and not the other)."""
     _append("also_untyped", event)
+
+
+# async def handlers (tests/test_async_handlers.py): each line records where the coroutine ran.
+def _where() -> str:
+    """``<pid> <id of the running loop> <native id of its thread> <thread name>``."""
+    loop = asyncio.get_running_loop()
+    thread = threading.current_thread()
+    return f"{os.getpid()} {id(loop)} {threading.get_native_id()} {thread.name}"
+
+
+def _record(name: str, key: str, *fields: object) -> None:
+    with _marker(name, key).open("a") as f:
+        f.write(" ".join([str(time.time()), *map(str, fields)]) + "\n")
+
+
+async def _where_async() -> str:
+    return _where()
+
+
+if os.environ.get("TEST_AIO_PRESTART"):
+    # The worker's main process uses a loop before it forks its pool: children must not.
+    _record("aio_parent", "loop", aio_loop.run(_where_async()))
+
+
+class AioPing(DomainEvent):
+    event_name: ClassVar[str] = "probe.aio"
+    n: int
+
+
+@domain_event_handler("probe.aio", retry=None)
+async def aio_ping(event: AioPing) -> None:
+    """Awaits, then records the event's type and n and where it ran."""
+    await asyncio.sleep(0.05)
+    _record("aio_ping", str(event.event_id), type(event).__name__, event.n, _where())
+
+
+@domain_event_handler(
+    "probe.aio.flaky", retry=RetryPolicy(max_retries=2, backoff=False, countdown=1)
+)
+async def aio_flaky(event: DomainEvent) -> None:
+    """Fails its first attempt; the retry, 1 s later, succeeds."""
+    first = not _marker("aio_flaky", str(event.event_id)).exists()
+    _record("aio_flaky", str(event.event_id), "fail" if first else "ok")
+    await asyncio.sleep(0.01)
+    if first:
+        raise ConnectionError("aio_flaky: transient")
+
+
+@domain_event_handler("probe.aio.fail", retry=RetryPolicy(max_retries=1, backoff=False))
+async def aio_fails(event: DomainEvent) -> None:
+    """Always fails: retried once, then dead-lettered."""
+    _record("aio_fails", str(event.event_id))
+    await asyncio.sleep(0.01)
+    raise RuntimeError(f"aio_fails failed {event.event_id}")
+
+
+@domain_event_handler("probe.aio.fail", retry=None)
+async def aio_fail_sibling(event: DomainEvent) -> None:
+    """Shares the routing key with aio_fails; must run exactly once."""
+    _record("aio_fail_sibling", str(event.event_id))
+
+
+@domain_event_handler("probe.aio.emit", retry=RetryPolicy(max_retries=1, backoff=False))
+async def aio_emits(event: DomainEvent) -> None:
+    """Emits probe.aio.emitted on each attempt, and fails the first one after emitting."""
+    attempt = len(_lines("aio_emits", str(event.event_id))) + 1
+    _record("aio_emits", str(event.event_id), attempt, current_traceparent())
+    emit("probe.aio.emitted", {"after": str(event.event_id), "attempt": attempt})
+    await asyncio.sleep(0.01)
+    if attempt == 1:
+        raise RuntimeError("aio_emits: the event emitted by this attempt must not go out")
+
+
+@domain_event_handler("probe.aio.emitted", retry=None)
+async def aio_receiver(event: GenericEvent) -> None:
+    """Records the events aio_emits emitted, under the id of the event that caused them."""
+    data = event.event_data()
+    _record("aio_receiver", data["after"], data["attempt"], current_traceparent())
+
+
+def _lines(name: str, key: str) -> list[str]:
+    path = _marker(name, key)
+    return path.read_text().splitlines() if path.exists() else []
+
+
+@domain_event_handler(
+    "probe.soft", retry=RetryPolicy(max_retries=1, backoff=False), soft_time_limit=1, time_limit=10
+)
+async def aio_soft(event: DomainEvent) -> None:
+    """Awaits past its soft time limit: records the CancelledError it gets, and re-raises it."""
+    _record("aio_soft", str(event.event_id), "started", _where())
+    try:
+        await asyncio.sleep(6)
+    except asyncio.CancelledError:
+        _record("aio_soft", str(event.event_id), "cancelled", _where())
+        raise
+    _record("aio_soft", str(event.event_id), "finished")
+
+
+@domain_event_handler(
+    "probe.soft", retry=RetryPolicy(max_retries=1, backoff=False), soft_time_limit=1, time_limit=10
+)
+def sync_soft(event: DomainEvent) -> None:
+    """The plain-function twin of aio_soft: sleeps past its soft time limit."""
+    _record("sync_soft", str(event.event_id), "started")
+    try:
+        time.sleep(6)
+    except SoftTimeLimitExceeded:
+        _record("sync_soft", str(event.event_id), "soft-time-limit")
+        raise
+    _record("sync_soft", str(event.event_id), "finished")

@@ -6,9 +6,18 @@
     def send_welcome_email(event: UserCreated) -> None:
         ...
 
+    @domain_event_handler("user.*")
+    async def sync_crm(event: UserCreated) -> None:
+        await crm.upsert(event.user_id)
+
 Each handler becomes one Celery task, ``domain_events.<module>.<name>``, registered on every
 Celery app the way ``@shared_task`` is (no app needs to exist when the decorator runs), and gets
 its own durable queue ``<service>.<name>`` bound by its patterns when a worker starts.
+
+An ``async def`` handler is a Celery task like any other (retries, dead letters, time limits,
+trace context): its coroutine runs on one event loop per worker process, in a thread of its own,
+while the pool thread waits for it (:mod:`.aio_loop`). Called directly, a handler is the
+function it decorates: ``await handler(event)`` for an async one.
 """
 
 from __future__ import annotations
@@ -104,7 +113,7 @@ def domain_event_handler(
 
     Raises:
         InvalidRoutingPattern: a pattern is malformed.
-        ConfigurationError: no pattern, an unknown option or an ``async def`` function.
+        ConfigurationError: no pattern, an unknown option or an async generator function.
         EventDefinitionError: the function does not take one event argument.
         RegistrationError: another function already has this handler name.
     """
@@ -122,8 +131,11 @@ def domain_event_handler(
     def decorate(fn: Callable[P, R]) -> Handler[P, R]:
         if isinstance(fn, Handler):
             raise ConfigurationError(f"{fn!r} is already a domain event handler")
-        if inspect.iscoroutinefunction(fn):
-            raise ConfigurationError("Celery runs handlers synchronously; use a plain function")
+        if inspect.isasyncgenfunction(fn):  # calling it would run nothing
+            raise ConfigurationError(
+                f"{getattr(fn, '__qualname__', fn)!r} is an async generator function (it "
+                "yields); a handler is a plain or an async def function"
+            )
         _check_signature(fn)
         handler_name = name or fn.__name__
         validate_word(handler_name, "handler name")  # queue names are <service>.<handler>

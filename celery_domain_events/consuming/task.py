@@ -2,7 +2,9 @@
 
 A delivery reaches the task as ``run(raw_event=<the JSON body as text>, meta={...})``: the body
 is decoded and validated here, in the pool, and the user's function receives the typed event.
-Two things differ from a plain Celery task:
+An ``async def`` handler's coroutine runs on the process's event loop (:mod:`.aio_loop`) while
+the pool thread waits for it, inside the same scope, trace context, retries, dead letters and
+time limits as a plain function. Two things differ from a plain Celery task:
 
 * ``retry()`` re-publishes the *event* (the CloudEvent body byte for byte, its properties and
   headers, plus ``x-retries``) to the handler's own queue through the service's retry exchange
@@ -20,11 +22,12 @@ Two things differ from a plain Celery task:
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import time
 import traceback
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from datetime import datetime, timezone
 from typing import Any, cast
 
@@ -40,6 +43,7 @@ from celery_domain_events.config import QueueType
 from celery_domain_events.exceptions import NON_RETRYABLE, EventDecodeError
 from celery_domain_events.extension import DomainEvents
 from celery_domain_events.publishing import api as publishing
+from celery_domain_events.publishing import buffer as event_buffer
 from celery_domain_events.registry import HandlerSpec
 from celery_domain_events.wire import envelope as wire_envelope
 from celery_domain_events.wire.dead_letter import FailureReason, dead_letter_message
@@ -86,6 +90,8 @@ class DomainEventTask(Task):  # type: ignore[type-arg]
         with tracing.child_context(envelope.traceparent) as traceparent:
             with publishing.scope(self.app):
                 result = self.handler_spec.fn(event)
+                if inspect.iscoroutine(result):  # an async def handler
+                    result = _run_coroutine(result)
             if tracing.event_log.isEnabledFor(logging.INFO):
                 self._log_handled(envelope, ext, traceparent, time.monotonic() - started)
         return result
@@ -254,6 +260,24 @@ class DomainEventTask(Task):  # type: ignore[type-arg]
             exc, (*NON_RETRYABLE, *dont_retry_for)
         )
         return FailureReason.RETRIES_EXHAUSTED if retryable else FailureReason.REJECTED
+
+
+def _run_coroutine(coro: Coroutine[Any, Any, Any]) -> Any:
+    """Run an ``async def`` handler's coroutine on this process's loop; wait for its result.
+
+    The coroutine runs in a copy of this context: the buffer it leaves current (the scope's,
+    or another after a ``discard()``) is made current here, as a plain function's would be, so
+    the scope transmits exactly what a plain function would have left.
+    """
+    from . import aio_loop  # noqa: PLC0415 (asyncio only where async handlers run)
+
+    async def handle() -> tuple[Any, event_buffer.Buffer | None]:
+        result = await coro
+        return result, event_buffer.current()
+
+    result, pending = aio_loop.run(handle())
+    event_buffer.replace(pending)
+    return result
 
 
 #: Exchange of RabbitMQ native delayed delivery that takes delays of up to 2**28 - 1 s.

@@ -23,6 +23,7 @@ __all__ = [
     "flush_async",
     "new_buffer",
     "open_buffer",
+    "replace",
     "start",
 ]
 
@@ -116,6 +117,15 @@ def _keep_unconfirmed(pending: Buffer, batch: list[AnyEvent], exc: PublishError)
 def current() -> Buffer | None:
     """The buffer of this context, if one is open."""
     return _buffer.get()
+
+
+def replace(pending: Buffer | None) -> None:
+    """Make ``pending`` the buffer of this context.
+
+    For code that ran in a copy of this context (an ``async def`` handler): what it left
+    current there becomes current here, as if it had run here.
+    """
+    _buffer.set(pending)
 
 
 def start(owner: Any = None) -> tuple[Buffer, contextvars.Token[Buffer | None]]:
