@@ -28,6 +28,7 @@ from .publishing.api import (
     transmit_async,
 )
 from .retry import RetryPolicy
+from .upcasting import upcaster
 from .wire.message import OutboundMessage
 
 __version__ = "0.1.0"
@@ -61,4 +62,5 @@ __all__ = [
     "scope_async",
     "transmit",
     "transmit_async",
+    "upcaster",
 ]

@@ -19,6 +19,7 @@ from .amqp.transport import AmqpTransport, Transport
 from .config import Settings, setting_name
 from .exceptions import ConfigurationError
 from .registry import EventRegistry, HandlerRegistry, HandlerSpec, default_events, default_handlers
+from .upcasting import UpcasterRegistry, check_handlers, default_upcasters
 from .urls import RedactedURL, redact
 from .wire.message import OutboundMessage
 from .wire.topology import Topology
@@ -83,6 +84,7 @@ class DomainEvents:
             every registered handler).
         events: the event registry (default: the one ``DomainEvent`` subclasses fill).
         handler_registry: the handler registry (default: the one the decorator fills).
+        upcasters: the upcasters (default: the ones ``@upcaster`` registers).
         transport: where messages are published (default: the app's broker, with confirms);
             the in-process test harness passes its own.
         discover_handlers: import the ``handlers`` module of every package Celery discovers
@@ -101,6 +103,7 @@ class DomainEvents:
         handlers: Iterable[Any] | None = None,
         events: EventRegistry = default_events,
         handler_registry: HandlerRegistry = default_handlers,
+        upcasters: UpcasterRegistry = default_upcasters,
         transport: Transport | None = None,
         discover_handlers: bool = True,
         **overrides: Any,
@@ -112,6 +115,7 @@ class DomainEvents:
             )
         self.app = app
         self.events = events
+        self.upcasters = upcasters
         self._handler_registry = handler_registry
         self._handler_names = (
             None if handlers is None else [getattr(h, "name", h) for h in handlers]
@@ -270,6 +274,14 @@ class DomainEvents:
         if missing:
             raise ConfigurationError(f"unknown handler(s): {', '.join(missing)}")
         return [known[n] for n in sorted(set(self._handler_names))]
+
+    def check_upcasters(self) -> None:
+        """Refuse handlers that a known version of their events could not reach (see upcasting).
+
+        Raises:
+            ConfigurationError: an upcaster chain a handler needs has a gap.
+        """
+        check_handlers(self.handlers, self.events, self.upcasters)
 
     def handler_for_queue(self, queue: str) -> HandlerSpec | None:
         """Return the handler whose queue is ``queue``, or None."""

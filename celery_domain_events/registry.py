@@ -7,7 +7,9 @@ The defaults (:data:`default_events`, :data:`default_handlers`) are filled at im
 
 from __future__ import annotations
 
+import inspect
 import threading
+import typing
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -15,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from .events import EventRegistry, default_events
 from .exceptions import RegistrationError
+from .upcasting import declared_versions
 
 if TYPE_CHECKING:
     from .retry import RetryPolicy
@@ -39,6 +42,13 @@ class HandlerSpec:
     fn: Callable[..., Any] = field(compare=False)
     retry: RetryPolicy | None = None
     task_options: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def event_versions(self) -> dict[str, frozenset[int]]:
+        """The versions of each event the handler's annotation names (``{}`` if untyped).
+
+        An event of another version is upcast to the lowest of these above it.
+        """
+        return _event_versions(self.fn)
 
     @property
     def task_name(self) -> str:
@@ -91,6 +101,22 @@ class HandlerRegistry:
         finally:
             with self._lock:
                 self._specs = saved
+
+
+_versions_cache: dict[Callable[..., Any], dict[str, frozenset[int]]] = {}
+
+
+def _event_versions(fn: Callable[..., Any]) -> dict[str, frozenset[int]]:
+    cached = _versions_cache.get(fn)
+    if cached is not None:
+        return cached
+    try:
+        first = next(iter(inspect.signature(fn).parameters.values()), None)
+        annotation = Any if first is None else typing.get_type_hints(fn).get(first.name, Any)
+    except Exception:  # a forward reference not resolvable yet: not cached, tried next time
+        return {}
+    versions = _versions_cache[fn] = declared_versions(annotation)
+    return versions
 
 
 def _qualified(obj: Any) -> str:

@@ -179,7 +179,9 @@ class DomainEventsStep(bootsteps.StartStopStep):
         # All steps are built before any starts: registering the queues here lets Celery's
         # Tasks step turn global QoS off and DelayedDelivery switch on for quorum queues.
         try:
-            DomainEvents.of(parent.app).register_retry_queues()
+            ext = DomainEvents.of(parent.app)
+            ext.register_retry_queues()
+            ext.check_upcasters()  # a gap in a chain fails here, not on the first old event
         except ConfigurationError as exc:
             # Celery would print a traceback for it; a setting's mistake deserves one line.
             raise SystemExit(f"Error: {exc}") from None

@@ -83,7 +83,12 @@ class DomainEventTask(Task):  # type: ignore[type-arg]
         """Decode ``raw_event``, validate it into its model and call the handler with it."""
         ext = DomainEvents.of(self.app)
         envelope = wire_envelope.decode(raw_event)
-        event = wire_envelope.to_event(envelope, ext.events)
+        event = wire_envelope.to_event(
+            envelope,
+            ext.events,
+            versions=self.handler_spec.event_versions(),
+            upcasters=ext.upcasters,
+        )
         started = time.monotonic()
         # Events the handler emits go out only if it succeeds (a failed transmit fails this
         # attempt, which is retried like any other), and continue the emitter's trace.

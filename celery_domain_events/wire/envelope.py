@@ -15,7 +15,7 @@ from __future__ import annotations
 import base64
 import functools
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 from pydantic import (
@@ -36,6 +36,7 @@ from celery_domain_events.exceptions import (
     UnknownEventError,
 )
 from celery_domain_events.registry import EventRegistry, default_events
+from celery_domain_events.upcasting import UpcasterRegistry, default_upcasters, target_version
 
 __all__ = [
     "CONTENT_TYPE",
@@ -259,22 +260,49 @@ def json_error(body: bytes | str, exc: Exception) -> str:
     return f"body is not valid UTF-8 JSON: {str(exc)[:200]}"
 
 
-def to_event(envelope: Envelope, registry: EventRegistry = default_events) -> AnyEvent:
+def to_event(
+    envelope: Envelope,
+    registry: EventRegistry = default_events,
+    *,
+    versions: Mapping[str, frozenset[int]] | None = None,
+    upcasters: UpcasterRegistry = default_upcasters,
+) -> AnyEvent:
     """Build the typed event an envelope carries.
 
     A tolerant reader: fields the model does not declare are ignored, so a producer may add
     optional fields before its consumers know them. Only emitting is strict.
 
+    Args:
+        envelope: the decoded envelope.
+        registry: the event models.
+        versions: the versions of each event the receiving handler takes
+            (``HandlerSpec.event_versions()``); an event of another version is upcast to the
+            lowest of them above its own.
+        upcasters: the upcasters to do so with.
+
     Raises:
-        UnknownEventError: models exist for the name, but none for this version.
-        EventValidationError: the data does not validate against the model.
+        UnknownEventError: models exist for the name, but none for this version; or the
+            handler takes only older versions, or no upcaster chain reaches its version.
+        EventValidationError: the data does not validate against the model, or an upcaster
+            failed.
         EventDecodeError: ``data_base64`` cannot be decoded.
     """
     metadata: dict[str, Any] = {"event_id": envelope.id}
     if envelope.time is not None:
         metadata["occurred_at"] = envelope.time
-    model = registry.get(envelope.type, envelope.eventversion)
+    version = envelope.eventversion
     data = envelope.payload()
+    declared = versions.get(envelope.type) if versions else None
+    if declared and version not in declared:
+        target = target_version(declared, envelope.type, version)
+        if data is not None and not isinstance(data, dict):
+            raise EventValidationError(
+                f"{envelope.type!r} v{version} (id {envelope.id}) cannot be upcast: "
+                f"data must be a JSON object, got {type(data).__name__}"
+            )
+        data = upcasters.upcast(envelope.type, version, target, data or {})
+        version = target
+    model = registry.get(envelope.type, version)
     if model is None:
         known = registry.versions(envelope.type)
         if known:
@@ -301,7 +329,7 @@ def to_event(envelope: Envelope, registry: EventRegistry = default_events) -> An
         )
     known_keys = _input_keys(model)
     fields = {k: v for k, v in data.items() if k in known_keys}
-    return _validated(model, {**fields, **metadata}, envelope)
+    return _validated(model, {**fields, **metadata}, envelope, version)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -317,13 +345,22 @@ def _input_keys(model: type[DomainEvent]) -> frozenset[str]:
     return frozenset(keys - METADATA_FIELDS)
 
 
-def _validated(model: type[DomainEvent] | type[GenericEvent], data: Any, env: Envelope) -> AnyEvent:
+def _validated(
+    model: type[DomainEvent] | type[GenericEvent],
+    data: Any,
+    env: Envelope,
+    version: int | None = None,
+) -> AnyEvent:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
+        upcast = "" if version in (None, env.eventversion) else f" upcast to v{version}"
+        # Not chained: pydantic's own text holds the input values, the event's data (personal
+        # data, secrets), and a chained cause reaches logs and the dead letter's traceback.
         raise EventValidationError(
-            f"{env.type!r} v{env.eventversion} (id {env.id}) fails validation: {_summary(exc)}"
-        ) from exc
+            f"{env.type!r} v{env.eventversion}{upcast} (id {env.id}) fails validation: "
+            f"{_summary(exc)}"
+        ) from None
 
 
 def _summary(exc: ValidationError) -> str:
