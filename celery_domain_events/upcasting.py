@@ -45,6 +45,7 @@ __all__ = [
     "UpcasterRegistry",
     "check_handlers",
     "declared_versions",
+    "decodable_versions",
     "default_upcasters",
     "upcaster",
 ]
@@ -311,6 +312,33 @@ def target_version(declared: frozenset[int], event_name: str, version: int) -> i
             "deploy the consumer's new version first, or publish the old version as well"
         )
     return above[0]
+
+
+def decodable_versions(
+    declared: Mapping[str, frozenset[int]],
+    event_name: str,
+    events: EventRegistry,
+    upcasters: UpcasterRegistry,
+) -> frozenset[int] | None:
+    """The versions of ``event_name`` a handler can decode, or None for "any version".
+
+    ``declared`` is the handler's ``HandlerSpec.event_versions()``. A typed handler takes the
+    versions it declares and those an upcaster chain brings to one of them; an untyped one
+    takes every version with a model here, or any version if none has one (as a
+    ``GenericEvent``). This is what a worker would do (``wire.envelope.to_event``).
+    """
+    versions = declared.get(event_name)
+    if versions:
+        ok = set(versions)
+        for version in range(1, max(versions)):
+            if version in ok:
+                continue
+            target = target_version(versions, event_name, version)
+            if upcasters.missing_step(event_name, version, target) is None:
+                ok.add(version)
+        return frozenset(ok)
+    registered = events.versions(event_name)
+    return frozenset(registered) if registered else None
 
 
 def check_handlers(

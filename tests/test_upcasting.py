@@ -228,3 +228,21 @@ def test_no_failure_record_repeats_the_data_that_failed_validation() -> None:
     [letter] = events.dead_letters
     assert "cents: Input should be a valid integer" in letter.failure("message")
     assert "s3cret-value" not in str(letter.headers)  # message and traceback alike
+
+
+def test_decodable_versions_say_what_a_worker_would_decode() -> None:
+    from celery_domain_events.upcasting import decodable_versions
+
+    ext = DomainEvents.of(app_with(up_v3, up_v1_or_v3, up_untyped))
+    by_name = {spec.name: spec.event_versions() for spec in ext.handlers}
+    name = "up.order.placed"
+    assert decodable_versions(by_name["up_v3"], name, ext.events, ext.upcasters) == {1, 2, 3}
+    assert decodable_versions(by_name["up_v1_or_v3"], name, ext.events, ext.upcasters) == {1, 2, 3}
+    assert decodable_versions(by_name["up_untyped"], name, ext.events, ext.upcasters) == {
+        1,
+        2,
+        3,
+        4,
+    }
+    assert decodable_versions(by_name["up_untyped"], "up.other", ext.events, ext.upcasters) is None
+    assert decodable_versions(by_name["up_v3"], name, ext.events, UpcasterRegistry()) == {3}
