@@ -28,6 +28,8 @@ from celery_domain_events import (
 from celery_domain_events.consuming import aio_loop
 from celery_domain_events.tracing import current_traceparent
 
+from . import evolving  # noqa: F401 (registers evolve_v3, its event versions and upcasters)
+
 app = Celery("worker_app", broker=os.environ["TEST_BROKER_URL"])
 app.conf.update(
     broker_heartbeat=None,
