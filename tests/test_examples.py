@@ -46,6 +46,7 @@ def test_demo_runs_every_handler_in_a_prefork_worker(topology: Topology) -> None
     assert any("welcome mail to ada@example.com" in line for line in handled)
     assert any("welcome mail to grace@example.com" in line for line in handled)  # foreign
     assert sum("audit_trail" in line for line in handled) == 4
+    assert any("book_revenue: order 42 paid 19.90 EUR" in line for line in handled)  # upcast
     poison = [line for line in result.stdout.splitlines() if "Poison message" in line]
     assert len(poison) == 2, result.stdout  # the task message, on both user.created queues
     assert all("Celery task message" in line for line in poison)

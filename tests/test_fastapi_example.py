@@ -130,7 +130,7 @@ def test_the_shop_worker_handles_what_the_storefront_publishes(
                 assert response.status_code == 202, response.text
                 # The outbox relay of the service publishes the payment.
                 await asyncio.to_thread(
-                    wait_for, lambda: "book_revenue: order 42 paid 19.90" in read_log(log), 20
+                    wait_for, lambda: "book_revenue: order 42 paid 19.90 EUR" in read_log(log), 20
                 )
 
         asyncio.run(main())

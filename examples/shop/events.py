@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from decimal import Decimal
-from typing import ClassVar
+from typing import Any, ClassVar
 
-from celery_domain_events import DomainEvent
+from celery_domain_events import DomainEvent, upcaster
 
 
 class UserCreated(DomainEvent):
@@ -17,8 +17,27 @@ class UserCreated(DomainEvent):
 
 
 class OrderPaid(DomainEvent):
+    """Version 1, which producers not yet upgraded still emit."""
+
     event_name: ClassVar[str] = "order.paid"
     event_version: ClassVar[int] = 1
 
     order_id: int
     amount: Decimal
+
+
+class OrderPaidV2(DomainEvent):
+    """Version 2 names the currency; handlers that take it receive v1 events upcast."""
+
+    event_name: ClassVar[str] = "order.paid"
+    event_version: ClassVar[int] = 2
+
+    order_id: int
+    amount: Decimal
+    currency: str
+
+
+@upcaster("order.paid", from_version=1)
+def order_paid_in_euros(data: dict[str, Any]) -> dict[str, Any]:
+    """Every v1 payment was in euros."""
+    return {**data, "currency": "EUR"}

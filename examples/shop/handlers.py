@@ -6,7 +6,7 @@ import logging
 
 from celery_domain_events import DomainEvent, GenericEvent, domain_event_handler
 
-from .events import OrderPaid, UserCreated
+from .events import OrderPaidV2, UserCreated
 
 log = logging.getLogger(__name__)
 
@@ -19,8 +19,10 @@ def send_welcome_email(event: UserCreated) -> None:
 
 
 @domain_event_handler("order.*")
-def book_revenue(event: OrderPaid) -> None:
-    log.warning("HANDLED book_revenue: order %d paid %s", event.order_id, event.amount)
+def book_revenue(event: OrderPaidV2) -> None:  # v1 events arrive upcast (see events.py)
+    log.warning(
+        "HANDLED book_revenue: order %d paid %s %s", event.order_id, event.amount, event.currency
+    )
 
 
 @domain_event_handler("user.#", "order.#")
