@@ -23,6 +23,7 @@ from fastapi import FastAPI
 from kombu import Connection
 
 from celery_domain_events.registry import default_events
+from celery_domain_events.upcasting import default_upcasters
 
 from .conftest import (
     DB_URL,
@@ -42,9 +43,9 @@ pytestmark = [pytest.mark.rabbitmq]
 
 @pytest.fixture(scope="module")
 def create_app() -> Iterator[Callable[..., FastAPI]]:
-    """The example's app factory, imported without leaving the shop's event classes registered
+    """The example's app factory, imported without leaving the shop's event classes and upcasters registered
     for the rest of the session (other tests declare their own ``user.created``)."""
-    with default_events.isolated():
+    with default_events.isolated(), default_upcasters.isolated():
         from examples.fastapi_shop.app import create_app
 
         yield create_app
