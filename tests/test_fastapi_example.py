@@ -43,8 +43,11 @@ pytestmark = [pytest.mark.rabbitmq]
 
 @pytest.fixture(scope="module")
 def create_app() -> Iterator[Callable[..., FastAPI]]:
-    """The example's app factory, imported without leaving the shop's event classes and upcasters registered
-    for the rest of the session (other tests declare their own ``user.created``)."""
+    """The example's app factory, imported without leaving the shop's events registered.
+
+    Its event classes and upcasters would stay for the rest of the session, and other tests
+    declare their own ``user.created``.
+    """
     with default_events.isolated(), default_upcasters.isolated():
         from examples.fastapi_shop.app import create_app
 
