@@ -5,18 +5,26 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, ClassVar
 
 import jsonschema
 import pytest
 from celery import Celery
 from click.testing import CliRunner
 
-from celery_domain_events import DomainEvents
+from celery_domain_events import (
+    ConfigurationError,
+    DomainEvent,
+    DomainEvents,
+)
+from celery_domain_events.events import EventRegistry, default_events
 from celery_domain_events.ops import catalogue
 from celery_domain_events.ops.cli import domain_events
+from celery_domain_events.registry import HandlerRegistry
+from celery_domain_events.upcasting import UpcasterRegistry
 
 from . import handlers
+from .test_upcasting import PlacedV1, PlacedV2
 
 SCHEMAS = Path(__file__).parent / "data" / "asyncapi"
 
@@ -70,3 +78,69 @@ def test_catalogue_lists_events_schemas_handlers_and_queues(app: Any, tmp_path: 
     assert document["operations"]["w_user_hash"]["messages"] == []
     poison = document["operations"]["poison_target"]["messages"]
     assert poison == [{"$ref": f"#/channels/{service}.poison_target/messages/PoisonTargetV1"}]
+
+
+# --- The publishing side (#14) --------------------------------------------------------------
+
+
+def isolated_app(
+    *,
+    models: tuple[type[DomainEvent], ...] = (),
+    handler_fns: tuple[Any, ...] = (),
+    upcasters: UpcasterRegistry | None = None,
+    **options: Any,
+) -> DomainEvents:
+    """An app on registries of its own: only these models, handlers and upcasters."""
+    events = EventRegistry()
+    for model in models:
+        events.register(model)
+    registry = HandlerRegistry()
+    for fn in handler_fns:
+        registry.register(fn.spec)
+    app = Celery("catalogue", broker="amqp://guest:guest@127.0.0.1:5672//", set_as_current=False)
+    return DomainEvents(
+        app,
+        service=options.pop("service", "shop"),
+        events=events,
+        handler_registry=registry,
+        upcasters=upcasters or UpcasterRegistry(),
+        discover_handlers=False,
+        **options,
+    )
+
+
+class _AbstractBase(DomainEvent):
+    tenant: str = "t"
+
+
+@pytest.mark.parametrize(
+    ("publishes", "message"),
+    [
+        (["up.order.placed"], r"not names: for 'up.order.placed' pass PlacedV1 or PlacedV2"),
+        ([dict], r"takes DomainEvent subclasses, got <class 'dict'>: pass the event class"),
+        ([PlacedV1(order_id=1, amount=2.0)], r"got a PlacedV1 event: pass the class, PlacedV1$"),
+        ([_AbstractBase], r"_AbstractBase, which declares no event_name"),
+        ([PlacedV1, PlacedV1], None),
+        (PlacedV1, r"takes a list of event classes, got ModelMetaclass"),
+        ("up.order.placed", r"takes a list of event classes, got str"),
+    ],
+)
+def test_publishes_is_checked_when_the_app_is_set_up(publishes: Any, message: str | None) -> None:
+    if message is None:  # the same class twice is one
+        assert isolated_app(publishes=publishes).publishes == (PlacedV1,)
+        return
+    with pytest.raises(ConfigurationError, match=message) as info:
+        isolated_app(models=(PlacedV1, PlacedV2), publishes=publishes)
+    assert "\n" not in str(info.value)
+
+
+def test_two_classes_for_one_version_are_refused() -> None:
+    with default_events.isolated():
+
+        class Again(DomainEvent):
+            event_name: ClassVar[str] = "up.order.placed"
+            event_version: ClassVar[int] = 1
+            order_id: int
+
+    with pytest.raises(ConfigurationError, match="lists both PlacedV1 and Again"):
+        isolated_app(publishes=[PlacedV1, Again])
