@@ -7,8 +7,8 @@ routing keys, durable queues). Operations are what this service does:
 * ``send`` (``subscribe`` in AsyncAPI 2's inverted terms) for each event it publishes:
   ``DomainEvents(publishes=[...])``, or every model in its registry if that is not given;
 * ``receive`` (AsyncAPI 2: ``publish``) for each handler, with its queue, DLQ, patterns, task,
-  retry policy and, in ``x-celery-domain-events.accepts``, the versions of each event it can
-  decode (upcasters included).
+  retry policy, the event versions its annotation names (``declares``) and, in ``accepts``,
+  the versions of each event it can decode (upcasters included).
 
 The document's root ``x-celery-domain-events`` names the service and lists the upcasters.
 ``celery_domain_events.ops.schema_diff`` reads these documents back to compare them.
@@ -27,7 +27,7 @@ from celery_domain_events.events import METADATA_FIELDS, DomainEvent
 from celery_domain_events.extension import DomainEvents
 from celery_domain_events.registry import HandlerSpec
 from celery_domain_events.routing import matches
-from celery_domain_events.upcasting import decodable_versions
+from celery_domain_events.upcasting import as_mapping, decodable_versions
 from celery_domain_events.wire.envelope import CONTENT_TYPE
 
 __all__ = ["ANY_VERSION", "ASYNCAPI_VERSIONS", "EXTENSION", "build"]
@@ -155,6 +155,7 @@ def _handler_doc(
         "task": spec.task_name,
         "queue": ext.topology.handler_queue_name(spec),
         "patterns": list(ext.topology.binding_patterns(spec)),
+        "declares": as_mapping(spec.event_versions()),
         "accepts": _accepts(ext, spec, models),
         "deadLetterQueue": ext.topology.dead_letter_queue(spec).name,
         "maxRetries": retry.max_retries if retry else 0,
