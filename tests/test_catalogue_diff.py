@@ -6,21 +6,28 @@ express (a required field with a default) edits the JSON by hand.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, ClassVar, Literal
 
 import pytest
+from click.testing import CliRunner
 from pydantic import BaseModel, ConfigDict
 
 from celery_domain_events import DomainEvent, GenericEvent, domain_event_handler
 from celery_domain_events.events import default_events
 from celery_domain_events.exceptions import CatalogueError
 from celery_domain_events.ops import catalogue, schema_diff
+from celery_domain_events.ops.cli import domain_events
 from celery_domain_events.registry import HandlerRegistry
 from celery_domain_events.upcasting import UpcasterRegistry, upcaster
 
+from .conftest import ROOT
 from .test_catalogue import errors, isolated_app
 from .test_upcasting import PlacedV1, PlacedV2, PlacedV3, PlacedV4, add_currency, to_cents
 
@@ -376,6 +383,131 @@ def test_unreadable_documents_are_catalogue_errors() -> None:
         schema_diff.diff(schema_diff.read(V1.document()), schema_diff.read(document))
 
 
+# --- The CLI ---------------------------------------------------------------------------------
+
+
+def run(tmp_path: Path, args: list[str], **documents: dict[str, Any]) -> Any:
+    for name, document in documents.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(document))
+    # No -A: diff and check only read files (the group's app is celery's default one).
+    return CliRunner().invoke(
+        domain_events, ["catalogue", *args], obj=SimpleNamespace(app=None), catch_exceptions=False
+    )
+
+
+def test_diff_exits_1_on_a_breaking_change_with_a_line_each(tmp_path: Path) -> None:
+    old = Service((OrderV1,), handlers=(on_orders,)).document()
+    new = Service(
+        (event("order.placed", 1, "OrderPlaced", **fields(amount=None), note=(str, "")), Refunded),
+        handlers=(on_orders,),
+    ).document()
+    result = run(
+        tmp_path, ["diff", str(tmp_path / "old.json"), str(tmp_path / "new.json")], old=old, new=new
+    )
+    assert result.exit_code == 1, result.output
+    lines = result.output.splitlines()
+    assert lines[-1] == "1 breaking, 2 compatible change(s)"
+    assert any(
+        line.startswith("BREAKING    order.placed v1, field amount: removed (it was required)")
+        for line in lines
+    )
+    assert "compatible  order.placed v1, field note: new optional field" in result.output
+    assert "compatible  order.refunded v1: new (published) [event-added" in result.output
+
+    as_json = run(
+        tmp_path, ["diff", "--json", str(tmp_path / "old.json"), str(tmp_path / "new.json")]
+    )
+    assert as_json.exit_code == 1
+    report = json.loads(as_json.output)
+    assert report["breaking"] is True
+    assert report["summary"] == {"breaking": 1, "compatible": 2}
+    removed = next(c for c in report["changes"] if c["kind"] == "field-removed")
+    assert removed == {
+        "kind": "field-removed",
+        "breaking": True,
+        "event": "order.placed",
+        "version": 1,
+        "field": "amount",
+        "handler": None,
+        "detail": "removed (it was required)",
+        "rule": schema_diff.RULES["field-removed"][1],
+    }
+
+
+def test_diff_exits_0_on_compatible_changes_and_across_asyncapi_versions(tmp_path: Path) -> None:
+    result = run(
+        tmp_path,
+        ["diff", str(tmp_path / "old.json"), str(tmp_path / "new.json")],
+        old=V1.document("2.6.0"),
+        new=V1_V2.document("3.0.0"),
+    )
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines() == [
+        f"compatible  order.placed v2: new (published) [version-added: "
+        f"{schema_diff.RULES['version-added'][1]}]",
+        "0 breaking, 1 compatible change(s)",
+    ]
+    same = run(tmp_path, ["diff", "--json", str(tmp_path / "old.json"), str(tmp_path / "old.json")])
+    assert same.exit_code == 0
+    assert json.loads(same.output) == {
+        "breaking": False,
+        "summary": {"breaking": 0, "compatible": 0},
+        "changes": [],
+    }
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "No such file"),
+        ("{not json", "Expecting property name"),
+        ('{"openapi": "3.1.0"}', "not an AsyncAPI document"),
+        ('{"asyncapi": "3.0.0", "components": {"messages": {"X": {"name": 1}}}}', "no event name"),
+    ],
+)
+def test_unreadable_input_exits_2_in_one_line(
+    tmp_path: Path, content: str | None, message: str
+) -> None:
+    bad = tmp_path / "bad.json"
+    if content is not None:
+        bad.write_text(content)
+    (tmp_path / "good.json").write_text(json.dumps(V1.document()))
+    for args in (
+        ["diff", str(tmp_path / "good.json"), str(bad)],
+        ["check", "--producer", str(bad), "--consumer", str(tmp_path / "good.json")],
+    ):
+        result = CliRunner().invoke(domain_events, ["catalogue", *args], obj=None)
+        assert result.exit_code == 2, result.output
+        [line] = result.output.strip().splitlines()
+        assert line.startswith("Error: "), line
+        assert message in line, line
+        assert str(bad) in line
+
+
+def test_diff_runs_from_the_celery_command_without_an_app(tmp_path: Path) -> None:
+    (tmp_path / "old.json").write_text(json.dumps(V1_V2.document()))
+    (tmp_path / "new.json").write_text(json.dumps(V1.document()))
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "domain-events",
+            "catalogue",
+            "diff",
+            str(tmp_path / "old.json"),
+            str(tmp_path / "new.json"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "compatible  order.placed v2: removed; no handler here is bound to it" in result.stdout
+
+
 # --- catalogue check: a producer against a consumer ------------------------------------------
 
 
@@ -444,6 +576,44 @@ def test_check_without_upcasters_reports_the_old_version() -> None:
     )
     assert [(d.version, d.decodable) for d in deliveries] == [(1, False), (4, False)]
     assert "no model of v1 and no upcaster chain" in deliveries[0].reason
+
+
+def test_check_cli_exit_codes_and_json(tmp_path: Path) -> None:
+    producer = tmp_path / "producer.json"
+    producer.write_text(json.dumps(PRODUCER.document("2.6.0")))
+    bad, good = tmp_path / "bad.json", tmp_path / "good.json"
+    bad.write_text(json.dumps(consumer(up_v3, up_any)))
+    good.write_text(json.dumps(consumer(up_any, models=(PlacedV1, PlacedV4))))
+
+    result = CliRunner().invoke(
+        domain_events, ["catalogue", "check", "--producer", str(producer), "--consumer", str(bad)]
+    )
+    assert result.exit_code == 1, result.output
+    lines = result.output.splitlines()
+    assert lines[-1] == (
+        "2 problem(s) in 4 pairing(s) of a sent event version with a handler bound to it "
+        "(shop -> billing)"
+    )
+    assert lines[0].startswith("ok        up.order.placed v1 -> handler up_any: decodes it")
+
+    report = CliRunner().invoke(
+        domain_events,
+        ["catalogue", "check", "--json", "--producer", str(producer), "--consumer", str(good)],
+    )
+    assert report.exit_code == 0, report.output
+    parsed = json.loads(report.output)
+    assert parsed["ok"] is True
+    assert (parsed["producer"], parsed["consumer"]) == ("shop", "billing")
+    assert parsed["deliveries"][1] == {
+        "event": "up.order.placed",
+        "version": 4,
+        "routing_key": "up.order.placed",
+        "handler": "up_any",
+        "queue": "billing.up_any",
+        "accepts": [1, 4],
+        "decodable": True,
+        "reason": "decodes it (it takes v1, v4)",
+    }
 
 
 def test_check_needs_the_accepts_of_a_bound_handler(tmp_path: Path) -> None:
