@@ -550,6 +550,7 @@ def test_check_reports_a_version_a_bound_handler_cannot_decode() -> None:
         ("up_v3", 4, False),  # newer than v3: never downcast
     ]
     assert deliveries[0].accepts == {1, 2, 3}
+    assert deliveries[0].reason == "decodes it, upcast to v3 (it takes v1, v2, v3)"
     assert "v4 is newer than every version it decodes (v1, v2, v3)" in deliveries[1].reason
     assert deliveries[1].queue == "billing.up_v3"
     assert deliveries[1].line().startswith("PROBLEM   up.order.placed v4 -> handler up_v3: ")

@@ -860,7 +860,11 @@ def _delivery(message: Message, handler: Handler, accepts: Mapping[str, Versions
     else:
         versions = accepts[event]
         ok = versions is None or version in versions
-        if ok:
+        declared = sorted((handler.declares or {}).get(event, ()))
+        if ok and declared and version not in declared and max(declared) > version:
+            target = min(v for v in declared if v > version)
+            reason = f"decodes it, upcast to v{target} (it takes {_versions(versions)})"
+        elif ok:
             reason = f"decodes it (it takes {_versions(versions)})"
         elif versions and version > max(versions):
             reason = (
