@@ -7,6 +7,7 @@ express (a required field with a default) edits the JSON by hand.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -654,3 +655,12 @@ def test_an_old_catalogue_without_the_new_fields_is_read(asyncapi: str) -> None:
     bound = Service((OrderV1,), handlers=(on_orders,)).document(asyncapi)
     changes = schema_diff.diff(old, schema_diff.read(strip_extensions(bound)))
     assert [c.kind for c in changes] == ["version-removed-consumed"]
+
+
+def test_the_docs_list_every_rule_as_the_code_applies_it() -> None:
+    page = (ROOT / "docs" / "operations" / "catalogue.md").read_text(encoding="utf-8")
+    rows = re.findall(r"^\| `([a-z-]+)` \| (breaking|compatible) \| (.+) \|$", page, re.M)
+    documented = {
+        kind: (verdict == "breaking", rule.replace("`", "")) for kind, verdict, rule in rows
+    }
+    assert documented == {k: (b, r.replace("`", "")) for k, (b, r) in schema_diff.RULES.items()}

@@ -49,8 +49,8 @@ RULES: dict[str, tuple[bool, str]] = {
     ),
     "type-changed": (
         True,
-        "the JSON type of a field changed (null, a union or integer to number included): "
-        "one side rejects what the other writes",
+        "the JSON type of a field changed (made nullable, a union, integer to number "
+        "included): one side rejects what the other writes",
     ),
     "required-field-added": (
         True,
@@ -78,13 +78,15 @@ RULES: dict[str, tuple[bool, str]] = {
     "version-removed-consumed": (
         True,
         "an event version is gone while a handler here is bound to its routing key and "
-        "cannot decode it any more (no model, no upcaster chain; a whole event gone would "
-        "reach it untyped): such events in queues, DLQs or still published become poison",
+        "cannot decode it any more (no model, no upcaster chain; a whole event gone reaches a "
+        "handler typed for it untyped): such events in queues, DLQs or still published become "
+        "poison",
     ),
     "accepts-narrowed": (
         True,
-        "a handler no longer decodes a version it did: such events in its queue, its DLQ or "
-        "still published become poison",
+        "a handler no longer decodes a version it did (an upcaster or a model removed, an "
+        "annotation changed): such events in its queue, its DLQ or still published become "
+        "poison",
     ),
     "field-added": (
         False,
