@@ -235,6 +235,20 @@ CASES: list[tuple[str, Service, Service, bool, set[str]]] = [
         {"enum-widened"},
     ),
     (
+        "free field made an enum",
+        Service((event("order.placed", 1, "OrderPlaced", **fields(status=str)),)),
+        V1,
+        True,
+        {"enum-narrowed"},
+    ),
+    (
+        "enum made a free field",
+        V1,
+        Service((event("order.placed", 1, "OrderPlaced", **fields(status=str)),)),
+        False,
+        {"enum-widened"},
+    ),
+    (
         "removed version still consumed",
         Service((OrderV1, OrderV2), handlers=(on_orders,)),
         Service((OrderV2,), handlers=(on_orders,)),

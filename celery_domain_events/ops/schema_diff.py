@@ -593,12 +593,11 @@ class _SchemaDiff:
         before, after = self.old.values(old), self.new.values(new)
         if before == after:
             return
-        if before is None:
-            assert after is not None
-            self.add("enum-narrowed", path, f"now only {_show(json.loads(v) for v in after)}")
-            return
         if after is None:
             self.add("enum-widened", path, "no longer restricted to a set of values")
+            return
+        if before is None:
+            self.add("enum-narrowed", path, f"now only {_show(json.loads(v) for v in after)}")
             return
         if before - after:
             removed = _show(json.loads(v) for v in before - after)
