@@ -6,6 +6,7 @@ Every error derives from :class:`DomainEventsError`::
     ├── ConfigurationError(DomainEventsError, ValueError)     bad setting or broker URL
     │   └── InvalidRoutingPattern                             not dotted words / * / #
     ├── RegistrationError(DomainEventsError)                  duplicate event or handler
+    ├── CatalogueError(DomainEventsError, ValueError)         an unreadable catalogue document
     ├── EventDefinitionError(DomainEventsError, TypeError)    event class or handler defined wrong
     ├── PublishError(DomainEventsError)                       unreachable or unconfirmed publish
     ├── NoActiveScope(DomainEventsError, RuntimeError)        emit() with no open scope
@@ -25,6 +26,7 @@ from typing import Any
 
 __all__ = [
     "NON_RETRYABLE",
+    "CatalogueError",
     "ConfigurationError",
     "DomainEventsError",
     "EventDecodeError",
@@ -53,6 +55,10 @@ class InvalidRoutingPattern(ConfigurationError):
 
 class RegistrationError(DomainEventsError):
     """An event type or handler is registered twice under the same name."""
+
+
+class CatalogueError(DomainEventsError, ValueError):
+    """A catalogue (an AsyncAPI document) cannot be read: not JSON, not AsyncAPI, or malformed."""
 
 
 class EventDefinitionError(DomainEventsError, TypeError):

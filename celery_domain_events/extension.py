@@ -17,6 +17,7 @@ from kombu import Connection
 from . import _compat
 from .amqp.transport import AmqpTransport, Transport
 from .config import Settings, setting_name
+from .events import DomainEvent
 from .exceptions import ConfigurationError
 from .registry import EventRegistry, HandlerRegistry, HandlerSpec, default_events, default_handlers
 from .upcasting import UpcasterRegistry, check_handlers, default_upcasters
@@ -65,6 +66,50 @@ def _on_configure(sender: Celery, **_: Any) -> None:
             sender.conf[key] = RedactedURL(url)
 
 
+def _published(publishes: Iterable[Any], events: EventRegistry) -> tuple[type[DomainEvent], ...]:
+    """``publishes=``, checked: concrete event classes, one per name and version.
+
+    Raises:
+        ConfigurationError: one line, saying what to pass instead.
+    """
+    if isinstance(publishes, (str, bytes)) or not isinstance(publishes, Iterable):
+        raise ConfigurationError(
+            f"publishes= takes a list of event classes, got {type(publishes).__name__}: "
+            "write publishes=[UserCreated, ...]"
+        )
+    found: dict[tuple[str, int], type[DomainEvent]] = {}
+    for item in publishes:
+        if isinstance(item, str):
+            named = [m.__name__ for m in events.all() if m.event_name == item]
+            raise ConfigurationError(
+                f"publishes= takes event classes, not names: for {item!r} pass "
+                f"{' or '.join(named) or 'the DomainEvent subclass that declares it'}"
+            )
+        if isinstance(item, DomainEvent):
+            name = type(item).__name__
+            raise ConfigurationError(
+                f"publishes= takes event classes, got a {name} event: pass the class, {name}"
+            )
+        if not (isinstance(item, type) and issubclass(item, DomainEvent)):
+            raise ConfigurationError(
+                f"publishes= takes DomainEvent subclasses, got {repr(item)[:80]}: pass the event "
+                "class itself, publishes=[UserCreated]"
+            )
+        if "event_name" not in vars(item):
+            raise ConfigurationError(
+                f"publishes= got {item.__name__}, which declares no event_name (an abstract "
+                "base): list the event classes that do"
+            )
+        key = (item.event_name, item.event_version)
+        other = found.setdefault(key, item)
+        if other is not item:
+            raise ConfigurationError(
+                f"publishes= lists both {other.__name__} and {item.__name__} for "
+                f"{key[0]!r} v{key[1]}: keep one"
+            )
+    return tuple(found.values())
+
+
 class DomainEvents:
     """Install domain events on a Celery app.
 
@@ -82,6 +127,11 @@ class DomainEvents:
         app: the Celery app.
         handlers: restrict this app to these handler names or ``Handler`` objects (default:
             every registered handler).
+        publishes: the event classes this service publishes (``[UserCreated, OrderPlacedV2]``),
+            which ``celery -A proj domain-events catalogue`` lists as ``send`` operations;
+            the default is every event model in ``events`` (the classes the code declares),
+            and ``publishes=`` narrows that to what the service really sends. It describes;
+            ``emit()`` does not check it.
         events: the event registry (default: the one ``DomainEvent`` subclasses fill).
         handler_registry: the handler registry (default: the one the decorator fills).
         upcasters: the upcasters (default: the ones ``@upcaster`` registers).
@@ -93,7 +143,8 @@ class DomainEvents:
         overrides: settings, as keyword arguments (``service="billing"``).
 
     Raises:
-        ConfigurationError: an override is not a known setting.
+        ConfigurationError: an override is not a known setting, or ``publishes`` holds
+            something other than concrete ``DomainEvent`` subclasses.
     """
 
     def __init__(
@@ -101,6 +152,7 @@ class DomainEvents:
         app: Celery,
         *,
         handlers: Iterable[Any] | None = None,
+        publishes: Iterable[type[DomainEvent]] | None = None,
         events: EventRegistry = default_events,
         handler_registry: HandlerRegistry = default_handlers,
         upcasters: UpcasterRegistry = default_upcasters,
@@ -120,6 +172,8 @@ class DomainEvents:
         self._handler_names = (
             None if handlers is None else [getattr(h, "name", h) for h in handlers]
         )
+        #: The ``publishes=`` argument, checked; None if it was not given.
+        self.publishes = None if publishes is None else _published(publishes, events)
         self._overrides = overrides
         self._transport = transport
         self._broker_checked = False
@@ -274,6 +328,15 @@ class DomainEvents:
         if missing:
             raise ConfigurationError(f"unknown handler(s): {', '.join(missing)}")
         return [known[n] for n in sorted(set(self._handler_names))]
+
+    @property
+    def published_events(self) -> list[type[DomainEvent]]:
+        """The event classes this service publishes, ordered by name and version.
+
+        ``publishes=`` if it was given, else every model in :attr:`events`.
+        """
+        models = self.events.all() if self.publishes is None else self.publishes
+        return sorted(models, key=lambda m: (m.event_name, m.event_version))
 
     def check_upcasters(self) -> None:
         """Refuse handlers that a known version of their events could not reach (see upcasting).

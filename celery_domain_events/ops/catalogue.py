@@ -1,14 +1,22 @@
 """The event catalogue of an app as an AsyncAPI document (2.6.0 or 3.0.0).
 
 It lists every event model the code declares (name, version, JSON schema of its ``data``, the
-CloudEvents envelope around it) and every handler (its queue, DLQ, patterns, task and retry
-policy), with the AMQP bindings (topic exchange, routing keys, durable queues). Which service
-*sends* an event cannot be read from code, so events appear as channels and messages, and only
-handlers appear as operations (``receive``; ``publish`` in AsyncAPI 2's inverted terms).
+CloudEvents envelope around it) as channels and messages, and the AMQP bindings (topic exchange,
+routing keys, durable queues). Operations are what this service does:
+
+* ``send`` (``subscribe`` in AsyncAPI 2's inverted terms) for each event it publishes:
+  ``DomainEvents(publishes=[...])``, or every model in its registry if that is not given;
+* ``receive`` (AsyncAPI 2: ``publish``) for each handler, with its queue, DLQ, patterns, task,
+  retry policy, the event versions its annotation names (``declares``) and, in ``accepts``,
+  the versions of each event it can decode (upcasters included).
+
+The document's root ``x-celery-domain-events`` names the service and lists the upcasters.
+``celery_domain_events.ops.schema_diff`` reads these documents back to compare them.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,12 +27,17 @@ from celery_domain_events.events import METADATA_FIELDS, DomainEvent
 from celery_domain_events.extension import DomainEvents
 from celery_domain_events.registry import HandlerSpec
 from celery_domain_events.routing import matches
+from celery_domain_events.upcasting import as_mapping, decodable_versions
 from celery_domain_events.wire.envelope import CONTENT_TYPE
 
-__all__ = ["ASYNCAPI_VERSIONS", "build"]
+__all__ = ["ANY_VERSION", "ASYNCAPI_VERSIONS", "EXTENSION", "build"]
 
 #: AsyncAPI versions :func:`build` writes.
 ASYNCAPI_VERSIONS = ("2.6.0", "3.0.0")
+#: The specification extension this library writes on the root, messages and operations.
+EXTENSION = "x-celery-domain-events"
+#: What ``accepts`` says for a handler that takes any version of an event.
+ANY_VERSION = "*"
 _REF = "#/components/schemas/{model}"
 _AMQP_BINDING = "0.3.0"
 
@@ -38,9 +51,11 @@ class _Parts:
     host: str
     vhost: str
     models: list[type[DomainEvent]]
+    published: list[type[DomainEvent]]
     messages: dict[str, Any]
     handled: dict[str, list[str]]
     schemas: dict[str, Any]
+    root: dict[str, Any]
 
 
 def _message_id(model: type[DomainEvent]) -> str:
@@ -74,7 +89,9 @@ def _envelope_schema(model: type[DomainEvent], data: dict[str, Any]) -> dict[str
     }
 
 
-def _message(model: type[DomainEvent], schemas: dict[str, Any]) -> dict[str, Any]:
+def _message(
+    ext: DomainEvents, model: type[DomainEvent], schemas: dict[str, Any]
+) -> dict[str, Any]:
     return {
         "name": model.event_name,
         "title": f"{model.event_name} v{model.event_version}",
@@ -82,6 +99,11 @@ def _message(model: type[DomainEvent], schemas: dict[str, Any]) -> dict[str, Any
         "contentType": CONTENT_TYPE,
         "payload": _envelope_schema(model, _data_schema(model, schemas)),
         "bindings": {"amqp": {"messageType": model.event_name, "bindingVersion": _AMQP_BINDING}},
+        EXTENSION: {
+            "event": model.event_name,
+            "version": model.event_version,
+            "routingKey": ext.topology.routing_key(model),
+        },
     }
 
 
@@ -105,15 +127,71 @@ def _queue_binding(ext: DomainEvents, spec: HandlerSpec, vhost: str) -> dict[str
     }
 
 
-def _handler_doc(ext: DomainEvents, spec: HandlerSpec) -> dict[str, Any]:
+def _matched(ext: DomainEvents, spec: HandlerSpec, model: type[DomainEvent]) -> bool:
+    key = ext.topology.routing_key(model)
+    return any(matches(p, key) for p in ext.topology.binding_patterns(spec))
+
+
+def _accepts(
+    ext: DomainEvents, spec: HandlerSpec, models: list[type[DomainEvent]]
+) -> dict[str, list[int] | str]:
+    """The versions of each event the catalogue knows, and the handler is bound to, it decodes."""
+    declared = spec.event_versions()
+    accepts: dict[str, list[int] | str] = {}
+    for model in models:
+        if model.event_name in accepts or not _matched(ext, spec, model):
+            continue
+        versions = decodable_versions(declared, model.event_name, ext.events, ext.upcasters)
+        accepts[model.event_name] = ANY_VERSION if versions is None else sorted(versions)
+    return accepts
+
+
+def _handler_doc(
+    ext: DomainEvents, spec: HandlerSpec, models: list[type[DomainEvent]]
+) -> dict[str, Any]:
     retry = spec.retry
     return {
         "handler": spec.name,
         "task": spec.task_name,
+        "queue": ext.topology.handler_queue_name(spec),
         "patterns": list(ext.topology.binding_patterns(spec)),
+        "declares": as_mapping(spec.event_versions()),
+        "accepts": _accepts(ext, spec, models),
         "deadLetterQueue": ext.topology.dead_letter_queue(spec).name,
         "maxRetries": retry.max_retries if retry else 0,
     }
+
+
+def _models(ext: DomainEvents) -> list[type[DomainEvent]]:
+    """The registry's models and the published ones, one per name and version, in order."""
+    found: dict[tuple[str, int], type[DomainEvent]] = {}
+    for model in [*ext.events.all(), *ext.published_events]:
+        found.setdefault((model.event_name, model.event_version), model)
+    return [found[k] for k in sorted(found)]
+
+
+def _root_extension(ext: DomainEvents) -> dict[str, Any]:
+    return {
+        "service": ext.settings.service,
+        "exchange": ext.settings.exchange,
+        "keyFormat": ext.settings.key_format.value,
+        "publishes": "declared" if ext.publishes is not None else "registry",
+        "upcasters": [
+            {
+                "event": step.event_name,
+                "from": step.from_version,
+                "to": step.to_version,
+                "function": step.origin,
+            }
+            for step in ext.upcasters.all()
+        ],
+    }
+
+
+def _unique(key: str, taken: dict[str, Any]) -> str:
+    while key in taken:
+        key += "_"
+    return key
 
 
 def build(ext: DomainEvents, asyncapi: str = "3.0.0") -> dict[str, Any]:
@@ -128,16 +206,10 @@ def build(ext: DomainEvents, asyncapi: str = "3.0.0") -> dict[str, Any]:
     vhost = parts.path or "/"
     host = f"{parts.hostname or 'localhost'}:{parts.port or 5672}"
     schemas: dict[str, Any] = {}
-    models = ext.events.all()
-    messages = {_message_id(m): _message(m, schemas) for m in models}
+    models = _models(ext)
+    messages = {_message_id(m): _message(ext, m, schemas) for m in models}
     handled = {
-        spec.name: [
-            _message_id(m)
-            for m in models
-            if any(
-                matches(p, ext.topology.routing_key(m)) for p in ext.topology.binding_patterns(spec)
-            )
-        ]
+        spec.name: [_message_id(m) for m in models if _matched(ext, spec, m)]
         for spec in ext.handlers
     }
     info = {
@@ -146,7 +218,19 @@ def build(ext: DomainEvents, asyncapi: str = "3.0.0") -> dict[str, Any]:
         "description": f"Events on the topic exchange {ext.settings.exchange!r}; "
         "generated by celery-domain-events.",
     }
-    parts_ = _Parts(ext, info, host, vhost, models, messages, handled, schemas)
+    sent = {(m.event_name, m.event_version) for m in ext.published_events}
+    parts_ = _Parts(
+        ext,
+        info,
+        host,
+        vhost,
+        models,
+        [m for m in models if (m.event_name, m.event_version) in sent],
+        messages,
+        handled,
+        schemas,
+        _root_extension(ext),
+    )
     return _v3(parts_) if asyncapi == "3.0.0" else _v2(parts_)
 
 
@@ -186,7 +270,16 @@ def _v3(d: _Parts) -> dict[str, Any]:
             "messages": [
                 {"$ref": f"#/channels/{queue}/messages/{m}"} for m in d.handled[spec.name]
             ],
-            "x-celery-domain-events": _handler_doc(d.ext, spec),
+            EXTENSION: _handler_doc(d.ext, spec, d.models),
+        }
+    for model in d.published:
+        mid = _message_id(model)
+        operations[_unique(f"send_{mid}", operations)] = {
+            "action": "send",
+            "channel": {"$ref": f"#/channels/{mid}"},
+            "summary": f"{d.ext.settings.service} publishes {model.event_name} "
+            f"v{model.event_version}",
+            "messages": [{"$ref": f"#/channels/{mid}/messages/{mid}"}],
         }
     return {
         "asyncapi": "3.0.0",
@@ -203,15 +296,25 @@ def _v3(d: _Parts) -> dict[str, Any]:
         "channels": channels,
         "operations": operations,
         "components": {"messages": d.messages, "schemas": d.schemas},
+        EXTENSION: d.root,
     }
 
 
+def _one_or_many(refs: list[dict[str, str]]) -> dict[str, Any]:
+    return refs[0] if len(refs) == 1 else {"oneOf": refs}
+
+
 def _v2(d: _Parts) -> dict[str, Any]:
-    channels: dict[str, Any] = {}
+    # A channel is a routing key: with plain keys every version of an event shares one.
+    by_key: dict[str, list[type[DomainEvent]]] = {}
     for model in d.models:
-        mid = _message_id(model)
-        channels[d.ext.topology.routing_key(model)] = {
-            "description": f"{model.event_name} v{model.event_version} on the topic exchange",
+        by_key.setdefault(d.ext.topology.routing_key(model), []).append(model)
+    channels: dict[str, Any] = {}
+    operation_ids: dict[str, None] = {}
+    for key, group in by_key.items():
+        versions = ", ".join(f"v{m.event_version}" for m in group)
+        channel: dict[str, Any] = {
+            "description": f"{group[0].event_name} {versions} on the topic exchange",
             "bindings": {
                 "amqp": {
                     "is": "routingKey",
@@ -219,8 +322,21 @@ def _v2(d: _Parts) -> dict[str, Any]:
                     "bindingVersion": _AMQP_BINDING,
                 }
             },
-            "subscribe": {"message": {"$ref": f"#/components/messages/{mid}"}},
         }
+        sent = [m for m in group if m in d.published]
+        if sent:
+            # AsyncAPI 2: "subscribe" is what this application sends (others subscribe to it).
+            operation_id = _unique("send_" + re.sub(r"\W", "_", key), operation_ids)
+            operation_ids[operation_id] = None
+            channel["subscribe"] = {
+                "operationId": operation_id,
+                "summary": f"{d.ext.settings.service} publishes {group[0].event_name} "
+                + ", ".join(f"v{m.event_version}" for m in sent),
+                "message": _one_or_many(
+                    [{"$ref": f"#/components/messages/{_message_id(m)}"} for m in sent]
+                ),
+            }
+        channels[key] = channel
     for spec in d.ext.handlers:
         refs = [{"$ref": f"#/components/messages/{m}"} for m in d.handled[spec.name]]
         channels[d.ext.topology.handler_queue_name(spec)] = {
@@ -236,8 +352,8 @@ def _v2(d: _Parts) -> dict[str, Any]:
             "publish": {
                 "operationId": spec.name,
                 "summary": f"{spec.name} handles {', '.join(spec.patterns)}",
-                **({"message": refs[0] if len(refs) == 1 else {"oneOf": refs}} if refs else {}),
-                "x-celery-domain-events": _handler_doc(d.ext, spec),
+                **({"message": _one_or_many(refs)} if refs else {}),
+                EXTENSION: _handler_doc(d.ext, spec, d.models),
             },
         }
     return {
@@ -253,4 +369,5 @@ def _v2(d: _Parts) -> dict[str, Any]:
         },
         "channels": channels,
         "components": {"messages": d.messages, "schemas": d.schemas},
+        EXTENSION: d.root,
     }

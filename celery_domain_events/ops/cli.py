@@ -8,6 +8,8 @@ Installed as a ``celery.commands`` plugin, so ``-A`` resolves the app as for any
     celery -A proj domain-events dlq purge --id EVENT_ID --yes
     celery -A proj domain-events topology show|declare|diff [--prune] [--apply]
     celery -A proj domain-events catalogue [--asyncapi 2.6.0|3.0.0] [-o catalogue.json]
+    celery domain-events catalogue diff OLD.json NEW.json [--json]
+    celery domain-events catalogue check --producer P.json --consumer C.json [--json]
     celery -A proj domain-events outbox create-table|relay --db-url URL
 
 (Celery's own ``celery events`` command is the event monitor, so this one is ``domain-events``.)
@@ -25,17 +27,18 @@ from kombu.common import ignore_errors
 
 from celery_domain_events.amqp import queues
 from celery_domain_events.amqp.queues import declare
-from celery_domain_events.exceptions import ConfigurationError
+from celery_domain_events.exceptions import CatalogueError, ConfigurationError
 from celery_domain_events.extension import DomainEvents
 from celery_domain_events.registry import HandlerSpec
 from celery_domain_events.routing import matches, validate_pattern
 from celery_domain_events.wire.dead_letter import HEADER_PREFIX, DeadLetter
 from celery_domain_events.wire.topology import BindingDiff, diff_bindings
 
-from . import catalogue
+from . import catalogue, schema_diff
 from .cli_context import (
     EXIT_FOUND_DIFFERENCE,
     ManagementUnavailable,
+    UnreadableInput,
     broker_connection,
     extension_of,
 )
@@ -452,7 +455,7 @@ def topology_diff(ctx: click.Context, prune: bool, apply_missing: bool, as_json:
         ctx.exit(EXIT_FOUND_DIFFERENCE)
 
 
-@domain_events.command(name="catalogue")
+@domain_events.group(name="catalogue", invoke_without_command=True)
 @click.option(
     "--asyncapi",
     type=click.Choice(catalogue.ASYNCAPI_VERSIONS),
@@ -463,7 +466,12 @@ def topology_diff(ctx: click.Context, prune: bool, apply_missing: bool, as_json:
 @click.option("--output", "-o", type=click.Path(dir_okay=False), help="Write to a file.")
 @click.pass_context
 def catalogue_command(ctx: click.Context, asyncapi: str, output: str | None) -> None:
-    """Export events, versions, JSON schemas, handlers and queues as AsyncAPI JSON."""
+    """Export events, versions, JSON schemas, handlers and queues as AsyncAPI JSON.
+
+    With a subcommand, compare catalogue files instead (no app needed).
+    """
+    if ctx.invoked_subcommand is not None:
+        return
     document = json.dumps(catalogue.build(extension_of(ctx), asyncapi), indent=2, sort_keys=False)
     if output:
         with open(output, "w", encoding="utf-8") as f:
@@ -471,3 +479,79 @@ def catalogue_command(ctx: click.Context, asyncapi: str, output: str | None) -> 
         click.echo(f"wrote AsyncAPI {asyncapi} catalogue to {output}")
     else:
         click.echo(document)
+
+
+def _read_catalogue(path: str, role: str) -> schema_diff.Catalogue:
+    try:
+        with open(path, encoding="utf-8") as f:
+            document = json.load(f)
+        return schema_diff.read(document, f"{role} {path}")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UnreadableInput(f"{role} {path}: {exc}".splitlines()[0]) from None
+    except CatalogueError as exc:
+        raise UnreadableInput(str(exc).splitlines()[0]) from None
+
+
+_catalogue_file = click.Path(dir_okay=False)
+
+
+@catalogue_command.command("diff")
+@click.argument("old", type=_catalogue_file)
+@click.argument("new", type=_catalogue_file)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def catalogue_diff(ctx: click.Context, old: str, new: str, as_json: bool) -> None:
+    """Compare two catalogues of one service (OLD release, NEW); exit 1 on a breaking change."""
+    changes = schema_diff.diff(_read_catalogue(old, "OLD"), _read_catalogue(new, "NEW"))
+    breaking = [c for c in changes if c.breaking]
+    if as_json:
+        report = {
+            "breaking": bool(breaking),
+            "summary": {"breaking": len(breaking), "compatible": len(changes) - len(breaking)},
+            "changes": [c.as_dict() for c in changes],
+        }
+        click.echo(json.dumps(report, indent=2))
+    else:
+        for change in changes:
+            click.echo(change.line())
+        click.echo(
+            f"{len(breaking)} breaking, {len(changes) - len(breaking)} compatible change(s)"
+            if changes
+            else "no changes"
+        )
+    if breaking:
+        ctx.exit(EXIT_FOUND_DIFFERENCE)
+
+
+@catalogue_command.command("check")
+@click.option("--producer", required=True, type=_catalogue_file, help="The sender's catalogue.")
+@click.option("--consumer", required=True, type=_catalogue_file, help="The receiver's catalogue.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def catalogue_check(ctx: click.Context, producer: str, consumer: str, as_json: bool) -> None:
+    """Can the consumer's handlers decode every event version the producer sends? Exit 1 if not."""
+    sender = _read_catalogue(producer, "producer")
+    receiver = _read_catalogue(consumer, "consumer")
+    try:
+        deliveries = schema_diff.check(sender, receiver)
+    except CatalogueError as exc:
+        raise UnreadableInput(str(exc).splitlines()[0]) from None
+    problems = [d for d in deliveries if not d.decodable]
+    if as_json:
+        report = {
+            "ok": not problems,
+            "producer": sender.service,
+            "consumer": receiver.service,
+            "deliveries": [d.as_dict() for d in deliveries],
+        }
+        click.echo(json.dumps(report, indent=2))
+    else:
+        for delivery in deliveries:
+            click.echo(delivery.line())
+        click.echo(
+            f"{len(problems)} problem(s) in {len(deliveries)} pairing(s) of a sent event version "
+            f"with a handler bound to it ({sender.service or producer} -> "
+            f"{receiver.service or consumer})"
+        )
+    if problems:
+        ctx.exit(EXIT_FOUND_DIFFERENCE)

@@ -20,8 +20,10 @@ __all__ = [
     "EXIT_BROKER",
     "EXIT_FOUND_DIFFERENCE",
     "EXIT_MANAGEMENT",
+    "EXIT_USAGE",
     "BrokerUnreachable",
     "ManagementUnavailable",
+    "UnreadableInput",
     "broker_connection",
     "extension_of",
 ]
@@ -43,8 +45,10 @@ def extension_of(ctx: click.Context) -> DomainEvents:
 
 
 #: Exit codes (documented in docs/operations/failures.md): 0 done, 1 a difference or nothing found,
-#: 2 a usage error (click), 3 the broker cannot be reached or refused us, 4 the management API.
+#: 2 a usage error (click) or an unreadable input file, 3 the broker cannot be reached or refused
+#: us, 4 the management API.
 EXIT_FOUND_DIFFERENCE = 1
+EXIT_USAGE = 2
 EXIT_BROKER = 3
 EXIT_MANAGEMENT = 4
 
@@ -53,6 +57,12 @@ class BrokerUnreachable(click.ClickException):
     """The broker could not be reached within the publish deadline, or refused the login."""
 
     exit_code = EXIT_BROKER
+
+
+class UnreadableInput(click.ClickException):
+    """An input file (a catalogue) cannot be read: missing, not JSON, or not a catalogue."""
+
+    exit_code = EXIT_USAGE
 
 
 class ManagementUnavailable(click.ClickException):
