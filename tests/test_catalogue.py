@@ -122,19 +122,19 @@ def test_a_publish_only_service_lists_what_it_sends(version: str) -> None:
     assert errors(document, version) == []
     if version == "3.0.0":
         sends = {k: v for k, v in document["operations"].items() if v["action"] == "send"}
-        assert set(sends) == {"send_UserCreatedV1", "send_PlacedV2V2"}
-        assert sends["send_PlacedV2V2"]["channel"] == {"$ref": "#/channels/PlacedV2V2"}
-        assert document["channels"]["PlacedV2V2"]["address"] == "up.order.placed"
-        assert sends["send_PlacedV2V2"]["messages"] == [
-            {"$ref": "#/channels/PlacedV2V2/messages/PlacedV2V2"}
+        assert set(sends) == {"send_UserCreatedV1", "send_PlacedV2"}
+        assert sends["send_PlacedV2"]["channel"] == {"$ref": "#/channels/PlacedV2"}
+        assert document["channels"]["PlacedV2"]["address"] == "up.order.placed"
+        assert sends["send_PlacedV2"]["messages"] == [
+            {"$ref": "#/channels/PlacedV2/messages/PlacedV2"}
         ]
     else:
         # AsyncAPI 2 names what the application sends "subscribe" (others subscribe to it).
         channel = document["channels"]["up.order.placed"]
-        assert channel["subscribe"]["message"] == {"$ref": "#/components/messages/PlacedV2V2"}
+        assert channel["subscribe"]["message"] == {"$ref": "#/components/messages/PlacedV2"}
         assert "publish" not in channel
         assert document["channels"]["test.user.created"]["subscribe"]["operationId"]
-    message = document["components"]["messages"]["PlacedV2V2"]
+    message = document["components"]["messages"]["PlacedV2"]
     assert message["x-celery-domain-events"] == {
         "event": "up.order.placed",
         "version": 2,
@@ -152,21 +152,21 @@ def test_publishes_defaults_to_every_model_and_narrows_it(version: str) -> None:
     for document in (everything, narrowed):
         assert errors(document, version) == []
         # Every model stays a message: the service may receive the ones it does not send.
-        assert set(document["components"]["messages"]) == {"PlacedV1V1", "PlacedV2V2", "PlacedV3V3"}
+        assert set(document["components"]["messages"]) == {"PlacedV1", "PlacedV2", "PlacedV3"}
     assert everything["x-celery-domain-events"]["publishes"] == "registry"
     if version == "3.0.0":
         assert sorted(everything["operations"]) == [
-            "send_PlacedV1V1",
-            "send_PlacedV2V2",
-            "send_PlacedV3V3",
+            "send_PlacedV1",
+            "send_PlacedV2",
+            "send_PlacedV3",
         ]
-        assert sorted(narrowed["operations"]) == ["send_PlacedV3V3"]
+        assert sorted(narrowed["operations"]) == ["send_PlacedV3"]
     else:
         # One channel per routing key: the versions of an event share it.
         [channel] = everything["channels"].values()
         assert len(channel["subscribe"]["message"]["oneOf"]) == 3
         [channel] = narrowed["channels"].values()
-        assert channel["subscribe"]["message"] == {"$ref": "#/components/messages/PlacedV3V3"}
+        assert channel["subscribe"]["message"] == {"$ref": "#/components/messages/PlacedV3"}
 
 
 def test_publishes_with_no_events_sends_nothing() -> None:
@@ -270,3 +270,16 @@ def test_an_untyped_handler_of_an_event_without_a_model_accepts_any_version() ->
     document = catalogue.build(ext, "3.0.0")
     accepts = document["operations"]["up_untyped_any"]["x-celery-domain-events"]["accepts"]
     assert accepts == {"up.order.shipped": "*"}
+
+
+def test_a_class_named_after_its_version_keeps_its_name_as_the_message_id() -> None:
+    from celery_domain_events.ops.catalogue import _message_id
+
+    from .evolving import EvolveV1, EvolveV2
+
+    class Renamed(EvolveV2):  # a subclass keeps the name and version of its base
+        pass
+
+    assert _message_id(EvolveV1) == "EvolveV1"
+    assert _message_id(EvolveV2) == "EvolveV2"
+    assert _message_id(Renamed) == "RenamedV2"

@@ -59,7 +59,9 @@ class _Parts:
 
 
 def _message_id(model: type[DomainEvent]) -> str:
-    return f"{model.__name__}V{model.event_version}"
+    suffix = f"V{model.event_version}"
+    # OrderPaidV2 stays OrderPaidV2, not OrderPaidV2V2.
+    return model.__name__ if model.__name__.endswith(suffix) else model.__name__ + suffix
 
 
 def _data_schema(model: type[DomainEvent], schemas: dict[str, Any]) -> dict[str, Any]:
