@@ -35,6 +35,7 @@ class HandlerSpec:
         fn: the user's function, called with the typed event.
         retry: the retry policy (None: never retried).
         task_options: extra Celery task options (time limits, rate limit, ...).
+        idempotent: the inbox that records the events it handled, if any.
     """
 
     name: str
@@ -42,6 +43,8 @@ class HandlerSpec:
     fn: Callable[..., Any] = field(compare=False)
     retry: RetryPolicy | None = None
     task_options: dict[str, Any] = field(default_factory=dict, compare=False)
+    #: The inbox that makes it idempotent (``celery_domain_events.inbox``), if any.
+    idempotent: Any = field(default=None, compare=False)
 
     def event_versions(self) -> dict[str, frozenset[int]]:
         """The versions of each event the handler's annotation names (``{}`` if untyped).

@@ -34,6 +34,7 @@ from celery import current_app as _current_app
 from celery_domain_events import _compat
 from celery_domain_events.events import DomainEvent, GenericEvent
 from celery_domain_events.exceptions import ConfigurationError, EventDefinitionError
+from celery_domain_events.inbox import AsyncInbox, Inbox
 from celery_domain_events.registry import HandlerRegistry, HandlerSpec, default_handlers
 from celery_domain_events.retry import RetryPolicy
 from celery_domain_events.routing import validate_pattern, validate_word
@@ -98,6 +99,7 @@ def domain_event_handler(
     *patterns: str,
     name: str | None = None,
     retry: RetryPolicy | None = _DEFAULT_RETRY,
+    idempotent: Inbox | AsyncInbox | None = None,
     registry: HandlerRegistry = default_handlers,
     **task_options: Any,
 ) -> Callable[[Callable[P, R]], Handler[P, R]]:
@@ -108,6 +110,10 @@ def domain_event_handler(
         name: handler name, unique per service; defaults to the function's name. It names the
             queue (``<service>.<name>``), so renaming a handler means a new queue.
         retry: the retry policy; ``None`` dead-letters on the first failure.
+        idempotent: an inbox (``SqlAlchemyInbox``, ``DjangoInbox``, ``RedisInbox``, see
+            :mod:`celery_domain_events.inbox`): each event runs the handler once, its
+            ``(handler, event id)`` committed with the handler's side effects; a duplicate
+            delivery is skipped.
         registry: where to register (tests pass an isolated one).
         task_options: Celery task options from :data:`TASK_OPTIONS` (``time_limit``, ...).
 
@@ -139,18 +145,38 @@ def domain_event_handler(
         _check_signature(fn)
         handler_name = name or fn.__name__
         validate_word(handler_name, "handler name")  # queue names are <service>.<handler>
+        _check_inbox(fn, idempotent)
         spec = HandlerSpec(
             name=handler_name,
             patterns=tuple(dict.fromkeys(patterns)),
             fn=fn,
             retry=retry,
             task_options=dict(task_options),
+            idempotent=idempotent,
         )
         registry.register(spec)
         _register_task_on_apps(spec)
         return Handler(spec)
 
     return decorate
+
+
+def _check_inbox(fn: Callable[..., Any], inbox: Any) -> None:
+    """Refuse, at decoration, an inbox that cannot serve this kind of handler.
+
+    Raises:
+        ConfigurationError: ``inbox`` has no ``claim`` (or, for an ``async def`` handler, no
+            ``aclaim``).
+    """
+    if inbox is None:
+        return
+    needed, kind = (AsyncInbox, "aclaim") if inspect.iscoroutinefunction(fn) else (Inbox, "claim")
+    if not isinstance(inbox, needed):
+        raise ConfigurationError(
+            f"idempotent={inbox!r} has no {kind}() for {fn.__qualname__}; pass an inbox "
+            "(contrib.inbox.SqlAlchemyInbox / AsyncSqlAlchemyInbox, contrib.django.inbox."
+            "DjangoInbox, contrib.redis_inbox.RedisInbox)"
+        )
 
 
 def _check_signature(fn: Callable[..., Any]) -> None:

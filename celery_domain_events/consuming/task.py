@@ -42,6 +42,7 @@ from celery_domain_events import tracing
 from celery_domain_events.config import QueueType
 from celery_domain_events.exceptions import NON_RETRYABLE, EventDecodeError
 from celery_domain_events.extension import DomainEvents
+from celery_domain_events.inbox import DUPLICATE
 from celery_domain_events.publishing import api as publishing
 from celery_domain_events.publishing import buffer as event_buffer
 from celery_domain_events.registry import HandlerSpec
@@ -92,14 +93,51 @@ class DomainEventTask(Task):  # type: ignore[type-arg]
         started = time.monotonic()
         # Events the handler emits go out only if it succeeds (a failed transmit fails this
         # attempt, which is retried like any other), and continue the emitter's trace.
+        spec = self.handler_spec
         with tracing.child_context(envelope.traceparent) as traceparent:
             with publishing.scope(self.app):
-                result = self.handler_spec.fn(event)
-                if inspect.iscoroutine(result):  # an async def handler
-                    result = _run_coroutine(result)
-            if tracing.event_log.isEnabledFor(logging.INFO):
+                if spec.idempotent is not None:
+                    # The inbox's unit of work commits before the scope transmits: emitted
+                    # events leave only once the pair and the side effects are committed.
+                    result = self._run_once(spec, event)
+                else:
+                    result = spec.fn(event)
+                    if inspect.iscoroutine(result):  # an async def handler
+                        result = _run_coroutine(result)
+            if result is DUPLICATE:
+                self._log_duplicate(envelope, ext)
+            elif tracing.event_log.isEnabledFor(logging.INFO):
                 self._log_handled(envelope, ext, traceparent, time.monotonic() - started)
         return result
+
+    def _run_once(self, spec: HandlerSpec, event: Any) -> Any:
+        """Run the handler inside its inbox's claim; return ``DUPLICATE`` for a duplicate."""
+        inbox, event_id = spec.idempotent, str(event.event_id)
+        if inspect.iscoroutinefunction(spec.fn):
+
+            async def claimed() -> Any:
+                async with inbox.aclaim(spec.name, event_id) as fresh:
+                    return await spec.fn(event) if fresh else DUPLICATE
+
+            return _run_coroutine(claimed())
+        with inbox.claim(spec.name, event_id) as fresh:
+            return spec.fn(event) if fresh else DUPLICATE
+
+    def _log_duplicate(self, envelope: wire_envelope.Envelope, ext: Any) -> None:
+        tracing.event_log.info(
+            "Skipped %s id=%s: %s already handled it (a duplicate delivery)",
+            envelope.type,
+            envelope.id,
+            self.handler_spec.name,
+            extra={
+                "event_id": envelope.id,
+                "event_name": envelope.type,
+                "event_version": envelope.eventversion,
+                "service": ext.settings.service,
+                "handler": self.handler_spec.name,
+                "outcome": "duplicate",
+            },
+        )
 
     def _log_handled(
         self, envelope: wire_envelope.Envelope, ext: Any, traceparent: str, seconds: float

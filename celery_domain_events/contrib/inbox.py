@@ -1,0 +1,197 @@
+"""SQLAlchemy inboxes: idempotent handlers whose side effects share the inbox row's transaction.
+
+::
+
+    Session = sessionmaker(engine)
+    inbox = SqlAlchemyInbox(Session, metadata=Base.metadata)   # the table joins your migrations
+
+    @domain_event_handler("order.placed", idempotent=inbox)
+    def project(event: OrderPlaced) -> None:
+        inbox.session.add(OrderRow(id=event.order_id))
+
+Each run opens a session and a transaction, inserts ``(handler, event id)`` in a SAVEPOINT and
+calls the handler, whose work goes through :attr:`SqlAlchemyInbox.session`; the transaction
+commits when the handler returns and rolls back if it raises (the retry runs it again). A
+duplicate's insert violates the primary key: nothing is committed and the handler is skipped.
+With PostgreSQL (READ COMMITTED, its default), a second delivery of an event being handled
+waits on the first one's row, then is skipped, or runs if the first rolled back.
+
+:class:`AsyncSqlAlchemyInbox` does the same with an ``async_sessionmaker`` for ``async def``
+handlers. Rows older than a retention window are deleted with :meth:`SqlAlchemyInbox.purge`
+(or ``celery -A proj domain-events inbox purge``).
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from sqlalchemy import (
+    Column,
+    DateTime,
+    Engine,
+    Index,
+    MetaData,
+    String,
+    Table,
+    delete,
+    insert,
+)
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+__all__ = ["DEFAULT_INBOX_TABLE", "AsyncSqlAlchemyInbox", "SqlAlchemyInbox", "define_inbox_table"]
+
+#: Name of the inbox table unless you choose another.
+DEFAULT_INBOX_TABLE = "domain_events_inbox"
+
+
+def define_inbox_table(metadata: MetaData, name: str = DEFAULT_INBOX_TABLE) -> Table:
+    """Return the inbox table ``name`` on ``metadata``, defining it if it is not there yet.
+
+    Call it where your models are defined so the table is part of your migrations.
+    """
+    existing = metadata.tables.get(name)
+    if existing is not None:
+        return existing
+    return Table(
+        name,
+        metadata,
+        Column("handler", String(200), primary_key=True, comment="handler name"),
+        Column("event_id", String(255), primary_key=True, comment="CloudEvents id"),
+        Column("handled_at", DateTime(timezone=True), nullable=False),
+        Index(f"ix_{name}_handled_at", "handled_at"),
+    )
+
+
+class _InboxTable:
+    def __init__(self, metadata: MetaData | None, table_name: str) -> None:
+        self.table = define_inbox_table(
+            metadata if metadata is not None else MetaData(), table_name
+        )
+
+    def _row(self, handler: str, event_id: str) -> Any:
+        return insert(self.table).values(
+            handler=handler, event_id=event_id, handled_at=datetime.now(timezone.utc)
+        )
+
+    def _older_than(self, older_than: timedelta) -> Any:
+        cutoff = datetime.now(timezone.utc) - older_than
+        return delete(self.table).where(self.table.c.handled_at < cutoff)
+
+
+class SqlAlchemyInbox(_InboxTable):
+    """An inbox in a SQLAlchemy database; see the module docstring.
+
+    Args:
+        sessions: makes a ``Session`` (a ``sessionmaker``) for each handler run.
+        metadata: the ``MetaData`` to define the table on (default: a private one).
+        table_name: the table's name.
+    """
+
+    def __init__(
+        self,
+        sessions: Callable[[], Session],
+        metadata: MetaData | None = None,
+        table_name: str = DEFAULT_INBOX_TABLE,
+    ) -> None:
+        super().__init__(metadata, table_name)
+        self._sessions = sessions
+        self._current: contextvars.ContextVar[Session | None] = contextvars.ContextVar(
+            f"celery_domain_events_inbox_{id(self)}", default=None
+        )
+
+    @property
+    def session(self) -> Session:
+        """The session of the handler run in progress: its work commits with the inbox row.
+
+        Raises:
+            RuntimeError: not inside a run of a handler that uses this inbox.
+        """
+        session = self._current.get()
+        if session is None:
+            raise RuntimeError(
+                "inbox.session is the session of an idempotent handler's run; use it inside "
+                "a handler declared with idempotent=this inbox"
+            )
+        return session
+
+    @contextmanager
+    def claim(self, handler: str, event_id: str) -> Iterator[bool]:
+        """Begin a transaction, claim ``(handler, event_id)`` in it; see ``inbox.Inbox``."""
+        with self._sessions() as session, session.begin():
+            try:
+                with session.begin_nested():
+                    session.execute(self._row(handler, event_id))
+            except IntegrityError:  # committed by an earlier delivery: a duplicate
+                yield False
+                return
+            token = self._current.set(session)
+            try:
+                yield True
+            finally:
+                self._current.reset(token)
+
+    def purge(self, bind: Engine, older_than: timedelta) -> int:
+        """Delete the rows of events handled more than ``older_than`` ago; return how many.
+
+        A duplicate of a purged event would run the handler again: keep the window longer than
+        redeliveries, relays and replays can lag (DLQs included).
+        """
+        with bind.begin() as conn:
+            return int(conn.execute(self._older_than(older_than)).rowcount)
+
+
+class AsyncSqlAlchemyInbox(_InboxTable):
+    """:class:`SqlAlchemyInbox` for ``async def`` handlers, with an ``async_sessionmaker``."""
+
+    def __init__(
+        self,
+        sessions: Callable[[], Any],
+        metadata: MetaData | None = None,
+        table_name: str = DEFAULT_INBOX_TABLE,
+    ) -> None:
+        super().__init__(metadata, table_name)
+        self._sessions = sessions
+        self._current: contextvars.ContextVar[Any] = contextvars.ContextVar(
+            f"celery_domain_events_async_inbox_{id(self)}", default=None
+        )
+
+    @property
+    def session(self) -> Any:
+        """The ``AsyncSession`` of the handler run in progress.
+
+        Raises:
+            RuntimeError: not inside a run of a handler that uses this inbox.
+        """
+        session = self._current.get()
+        if session is None:
+            raise RuntimeError(
+                "inbox.session is the session of an idempotent handler's run; use it inside "
+                "a handler declared with idempotent=this inbox"
+            )
+        return session
+
+    @asynccontextmanager
+    async def aclaim(self, handler: str, event_id: str) -> AsyncIterator[bool]:
+        """As :meth:`SqlAlchemyInbox.claim`, on the worker's event loop."""
+        async with self._sessions() as session, session.begin():
+            try:
+                async with session.begin_nested():
+                    await session.execute(self._row(handler, event_id))
+            except IntegrityError:
+                yield False
+                return
+            token = self._current.set(session)
+            try:
+                yield True
+            finally:
+                self._current.reset(token)
+
+    async def purge(self, bind: Any, older_than: timedelta) -> int:
+        """:meth:`SqlAlchemyInbox.purge` on an ``AsyncEngine``."""
+        async with bind.begin() as conn:
+            return int((await conn.execute(self._older_than(older_than))).rowcount)

@@ -1,0 +1,189 @@
+"""SQLAlchemy inboxes on the real PostgreSQL: once per (handler, event id), in one transaction."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any, ClassVar
+
+import pytest
+import sqlalchemy as sa
+from celery import Celery
+from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+from sqlalchemy.orm import sessionmaker
+
+from celery_domain_events import (
+    ConfigurationError,
+    DomainEvent,
+    DomainEvents,
+    RetryPolicy,
+    domain_event_handler,
+    emit,
+    transmit,
+)
+from celery_domain_events.contrib.inbox import AsyncSqlAlchemyInbox, SqlAlchemyInbox
+from celery_domain_events.testing import capture_events
+
+from .conftest import DB_URL
+
+UID = uuid.uuid4().hex[:8]
+METADATA = sa.MetaData()
+ROWS = sa.Table(
+    f"inbox_rows_{UID}",
+    METADATA,
+    sa.Column("handler", sa.String(50), primary_key=True),
+    sa.Column("order_id", sa.Integer, primary_key=True),
+)
+ENGINE = sa.create_engine(DB_URL)
+INBOX = SqlAlchemyInbox(sessionmaker(ENGINE), METADATA, table_name=f"inbox_{UID}")
+ASYNC_INBOX = AsyncSqlAlchemyInbox(lambda: None, METADATA, table_name=f"inbox_{UID}")
+FAILURES = {"left": 0}
+
+
+class InboxOrder(DomainEvent):
+    event_name: ClassVar[str] = "ib.order.placed"
+    order_id: int
+
+
+@domain_event_handler("ib.order.placed", idempotent=INBOX, retry=RetryPolicy(max_retries=2))
+def ib_project(event: InboxOrder) -> None:
+    INBOX.session.execute(sa.insert(ROWS).values(handler="ib_project", order_id=event.order_id))
+    if FAILURES["left"]:
+        FAILURES["left"] -= 1
+        raise ConnectionError("flaky downstream: the row above is rolled back")
+
+
+@domain_event_handler("ib.order.placed", idempotent=ASYNC_INBOX, retry=None)
+async def ib_project_async(event: InboxOrder) -> None:
+    await ASYNC_INBOX.session.execute(
+        sa.insert(ROWS).values(handler="ib_project_async", order_id=event.order_id)
+    )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tables(engine: Any) -> Iterator[None]:
+    METADATA.create_all(engine)
+    yield
+    METADATA.drop_all(engine)
+    ENGINE.dispose()
+
+
+@pytest.fixture(scope="module")
+def engine() -> sa.Engine:  # module-scoped twin of conftest's
+    return ENGINE
+
+
+def rows(handler: str) -> list[int]:
+    with ENGINE.connect() as conn:
+        result = conn.execute(sa.select(ROWS.c.order_id).where(ROWS.c.handler == handler))
+        return sorted(result.scalars())
+
+
+def app_with(*handlers: Any) -> Celery:
+    app = Celery("inbox", broker="memory://", set_as_current=False)
+    DomainEvents(app, service="ib", handlers=list(handlers), discover_handlers=False)
+    return app
+
+
+def test_a_duplicate_delivery_is_skipped_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    app = app_with(ib_project)
+    event = InboxOrder(order_id=1)
+    with capture_events(app) as events, caplog.at_level("INFO"):
+        emit(event)
+        emit(event)  # the same event id twice: a relay's or a publisher's duplicate
+        transmit(app)
+        events.join()
+    assert rows("ib_project") == [1]
+    assert events.handled(ib_project) == [event, event]  # both acked; one ran the handler
+    assert f"Skipped ib.order.placed id={event.event_id}: ib_project already handled it" in (
+        caplog.text
+    )
+
+
+def test_a_failed_attempt_commits_nothing_and_its_retry_runs_again() -> None:
+    app = app_with(ib_project)
+    FAILURES["left"] = 1
+    with capture_events(app) as events:
+        emit(InboxOrder(order_id=2))
+        transmit(app)
+        events.join()
+    assert FAILURES["left"] == 0
+    assert rows("ib_project") == [1, 2]  # once, though the handler ran twice
+
+
+def test_the_database_decides_between_two_concurrent_deliveries() -> None:
+    event_id = str(uuid.uuid4())
+    outcomes: list[bool] = []
+    first_inside = threading.Event()
+
+    def deliver(pause: float) -> None:
+        with INBOX.claim("ib_race", event_id) as fresh:
+            outcomes.append(fresh)
+            first_inside.set()
+            time.sleep(pause)  # the other delivery's insert waits on this row meanwhile
+
+    first = threading.Thread(target=deliver, args=(0.5,))
+    first.start()
+    first_inside.wait(5)
+    started = time.monotonic()
+    deliver(0)
+    waited = time.monotonic() - started
+    first.join()
+    assert outcomes == [True, False]
+    assert waited >= 0.3  # it waited for the first transaction instead of guessing
+
+
+def test_an_async_handler_uses_the_async_inbox() -> None:
+    async_engine = create_async_engine(DB_URL)
+    ASYNC_INBOX._sessions = async_sessionmaker(async_engine)
+    app = app_with(ib_project_async)
+    event = InboxOrder(order_id=3)
+    try:
+        with capture_events(app) as events:
+            emit(event)
+            emit(event)
+            transmit(app)
+            events.join()
+    finally:
+        from celery_domain_events.consuming import aio_loop
+
+        aio_loop.run(async_engine.dispose())
+    assert rows("ib_project_async") == [3]
+
+
+def test_purge_deletes_rows_older_than_the_window() -> None:
+    with INBOX.claim("ib_purge", "old") as fresh:
+        assert fresh
+    with ENGINE.begin() as conn:
+        conn.execute(
+            sa.update(INBOX.table)
+            .where(INBOX.table.c.handler == "ib_purge")
+            .values(handled_at=sa.func.now() - sa.text("interval '10 days'"))
+        )
+    with INBOX.claim("ib_purge", "new") as fresh:
+        assert fresh
+    assert INBOX.purge(ENGINE, timedelta(days=7)) == 1
+    with INBOX.claim("ib_purge", "new") as fresh:
+        assert not fresh  # still remembered
+    with INBOX.claim("ib_purge", "old") as fresh:
+        assert fresh  # forgotten: a duplicate this late would run again
+
+
+def test_the_session_exists_only_inside_a_run() -> None:
+    with pytest.raises(RuntimeError, match="inside a handler declared with idempotent"):
+        _ = INBOX.session
+
+
+def test_an_inbox_that_cannot_serve_the_handler_is_refused_at_decoration() -> None:
+    with pytest.raises(ConfigurationError, match="has no claim"):
+
+        @domain_event_handler("ib.x", idempotent=object())  # type: ignore[arg-type]
+        def not_an_inbox(event: InboxOrder) -> None: ...
+
+    with pytest.raises(ConfigurationError, match="has no aclaim"):
+
+        @domain_event_handler("ib.x", idempotent=INBOX)
+        async def sync_inbox_for_async(event: InboxOrder) -> None: ...
