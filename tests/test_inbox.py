@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import uuid
@@ -65,7 +66,12 @@ async def ib_project_async(event: InboxOrder) -> None:
 
 @pytest.fixture(scope="module", autouse=True)
 def tables(engine: Any) -> Iterator[None]:
-    METADATA.create_all(engine)
+    try:
+        METADATA.create_all(engine)
+    except sa.exc.OperationalError as exc:  # as conftest's engine fixture: CI fails, a laptop skips
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"PostgreSQL is not reachable: {exc}")
     yield
     METADATA.drop_all(engine)
     ENGINE.dispose()
