@@ -19,7 +19,8 @@ handler is skipped. On PostgreSQL a second delivery of an event being handled wa
 first one's row, then is skipped, or runs if the first rolled back.
 
 The table is ``domain_events_inbox``, as the SQLAlchemy inbox's, plus an ``id`` column (Django
-before 5.2 has no composite primary key): either inbox can use a table the other created.
+before 5.2 has no composite primary key): the SQLAlchemy inbox can use the table Django
+created, not the reverse.
 Delete old rows with ``python manage.py domain_events_inbox_purge``.
 """
 
