@@ -81,6 +81,8 @@ class Settings(BaseModel):
     task_scope: bool = True
     #: Largest event body a worker accepts, in bytes; a larger one is dead-lettered as poison.
     max_event_bytes: int = Field(default=1024 * 1024, ge=1024)
+    #: Seconds an inbox remembers a handled event; the purge commands delete older rows.
+    inbox_retention: float = Field(default=7 * 24 * 3600, gt=0)
 
     @field_validator("service")
     @classmethod

@@ -9,6 +9,7 @@ Every error derives from :class:`DomainEventsError`::
     ├── CatalogueError(DomainEventsError, ValueError)         an unreadable catalogue document
     ├── EventDefinitionError(DomainEventsError, TypeError)    event class or handler defined wrong
     ├── PublishError(DomainEventsError)                       unreachable or unconfirmed publish
+    ├── InboxBusy(DomainEventsError)                          event held by another delivery: retry
     ├── NoActiveScope(DomainEventsError, RuntimeError)        emit() with no open scope
     ├── EventDecodeError(DomainEventsError)                   malformed JSON or envelope (poison)
     │   ├── UnknownEventError(EventDecodeError, LookupError)  unregistered event version
@@ -32,6 +33,7 @@ __all__ = [
     "EventDecodeError",
     "EventDefinitionError",
     "EventValidationError",
+    "InboxBusy",
     "InvalidRoutingPattern",
     "NoActiveScope",
     "PublishError",
@@ -79,6 +81,26 @@ class PublishError(DomainEventsError):
     def __init__(self, message: str, events: Sequence[Any] = ()) -> None:
         super().__init__(message, tuple(events))
         self.events = tuple(events)
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class InboxBusy(DomainEventsError):
+    """An inbox saw the event claimed by a delivery that has not finished: retry later.
+
+    Raised by :class:`~celery_domain_events.contrib.redis_inbox.RedisInbox` when the event's key
+    says ``"processing"``: another delivery is running the handler, or one crashed in it and
+    its lease has not expired yet. The handler's task retries after ``retry_after`` seconds
+    (when the lease is gone), whatever its backoff; it is never dead-lettered for this.
+
+    Attributes:
+        retry_after: seconds until the lease expires.
+    """
+
+    def __init__(self, message: str, retry_after: float = 0.0) -> None:
+        super().__init__(message, retry_after)
+        self.retry_after = float(retry_after)
 
     def __str__(self) -> str:
         return str(self.args[0])

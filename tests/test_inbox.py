@@ -8,24 +8,32 @@ import time
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
+from types import SimpleNamespace
 from typing import Any, ClassVar
 
 import pytest
+import redis
 import sqlalchemy as sa
 from celery import Celery
+from click.testing import CliRunner
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 from sqlalchemy.orm import sessionmaker
 
 from celery_domain_events import (
+    NON_RETRYABLE,
     ConfigurationError,
     DomainEvent,
     DomainEvents,
+    DomainEventsError,
+    InboxBusy,
     RetryPolicy,
     domain_event_handler,
     emit,
     transmit,
 )
 from celery_domain_events.contrib.inbox import AsyncSqlAlchemyInbox, SqlAlchemyInbox
+from celery_domain_events.contrib.redis_inbox import RedisInbox
+from celery_domain_events.ops.inbox_cli import inbox as inbox_cli
 from celery_domain_events.testing import capture_events
 
 from .conftest import DB_URL
@@ -193,3 +201,137 @@ def test_an_inbox_that_cannot_serve_the_handler_is_refused_at_decoration() -> No
 
         @domain_event_handler("ib.x", idempotent=INBOX)
         async def sync_inbox_for_async(event: InboxOrder) -> None: ...
+
+
+# --- RedisInbox, on the real Redis --------------------------------------------------------
+
+REDIS_URL = os.environ.get("DOMAIN_EVENTS_REDIS_URL", "redis://127.0.0.1:6379/0")
+REDIS_INBOX = RedisInbox(
+    redis.Redis.from_url(REDIS_URL),
+    ttl=timedelta(hours=1),
+    lease=timedelta(seconds=60),
+    prefix=f"test:inbox:{UID}:",
+)
+NOTIFIED: list[int] = []
+
+
+@domain_event_handler("ib.order.placed", idempotent=REDIS_INBOX, retry=RetryPolicy(max_retries=2))
+def ib_notify(event: InboxOrder) -> None:
+    if FAILURES["left"]:
+        FAILURES["left"] -= 1
+        raise ConnectionError("flaky downstream")
+    NOTIFIED.append(event.order_id)
+
+
+@pytest.fixture
+def redis_keys() -> Iterator[redis.Redis]:
+    client = REDIS_INBOX.client
+    try:
+        client.ping()
+    except redis.ConnectionError as exc:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"Redis is not reachable: {exc}")
+    NOTIFIED.clear()
+    yield client
+    for key in client.scan_iter(f"{REDIS_INBOX.prefix}*"):
+        client.delete(key)
+
+
+def test_redis_a_duplicate_is_skipped_and_the_done_mark_expires(redis_keys: redis.Redis) -> None:
+    app = app_with(ib_notify)
+    event = InboxOrder(order_id=10)
+    with capture_events(app) as events:
+        emit(event)
+        emit(event)
+        transmit(app)
+        events.join()
+    assert NOTIFIED == [10]
+    key = REDIS_INBOX.key("ib_notify", str(event.event_id))
+    assert redis_keys.get(key) == b"done"
+    assert 3_590_000 < redis_keys.pttl(key) <= 3_600_000  # ttl, not the lease
+
+
+def test_redis_a_failure_frees_the_key_and_the_retry_runs(redis_keys: redis.Redis) -> None:
+    app = app_with(ib_notify)
+    FAILURES["left"] = 1
+    event = InboxOrder(order_id=11)
+    with capture_events(app) as events:
+        emit(event)
+        transmit(app)
+        events.join()
+    assert FAILURES["left"] == 0
+    assert NOTIFIED == [11]
+    assert redis_keys.get(REDIS_INBOX.key("ib_notify", str(event.event_id))) == b"done"
+
+
+def test_redis_a_claim_in_progress_is_retried_after_its_lease_not_dead_lettered(
+    redis_keys: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from celery_domain_events.consuming.task import DomainEventTask
+
+    app = app_with(ib_notify)
+    event = InboxOrder(order_id=12)
+    key = REDIS_INBOX.key("ib_notify", str(event.event_id))
+    redis_keys.set(key, "processing", px=30_000)  # a delivery that crashed mid-handler
+    retries: list[tuple[float, BaseException]] = []
+    original = DomainEventTask.retry
+
+    def retry(self: Any, *args: Any, **kwargs: Any) -> Any:
+        retries.append((kwargs["countdown"], kwargs["exc"]))
+        redis_keys.delete(key)  # the harness retries at once: let the lease be over by then
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(DomainEventTask, "retry", retry)
+    with capture_events(app, fail_fast=False) as events:
+        emit(event)
+        transmit(app)
+        events.join()
+    assert events.dead_letters == []
+    assert NOTIFIED == [12]
+    [(countdown, exc)] = retries
+    assert isinstance(exc, InboxBusy)
+    assert "lease expires in 30 s" in str(exc)
+    assert 29 < countdown <= 31  # the lease left (+1 s), not the 1 s backoff
+
+
+def test_redis_inbox_busy_is_retryable_by_default() -> None:
+    assert not issubclass(InboxBusy, NON_RETRYABLE)
+    assert issubclass(InboxBusy, RetryPolicy().autoretry_for)
+    assert issubclass(InboxBusy, DomainEventsError)
+
+
+# --- celery -A proj domain-events inbox purge ----------------------------------------------
+
+
+def test_cli_purge_deletes_rows_older_than_the_window() -> None:
+    box = SqlAlchemyInbox(sessionmaker(ENGINE), table_name=f"inbox_cli_{UID}")
+    box.table.create(ENGINE)
+    try:
+        with ENGINE.begin() as conn:
+            for event_id, age in (("old", "2 hours"), ("new", "1 minute")):
+                conn.execute(
+                    sa.insert(box.table).values(
+                        handler="h",
+                        event_id=event_id,
+                        handled_at=sa.func.now() - sa.text(f"interval '{age}'"),
+                    )
+                )
+        app = app_with()
+        app.conf.domain_events_inbox_retention = 3 * 3600
+        runner, obj = CliRunner(), SimpleNamespace(app=app)
+        env = {"DOMAIN_EVENTS_INBOX_URL": DB_URL}
+        table = ["purge", "--table", box.table.name]
+        kept = runner.invoke(inbox_cli, table, obj=obj, env=env)  # the setting: 3 hours
+        assert kept.exit_code == 0, kept.output
+        assert kept.output.startswith("0 inbox row(s) older than 10800 s deleted")
+        purged = runner.invoke(inbox_cli, [*table, "--older-than", "3600"], obj=obj, env=env)
+        assert purged.exit_code == 0, purged.output
+        assert purged.output.startswith("1 inbox row(s) older than 3600 s deleted")
+        with ENGINE.connect() as conn:
+            assert list(conn.execute(sa.select(box.table.c.event_id)).scalars()) == ["new"]
+        missing = runner.invoke(inbox_cli, ["purge", "--table", "nope"], obj=obj, env=env)
+        assert missing.exit_code == 1
+        assert "database error" in missing.output
+    finally:
+        box.table.drop(ENGINE)

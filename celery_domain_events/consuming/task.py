@@ -40,7 +40,7 @@ from kombu.transport.native_delayed_delivery import calculate_routing_key
 
 from celery_domain_events import tracing
 from celery_domain_events.config import QueueType
-from celery_domain_events.exceptions import NON_RETRYABLE, EventDecodeError
+from celery_domain_events.exceptions import NON_RETRYABLE, EventDecodeError, InboxBusy
 from celery_domain_events.extension import DomainEvents
 from celery_domain_events.inbox import DUPLICATE
 from celery_domain_events.publishing import api as publishing
@@ -120,8 +120,15 @@ class DomainEventTask(Task):  # type: ignore[type-arg]
                     return await spec.fn(event) if fresh else DUPLICATE
 
             return _run_coroutine(claimed())
-        with inbox.claim(spec.name, event_id) as fresh:
-            return spec.fn(event) if fresh else DUPLICATE
+        try:
+            with inbox.claim(spec.name, event_id) as fresh:
+                return spec.fn(event) if fresh else DUPLICATE
+        except InboxBusy as exc:
+            # Another delivery holds the event (a Redis lease): come back when it has expired,
+            # whatever the backoff; only a handler with no retries at all dead-letters this.
+            if not self.max_retries:
+                raise
+            raise self.retry(exc=exc, countdown=exc.retry_after + 1) from exc
 
     def _log_duplicate(self, envelope: wire_envelope.Envelope, ext: Any) -> None:
         tracing.event_log.info(

@@ -11,6 +11,7 @@ Installed as a ``celery.commands`` plugin, so ``-A`` resolves the app as for any
     celery domain-events catalogue diff OLD.json NEW.json [--json]
     celery domain-events catalogue check --producer P.json --consumer C.json [--json]
     celery -A proj domain-events outbox create-table|relay --db-url URL
+    celery -A proj domain-events inbox purge --db-url URL [--older-than SECONDS]
 
 (Celery's own ``celery events`` command is the event monitor, so this one is ``domain-events``.)
 """
@@ -42,6 +43,7 @@ from .cli_context import (
     broker_connection,
     extension_of,
 )
+from .inbox_cli import inbox
 from .outbox_cli import outbox
 from .rabbitmq_api import ManagementClient
 from .replay import replay as replay_letter
@@ -137,6 +139,7 @@ def domain_events() -> None:
 
 
 domain_events.add_command(outbox)
+domain_events.add_command(inbox)
 
 
 @domain_events.group()

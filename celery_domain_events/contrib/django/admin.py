@@ -1,4 +1,4 @@
-"""The outbox in the Django admin: read-only, to see what waits and how often it failed."""
+"""The outbox and the inbox in the Django admin, read-only: what waits, what was handled."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from typing import Any
 
 from django.contrib import admin
 
-from celery_domain_events.contrib.django.models import OutboxMessage
+from celery_domain_events.contrib.django.models import InboxEntry, OutboxMessage
 
-__all__ = ["OutboxMessageAdmin"]
+__all__ = ["InboxEntryAdmin", "OutboxMessageAdmin"]
 
 
 @admin.register(OutboxMessage)
@@ -34,4 +34,23 @@ class OutboxMessageAdmin(admin.ModelAdmin):
 
     def has_change_permission(self, request: Any, obj: Any = None) -> bool:
         """The relay publishes rows exactly as they were written."""
+        return False
+
+
+@admin.register(InboxEntry)
+class InboxEntryAdmin(admin.ModelAdmin):
+    """Entries are written by ``DjangoInbox`` and deleted by ``domain_events_inbox_purge``."""
+
+    list_display = ("handler", "event_id", "handled_at")
+    list_filter = ("handler",)
+    search_fields = ("event_id", "handler")
+    ordering = ("-handled_at",)
+    readonly_fields = ("handler", "event_id", "handled_at")
+
+    def has_add_permission(self, request: Any) -> bool:
+        """Entries come from handler runs only."""
+        return False
+
+    def has_change_permission(self, request: Any, obj: Any = None) -> bool:
+        """An entry records what happened."""
         return False

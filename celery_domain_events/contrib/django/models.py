@@ -8,7 +8,7 @@ from django.db import models
 
 from celery_domain_events.contrib._outbox_rows import DEFAULT_TABLE_NAME
 
-__all__ = ["OutboxMessage"]
+__all__ = ["InboxEntry", "OutboxMessage"]
 
 
 class OutboxMessage(models.Model):
@@ -39,3 +39,31 @@ class OutboxMessage(models.Model):
         import json  # noqa: PLC0415 (admin only)
 
         return json.loads(bytes(self.body))
+
+
+class InboxEntry(models.Model):
+    """One ``(handler, event id)`` an idempotent handler has handled (``DjangoInbox``).
+
+    The SQLAlchemy inbox's table (``define_inbox_table``), plus the ``id`` Django needs: the
+    unique constraint is the SQLAlchemy table's composite primary key.
+    """
+
+    handler = models.CharField(max_length=200, help_text="handler name")
+    event_id = models.CharField(max_length=255, help_text="CloudEvents id")
+    handled_at = models.DateTimeField(db_index=True)
+
+    class Meta:
+        """The table the SQLAlchemy inbox uses too."""
+
+        db_table = "domain_events_inbox"  # contrib.inbox.DEFAULT_INBOX_TABLE (needs SQLAlchemy)
+        ordering = ("-handled_at",)
+        verbose_name = "inbox entry"
+        verbose_name_plural = "inbox entries"
+        constraints = (
+            models.UniqueConstraint(
+                fields=("handler", "event_id"), name="domain_events_inbox_handler_event_id"
+            ),
+        )
+
+    def __str__(self) -> str:
+        return f"{self.handler} {self.event_id}"
