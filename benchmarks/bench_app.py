@@ -14,11 +14,16 @@ Environment:
     BENCH_EXCHANGE, BENCH_UNROUTED, BENCH_SERVICE, BENCH_HANDLERS: ``events`` mode only.
     BENCH_QUEUE_TYPE: ``classic`` (default) or ``quorum`` handler queues (``events`` mode).
     BENCH_HUB_FLUSH: ``1`` adds :class:`FlushReadyBeforePoll`, an experiment (see there).
+    BENCH_PG_URL, BENCH_PG_TABLE, BENCH_INBOX_TABLE: the PostgreSQL database and the tables of
+        the (f) handlers (``bench_pg_plain``, ``bench_pg_inbox``); the benchmark creates and
+        drops the tables.
 
 Every piece of work (the plain no-op task and both handlers) does exactly the same thing,
 :func:`record_completion`: one Redis round trip that counts it and stores its completion time.
 So plain tasks/s and handler runs/s measure the same per-task work, and the times are taken in
-the worker itself, not by a poller that could be late.
+the worker itself, not by a poller that could be late. The (f) handlers each add the same
+PostgreSQL INSERT: the plain one in its own committed transaction, the idempotent one through
+its inbox's session (the inbox row and the INSERT commit together).
 """
 
 from __future__ import annotations
@@ -30,10 +35,13 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import redis
+import sqlalchemy as sa
 from celery import Celery, bootsteps, shared_task
 from celery.signals import worker_ready
+from sqlalchemy.orm import sessionmaker
 
 from celery_domain_events import DomainEvent, DomainEvents, domain_event_handler
+from celery_domain_events.contrib.inbox import SqlAlchemyInbox, define_inbox_table
 
 #: The task name of the plain no-op task.
 NOOP_TASK = "bench.noop"
@@ -41,6 +49,9 @@ NOOP_TASK = "bench.noop"
 EVENT_NAME = "bench.happened"
 #: The benchmark's handlers (each one gets its own queue ``<service>.<name>``).
 HANDLERS = ("bench_a", "bench_b")
+#: The (f) pair: one PostgreSQL INSERT per event, plain and idempotent (one handler per run).
+PG_HANDLERS = ("bench_pg_plain", "bench_pg_inbox")
+DEFAULT_PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
 
 class BenchHappened(DomainEvent):
@@ -102,6 +113,48 @@ def bench_a(event: BenchHappened) -> None:
 
 @domain_event_handler(EVENT_NAME, name=HANDLERS[1], retry=None)
 def bench_b(event: BenchHappened) -> None:
+    record_completion()
+
+
+def pg_tables(env: Mapping[str, str]) -> tuple[sa.MetaData, sa.Table]:
+    """Return the (f) handlers' table and a ``MetaData`` holding it and the inbox table.
+
+    Named by ``BENCH_PG_TABLE`` and ``BENCH_INBOX_TABLE``; the benchmark creates and drops
+    both around each (f) run.
+    """
+    metadata = sa.MetaData()
+    rows = sa.Table(
+        env.get("BENCH_PG_TABLE", "bench_pg_rows"),
+        metadata,
+        sa.Column("id", sa.BigInteger, primary_key=True, autoincrement=True),
+        sa.Column("event_id", sa.String(64), nullable=False),
+        sa.Column("seq", sa.Integer, nullable=False),
+    )
+    define_inbox_table(metadata, env.get("BENCH_INBOX_TABLE", "bench_inbox"))
+    return metadata, rows
+
+
+# Built at import from this process's environment (a worker's is set before it starts; the
+# benchmark process only uses pg_tables). The engine connects lazily, in each pool process.
+_PG_METADATA, PG_ROWS = pg_tables(os.environ)
+PG_SESSIONS = sessionmaker(sa.create_engine(os.environ.get("BENCH_PG_URL", DEFAULT_PG_URL)))
+PG_INBOX = SqlAlchemyInbox(
+    PG_SESSIONS, _PG_METADATA, os.environ.get("BENCH_INBOX_TABLE", "bench_inbox")
+)
+
+
+@domain_event_handler(EVENT_NAME, name=PG_HANDLERS[0], retry=None)
+def bench_pg_plain(event: BenchHappened) -> None:
+    """(f) baseline: one INSERT in its own session and transaction, committed."""
+    with PG_SESSIONS.begin() as session:
+        session.execute(sa.insert(PG_ROWS).values(event_id=str(event.event_id), seq=event.seq))
+        record_completion()
+
+
+@domain_event_handler(EVENT_NAME, name=PG_HANDLERS[1], idempotent=PG_INBOX, retry=None)
+def bench_pg_inbox(event: BenchHappened) -> None:
+    """(f) idempotent: the same INSERT through the inbox's session (commits after return)."""
+    PG_INBOX.session.execute(sa.insert(PG_ROWS).values(event_id=str(event.event_id), seq=event.seq))
     record_completion()
 
 

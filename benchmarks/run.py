@@ -20,6 +20,9 @@ Scenarios (see benchmarks/README.md for the method and how to read the output):
 (e) the same from asyncio: emit() N events in an asyncio task, then ``await transmit_async()``,
     vs a raw aio-pika publish of the same bodies and properties on one confirm channel (every
     ``exchange.publish`` future gathered). (e)/(d) puts async and sync transmit side by side.
+(f) one PostgreSQL INSERT per event: a plain handler (its own committed transaction) vs an
+    idempotent one (SqlAlchemyInbox, the INSERT through ``inbox.session``), one handler per
+    run, drained by a real worker (prefork -c 2) as in (c).
 
 Workers are timed from their ``worker_ready`` signal to the last completion, both recorded by
 the worker itself in Redis, so neither publishing nor polling is part of a measurement.
@@ -42,7 +45,8 @@ import tempfile
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +56,7 @@ import amqp
 import celery
 import kombu
 import redis
+import sqlalchemy as sa
 from kombu import Connection
 
 from celery_domain_events import DomainEvents, emit, tracing, transmit, transmit_async
@@ -59,11 +64,24 @@ from celery_domain_events.amqp.queues import declare
 from celery_domain_events.extension import _aio_url
 from celery_domain_events.wire import envelope
 
-from .bench_app import EVENT_NAME, NOOP_TASK, BenchHappened, build_app
+from .bench_app import (
+    DEFAULT_PG_URL,
+    EVENT_NAME,
+    NOOP_TASK,
+    PG_HANDLERS,
+    BenchHappened,
+    build_app,
+    pg_tables,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_BROKER = os.environ.get("DOMAIN_EVENTS_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
 DEFAULT_REDIS = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
+DEFAULT_PG = os.environ.get("BENCH_PG_URL", DEFAULT_PG_URL)
+#: The (f) pair: scenario key suffix -> the one handler its worker runs.
+PG_SIDES = {"plain": PG_HANDLERS[0], "inbox": PG_HANDLERS[1]}
+#: The pool of (f).
+PG_POOL = "prefork"
 
 #: The two pools compared; (b) and (c) always use the same one.
 POOLS: dict[str, tuple[str, ...]] = {
@@ -98,6 +116,8 @@ class Bench:
     timeout: float
     log_dir: Path
     verbose: bool = False
+    #: PostgreSQL for (f) (SQLAlchemy URL).
+    pg_url: str = DEFAULT_PG
     #: Extra BENCH_* variables for every worker (the --hub-flush experiment).
     extra_env: dict[str, str] = field(default_factory=dict)
 
@@ -510,6 +530,9 @@ def run_env(
         "BENCH_EXCHANGE": f"bench.{uid}.events",
         "BENCH_UNROUTED": f"bench.{uid}.unrouted",
         "BENCH_SERVICE": f"b{uid}",
+        "BENCH_PG_URL": b.pg_url,
+        "BENCH_PG_TABLE": f"bench_{uid}_rows",
+        "BENCH_INBOX_TABLE": f"bench_{uid}_inbox",
     }
     if handlers is not None:
         env["BENCH_HANDLERS"] = handlers
@@ -666,12 +689,36 @@ def analyse(label: str, ready: float, times: list[float], expected: int, end: fl
     )
 
 
-def scenario_worker(b: Bench, mode: str, pool: str, prefetch: int) -> Drain:
-    """(b) or (c): pre-fill the queue(s), start a real worker, time it from ready to done."""
+@contextmanager
+def pg_run_tables(url: str, env: dict[str, str], needed: bool) -> Iterator[None]:
+    """Create the (f) tables of one run (``needed``), and drop them afterwards."""
+    if not needed:
+        yield
+        return
+    metadata, _ = pg_tables(env)
+    engine = sa.create_engine(url)
+    metadata.create_all(engine)
+    try:
+        yield
+    finally:
+        metadata.drop_all(engine)
+        engine.dispose()
+
+
+def scenario_worker(
+    b: Bench, mode: str, pool: str, prefetch: int, handler: str | None = None
+) -> Drain:
+    """(b), (c) or one side of (f): pre-fill the queue(s), start a worker, time ready to done.
+
+    ``handler`` (f): the worker runs only this handler, and the (f) tables are created before
+    it starts and dropped afterwards.
+    """
     uid = uuid.uuid4().hex[:8]
-    env = run_env(b, uid, mode, prefetch)
+    env = run_env(b, uid, mode, prefetch, handlers=handler)
     key = env["BENCH_KEY"]
     label = f"{'c' if mode == 'events' else 'b'}.{pool}.pf{prefetch}"
+    if handler is not None:
+        label = f"f.{handler}.{pool}"
     log_path = b.log_dir / f"{label}-{uid}.log"
     app = build_app(env)
     r = redis.Redis.from_url(b.redis_url)
@@ -690,48 +737,49 @@ def scenario_worker(b: Bench, mode: str, pool: str, prefetch: int) -> Drain:
             env["BENCH_EXCHANGE"] + ".retry",
             env["BENCH_UNROUTED"],
         ]
-    try:
-        started = time.monotonic()
-        expected = prepublish(app, mode, b.n)
-        b.say(
-            f"{label}: pre-published {expected} completions' worth "
-            f"in {time.monotonic() - started:.1f} s"
-        )
-        proc = start_worker(env, pool, log_path, uid)
+    with pg_run_tables(b.pg_url, env, handler is not None):
         try:
-            ready = wait_ready(r, key, proc, log_path)
-            cpu_start, count_start = tree_cpu(proc.pid), int(r.get(key) or 0)
-            finished = wait_done(r, key, expected, b.timeout, proc)
-            end = time.time()
-            cpu_end, count_end = tree_cpu(proc.pid), int(r.get(key) or 0)
+            started = time.monotonic()
+            expected = prepublish(app, mode, b.n)
+            b.say(
+                f"{label}: pre-published {expected} completions' worth "
+                f"in {time.monotonic() - started:.1f} s"
+            )
+            proc = start_worker(env, pool, log_path, uid)
+            try:
+                ready = wait_ready(r, key, proc, log_path)
+                cpu_start, count_start = tree_cpu(proc.pid), int(r.get(key) or 0)
+                finished = wait_done(r, key, expected, b.timeout, proc)
+                end = time.time()
+                cpu_end, count_end = tree_cpu(proc.pid), int(r.get(key) or 0)
+            finally:
+                stop_worker(proc)
+            times = [float(t) for t in r.lrange(f"{key}:times", 0, -1)]
+            drain = analyse(label, ready, times, expected, end)
+            if count_end > count_start and cpu_end > 0:
+                drain.cpu_us = (cpu_end - cpu_start) / (count_end - count_start) * 1e6
+            if drain.duplicates:
+                print(
+                    f"WARNING {label}: {drain.duplicates} completion(s) more than expected "
+                    "(redeliveries?)",
+                    file=sys.stderr,
+                )
+            if not finished:
+                print(
+                    f"WARNING {label}: {drain.done}/{expected} done within {b.timeout:g} s "
+                    f"(worker log: {log_path})",
+                    file=sys.stderr,
+                )
+            b.say(
+                f"{label}: {drain.rate:,.0f}/s, startup {drain.startup:.2f} s, "
+                f"max gap {drain.max_gap * 1000:.0f} ms, stalled {drain.stalled:.2f} s, "
+                f"worker CPU {drain.cpu_us:.0f} us/task"
+            )
+            return drain
         finally:
-            stop_worker(proc)
-        times = [float(t) for t in r.lrange(f"{key}:times", 0, -1)]
-        drain = analyse(label, ready, times, expected, end)
-        if count_end > count_start and cpu_end > 0:
-            drain.cpu_us = (cpu_end - cpu_start) / (count_end - count_start) * 1e6
-        if drain.duplicates:
-            print(
-                f"WARNING {label}: {drain.duplicates} completion(s) more than expected "
-                "(redeliveries?)",
-                file=sys.stderr,
-            )
-        if not finished:
-            print(
-                f"WARNING {label}: {drain.done}/{expected} done within {b.timeout:g} s "
-                f"(worker log: {log_path})",
-                file=sys.stderr,
-            )
-        b.say(
-            f"{label}: {drain.rate:,.0f}/s, startup {drain.startup:.2f} s, "
-            f"max gap {drain.max_gap * 1000:.0f} ms, stalled {drain.stalled:.2f} s, "
-            f"worker CPU {drain.cpu_us:.0f} us/task"
-        )
-        return drain
-    finally:
-        app.close()
-        r.delete(key, f"{key}:times", f"{key}:ready")
-        delete_entities(b.broker_url, queues, exchanges)
+            app.close()
+            r.delete(key, f"{key}:times", f"{key}:ready")
+            delete_entities(b.broker_url, queues, exchanges)
 
 
 # --------------------------------------------------------------------------- report
@@ -747,6 +795,8 @@ MAIN_ROWS = (
     ("d.raw", "(d) raw kombu publish, same bodies", "msg/s"),
     ("e.transmit", "(e) emit()+await transmit_async(), one batch", "ev/s"),
     ("e.raw", "(e) raw aio-pika publish, same bodies", "msg/s"),
+    ("f.plain", "(f) PostgreSQL INSERT, plain, prefork -c 2", "runs/s"),
+    ("f.inbox", "(f) same INSERT, idempotent (inbox)", "runs/s"),
 )
 #: (title, numerator, denominator, target or None for an informative ratio).
 MAIN_RATIOS: tuple[tuple[str, str, str, float | None], ...] = (
@@ -756,6 +806,7 @@ MAIN_RATIOS: tuple[tuple[str, str, str, float | None], ...] = (
     ("(e) async transmit/raw aio-pika", "e.transmit", "e.raw", 0.8),
     ("(e)/(d) async/sync transmit", "e.transmit", "d.transmit", None),
     ("(e)/(d) raw aio-pika/raw kombu", "e.raw", "d.raw", None),
+    ("(f) inbox/plain prefork -c 2", "f.inbox", "f.plain", 0.85),
 )
 #: Publisher CPU of this process: (title, side A, side B); the ratio is B/A, so below 1.0 means
 #: A costs more CPU than B (for (d) and (e): what the library adds to the raw publish).
@@ -941,6 +992,10 @@ def run_main(b: Bench, res: Results) -> None:
                 res.add_drain(f"{'c' if mode == 'events' else 'b'}.{pool}", drain)
         scenario_transmit(b, res, transmit_first=i % 2 == 0)
         scenario_transmit_async(b, res, transmit_first=i % 2 == 0)
+        sides = ("plain", "inbox") if i % 2 == 0 else ("inbox", "plain")
+        for side in sides:
+            drain = scenario_worker(b, "events", PG_POOL, DEFAULT_PREFETCH, PG_SIDES[side])
+            res.add_drain(f"f.{side}", drain)
 
 
 def run_sweep(b: Bench, res: Results) -> None:
@@ -983,6 +1038,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--broker", default=DEFAULT_BROKER, help="AMQP URL (RabbitMQ)")
     parser.add_argument("--redis", default=DEFAULT_REDIS, help="Redis URL for the counters")
+    parser.add_argument(
+        "--pg", default=DEFAULT_PG, help="PostgreSQL (SQLAlchemy URL) for the (f) handlers"
+    )
     parser.add_argument("--json", type=Path, help="also write every value to this JSON file")
     parser.add_argument("-v", "--verbose", action="store_true", help="progress on stderr")
     args = parser.parse_args(argv)
@@ -1007,8 +1065,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         log_dir=log_dir,
         verbose=args.verbose,
         extra_env={"BENCH_HUB_FLUSH": "1"} if args.hub_flush else {},
+        pg_url=args.pg,
     )
     redis.Redis.from_url(b.redis_url).ping()  # fail now, not after the first worker run
+    if not args.no_main:
+        with sa.create_engine(b.pg_url).connect() as conn:  # and PostgreSQL, for (f)
+            conn.execute(sa.text("SELECT 1"))
     res = Results()
     version = code_version()
     digest = source_digest()
@@ -1039,7 +1101,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.no_main:
         print_table(res, MAIN_ROWS, b.n)
         print_ratios(res, MAIN_RATIOS)
-        print_cpu_ratios(res, [(f"{pool}", f"b.{pool}", f"c.{pool}") for pool in POOLS])
+        print_cpu_ratios(
+            res,
+            [
+                *((f"{pool}", f"b.{pool}", f"c.{pool}") for pool in POOLS),
+                ("(f) plain/inbox, prefork", "f.plain", "f.inbox"),
+            ],
+        )
         print_publisher_cpu(res, PUBLISHER_CPU)
     if args.prefetch_sweep:
         print(

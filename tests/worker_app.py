@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import signal
 import threading
 import time
 from pathlib import Path
 from typing import ClassVar
 
+import sqlalchemy as sa
 from celery import Celery
 from celery.exceptions import SoftTimeLimitExceeded
+from sqlalchemy.orm import sessionmaker
 
 from celery_domain_events import (
     DomainEvent,
@@ -26,6 +29,7 @@ from celery_domain_events import (
     emit,
 )
 from celery_domain_events.consuming import aio_loop
+from celery_domain_events.contrib.inbox import SqlAlchemyInbox
 from celery_domain_events.tracing import current_traceparent
 
 from . import evolving  # noqa: F401 (registers evolve_v3, its event versions and upcasters)
@@ -269,3 +273,49 @@ def sync_soft(event: DomainEvent) -> None:
         _record("sync_soft", str(event.event_id), "soft-time-limit")
         raise
     _record("sync_soft", str(event.event_id), "finished")
+
+
+# Idempotent handlers (tests/test_inbox_chaos.py): each run inserts one row into a plain table
+# (no unique key, so a second run of an event would show as a second row) through the inbox's
+# session, sleeping a little in between so that a SIGKILL of the worker lands mid-handler.
+def _inbox() -> tuple[SqlAlchemyInbox, sa.Table]:
+    engine = sa.create_engine(
+        os.environ.get("DOMAIN_EVENTS_DB_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+    )
+    metadata = sa.MetaData()
+    rows = sa.Table(
+        os.environ.get("TEST_INBOX_ROWS", "inbox_chaos_rows"),
+        metadata,
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("handler", sa.String(50), nullable=False),
+        sa.Column("event_id", sa.String(64), nullable=False),
+        sa.Column("pid", sa.Integer, nullable=False),
+    )
+    inbox = SqlAlchemyInbox(
+        sessionmaker(engine), metadata, os.environ.get("TEST_INBOX_TABLE", "inbox_chaos")
+    )
+    return inbox, rows
+
+
+INBOX, INBOX_ROWS = _inbox()
+
+
+def _handle_once(handler: str, event: DomainEvent) -> None:
+    with _marker("inbox_started").open("a") as f:  # one short O_APPEND write per run
+        f.write(f"{handler} {event.event_id} {os.getpid()}\n")
+    INBOX.session.execute(
+        sa.insert(INBOX_ROWS).values(handler=handler, event_id=str(event.event_id), pid=os.getpid())
+    )
+    time.sleep(random.uniform(0.005, 0.015))  # the transaction is open: a kill rolls it back
+
+
+@domain_event_handler("probe.inbox", idempotent=INBOX, retry=None)
+def inbox_a(event: DomainEvent) -> None:
+    """Inserts one row per run of an event, through the inbox's session."""
+    _handle_once("inbox_a", event)
+
+
+@domain_event_handler("probe.inbox", idempotent=INBOX, retry=None)
+def inbox_b(event: DomainEvent) -> None:
+    """inbox_a's twin: each handler must see each event exactly once."""
+    _handle_once("inbox_b", event)
