@@ -9,10 +9,11 @@
     def project(event: OrderPlaced) -> None:
         inbox.session.add(OrderRow(id=event.order_id))
 
-Each run opens a session and a transaction, inserts ``(handler, event id)`` in a SAVEPOINT and
-calls the handler, whose work goes through :attr:`SqlAlchemyInbox.session`; the transaction
-commits when the handler returns and rolls back if it raises (the retry runs it again). A
-duplicate's insert violates the primary key: nothing is committed and the handler is skipped.
+Each run opens a session and a transaction, inserts ``(handler, event id)`` (with ``ON CONFLICT
+DO NOTHING`` on PostgreSQL and SQLite, in a SAVEPOINT elsewhere) and calls the handler, whose
+work goes through :attr:`SqlAlchemyInbox.session`; the transaction commits when the handler
+returns and rolls back if it raises (the retry runs it again). A duplicate's insert meets the
+primary key: nothing is committed and the handler is skipped.
 With PostgreSQL (READ COMMITTED, its default), a second delivery of an event being handled
 waits on the first one's row, then is skipped, or runs if the first rolled back.
 
@@ -78,6 +79,28 @@ class _InboxTable:
             handler=handler, event_id=event_id, handled_at=datetime.now(timezone.utc)
         )
 
+    def _insert_if_new(self, dialect: str, handler: str, event_id: str) -> Any | None:
+        """``INSERT ... ON CONFLICT DO NOTHING`` where the dialect has it, else None.
+
+        One statement instead of SAVEPOINT, INSERT, RELEASE: it halves the round trips of a
+        claim. PostgreSQL makes it wait on a concurrent uncommitted insert of the same pair,
+        then do nothing (that one committed) or insert (it rolled back), as the SAVEPOINT
+        insert's unique violation would decide.
+        """
+        dialect_insert: Any
+        if dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert as dialect_insert  # noqa: PLC0415
+        elif dialect == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert as dialect_insert  # noqa: PLC0415
+        else:
+            return None
+        return (
+            dialect_insert(self.table)
+            .values(handler=handler, event_id=event_id, handled_at=datetime.now(timezone.utc))
+            .on_conflict_do_nothing(index_elements=["handler", "event_id"])
+            .returning(self.table.c.handler)  # a row back: inserted; none: a duplicate
+        )
+
     def _older_than(self, older_than: timedelta) -> Any:
         cutoff = datetime.now(timezone.utc) - older_than
         return delete(self.table).where(self.table.c.handled_at < cutoff)
@@ -123,10 +146,17 @@ class SqlAlchemyInbox(_InboxTable):
     def claim(self, handler: str, event_id: str) -> Iterator[bool]:
         """Begin a transaction, claim ``(handler, event_id)`` in it; see ``inbox.Inbox``."""
         with self._sessions() as session, session.begin():
-            try:
-                with session.begin_nested():
-                    session.execute(self._row(handler, event_id))
-            except IntegrityError:  # committed by an earlier delivery: a duplicate
+            upsert = self._insert_if_new(session.get_bind().dialect.name, handler, event_id)
+            if upsert is not None:
+                fresh = session.execute(upsert).first() is not None
+            else:
+                try:
+                    with session.begin_nested():
+                        session.execute(self._row(handler, event_id))
+                    fresh = True
+                except IntegrityError:  # committed by an earlier delivery: a duplicate
+                    fresh = False
+            if not fresh:
                 yield False
                 return
             token = self._current.set(session)
@@ -179,10 +209,17 @@ class AsyncSqlAlchemyInbox(_InboxTable):
     async def aclaim(self, handler: str, event_id: str) -> AsyncIterator[bool]:
         """As :meth:`SqlAlchemyInbox.claim`, on the worker's event loop."""
         async with self._sessions() as session, session.begin():
-            try:
-                async with session.begin_nested():
-                    await session.execute(self._row(handler, event_id))
-            except IntegrityError:
+            upsert = self._insert_if_new(session.get_bind().dialect.name, handler, event_id)
+            if upsert is not None:
+                fresh = (await session.execute(upsert)).first() is not None
+            else:
+                try:
+                    async with session.begin_nested():
+                        await session.execute(self._row(handler, event_id))
+                    fresh = True
+                except IntegrityError:
+                    fresh = False
+            if not fresh:
                 yield False
                 return
             token = self._current.set(session)
