@@ -92,7 +92,9 @@ class InboxBusy(DomainEventsError):
     Raised by :class:`~celery_domain_events.contrib.redis_inbox.RedisInbox` when the event's key
     says ``"processing"``: another delivery is running the handler, or one crashed in it and
     its lease has not expired yet. The handler's task retries after ``retry_after`` seconds
-    (when the lease is gone), whatever its backoff; it is never dead-lettered for this.
+    (when the lease is gone), whatever its backoff. Each such retry counts against
+    ``max_retries``: once they are spent (or with ``retry=None``) the event is dead-lettered
+    like any other failure, so give a Redis-idempotent handler retries.
 
     Attributes:
         retry_after: seconds until the lease expires.

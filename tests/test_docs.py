@@ -48,6 +48,7 @@ PRELUDE: dict[str, str] = {
     "app": "from celery import Celery\napp: Celery",
     "db": "from typing import Any\ndb: Any  # the reader's database session",
     "engine": "from typing import Any\nengine: Any",
+    "Base": "from sqlalchemy.orm import DeclarativeBase\nclass Base(DeclarativeBase): ...",
     "async_engine": "from sqlalchemy.ext.asyncio import AsyncEngine\nasync_engine: AsyncEngine",
     "Sessions": "from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker\n"
     "Sessions: async_sessionmaker[AsyncSession]",
