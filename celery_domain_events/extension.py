@@ -207,7 +207,8 @@ class DomainEvents:
         except KeyError:
             raise ConfigurationError(
                 f"no DomainEvents installed on Celery app {app.main!r}; "
-                "call DomainEvents(app, service=...) where the app is created"
+                "call DomainEvents(app, service=...) where the app is created (with the "
+                "celery command, name that module: celery -A proj ...)"
             ) from None
 
     @cached_property

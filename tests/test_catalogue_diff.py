@@ -591,7 +591,8 @@ def test_check_without_upcasters_reports_the_old_version() -> None:
         schema_diff.read(PRODUCER.document()), schema_diff.read(catalogue.build(ext, "2.6.0"))
     )
     assert [(d.version, d.decodable) for d in deliveries] == [(1, False), (4, False)]
-    assert "no model of v1 and no upcaster chain" in deliveries[0].reason
+    assert "no upcaster chain from v1 to a version it takes" in deliveries[0].reason
+    assert "@upcaster('up.order.placed', from_version=...)" in deliveries[0].reason
 
 
 def test_check_cli_exit_codes_and_json(tmp_path: Path) -> None:
@@ -678,3 +679,13 @@ def test_the_docs_list_every_rule_as_the_code_applies_it() -> None:
         kind: (verdict == "breaking", rule.replace("`", "")) for kind, verdict, rule in rows
     }
     assert documented == {k: (b, r.replace("`", "")) for k, (b, r) in schema_diff.RULES.items()}
+
+
+def test_diff_refuses_catalogues_of_two_services(tmp_path: Path) -> None:
+    old = Service((OrderV1,), handlers=(on_orders,)).document()
+    new = Service((OrderV1,), handlers=(on_orders,), settings={"service": "billing"}).document()
+    result = run(
+        tmp_path, ["diff", str(tmp_path / "old.json"), str(tmp_path / "new.json")], old=old, new=new
+    )
+    assert result.exit_code == 2, result.output
+    assert "compares two releases of one service" in result.output

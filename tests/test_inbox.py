@@ -335,3 +335,8 @@ def test_cli_purge_deletes_rows_older_than_the_window() -> None:
         assert "database error" in missing.output
     finally:
         box.table.drop(ENGINE)
+
+
+def test_redis_inbox_durations_are_timedeltas_with_a_hint() -> None:
+    with pytest.raises(TypeError, match=r"ttl must be a timedelta, e.g. ttl=timedelta\(days=7\)"):
+        RedisInbox(redis.Redis(), ttl=5)  # type: ignore[arg-type]

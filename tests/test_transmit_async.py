@@ -258,7 +258,9 @@ def test_a_broker_stopped_mid_batch_loses_nothing_and_resends_only_the_unconfirm
     assert [i for i in confirmed_ids if seen[i] > 1] == []  # 0 confirmed events sent twice
 
 
-def test_a_failover_list_is_tried_in_turn(topology: Topology) -> None:
+def test_a_failover_list_is_tried_in_turn(
+    topology: Topology, caplog: pytest.LogCaptureFixture
+) -> None:
     dead = topology.broker_url.replace("127.0.0.1:5672", "127.0.0.1:5999")
     assert dead != topology.broker_url
     app = topology.app()
@@ -270,9 +272,13 @@ def test_a_failover_list_is_tried_in_turn(topology: Topology) -> None:
         await transmit_async(app)
 
     started = time.monotonic()
-    run(main, app)
+    with caplog.at_level(logging.WARNING, logger="celery_domain_events.amqp.aio"):
+        run(main, app)
     assert time.monotonic() - started < 3
     assert len(drain(topology.broker_url, queue)) == 1
+    failed = [r.getMessage() for r in caplog.records if r.name == "celery_domain_events.amqp.aio"]
+    assert failed, caplog.text
+    assert all(m.startswith("Publishing to amqp://guest:**@127.0.0.1:5999/ failed") for m in failed)
 
 
 def test_an_unknown_vhost_fails_at_once(broker_url: str) -> None:

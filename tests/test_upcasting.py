@@ -246,3 +246,28 @@ def test_decodable_versions_say_what_a_worker_would_decode() -> None:
     }
     assert decodable_versions(by_name["up_untyped"], "up.other", ext.events, ext.upcasters) is None
     assert decodable_versions(by_name["up_v3"], name, ext.events, UpcasterRegistry()) == {3}
+
+
+def test_capture_events_refuses_a_gap_as_a_worker_would() -> None:
+    app = Celery("gap-capture", broker="memory://", set_as_current=False)
+    DomainEvents(app, service="gap", handlers=[up_v3], upcasters=UpcasterRegistry())
+    with pytest.raises(ConfigurationError, match="v1 events cannot reach it"), capture_events(app):
+        pass
+
+
+def test_an_upcast_result_that_fails_the_model_names_the_upcasters() -> None:
+    from celery_domain_events.exceptions import EventValidationError
+    from celery_domain_events.wire import envelope
+
+    upcasters = UpcasterRegistry()
+    upcaster("up.order.placed", 1, registry=upcasters)(lambda data: data)  # forgets currency
+    upcaster("up.order.placed", 2, registry=upcasters)(lambda data: {"order_id": 1})
+    body = envelope.encode(PlacedV1(order_id=1, amount=1.0), "up")
+    with pytest.raises(EventValidationError) as info:
+        envelope.to_event(
+            envelope.decode(body),
+            versions={"up.order.placed": frozenset({3})},
+            upcasters=upcasters,
+        )
+    assert "v1 upcast to v3 by tests.test_upcasting.test_an_upcast_result" in str(info.value)
+    assert "cents: Field required" in str(info.value)

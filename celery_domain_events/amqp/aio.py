@@ -171,10 +171,11 @@ class AioPikaTransport:
                 # declare again) and re-send everything not yet confirmed.
                 error = exc
                 await link.reset()
+                failed_at = self._where()
                 self._next_url += 1  # the next attempt tries the next URL of the list
                 log.warning(
                     "Publishing to %s failed (%r); %d message(s) unconfirmed, retrying",
-                    self._where(),
+                    failed_at,
                     exc,
                     len(pending),
                 )

@@ -110,10 +110,11 @@ def domain_event_handler(
         name: handler name, unique per service; defaults to the function's name. It names the
             queue (``<service>.<name>``), so renaming a handler means a new queue.
         retry: the retry policy; ``None`` dead-letters on the first failure.
-        idempotent: an inbox (``SqlAlchemyInbox``, ``DjangoInbox``, ``RedisInbox``, see
-            :mod:`celery_domain_events.inbox`): each event runs the handler once, its
-            ``(handler, event id)`` committed with the handler's side effects; a duplicate
-            delivery is skipped.
+        idempotent: an inbox (``SqlAlchemyInbox``, ``AsyncSqlAlchemyInbox`` for ``async def``
+            handlers, ``DjangoInbox``, or the weaker ``RedisInbox``; see the idempotent
+            handlers guide): each event runs the handler once, its ``(handler, event id)``
+            committed with the handler's side effects (Redis: marked after them); a
+            duplicate delivery is skipped.
         registry: where to register (tests pass an isolated one).
         task_options: Celery task options from :data:`TASK_OPTIONS` (``time_limit``, ...).
 
@@ -170,12 +171,18 @@ def _check_inbox(fn: Callable[..., Any], inbox: Any) -> None:
     """
     if inbox is None:
         return
-    needed, kind = (AsyncInbox, "aclaim") if inspect.iscoroutinefunction(fn) else (Inbox, "claim")
-    if not isinstance(inbox, needed):
+    if inspect.iscoroutinefunction(fn):
+        if not isinstance(inbox, AsyncInbox):
+            raise ConfigurationError(
+                f"idempotent={inbox!r} has no aclaim() for the async def handler "
+                f"{fn.__qualname__}; an async def handler needs an async inbox "
+                "(contrib.inbox.AsyncSqlAlchemyInbox)"
+            )
+    elif not isinstance(inbox, Inbox):
         raise ConfigurationError(
-            f"idempotent={inbox!r} has no {kind}() for {fn.__qualname__}; pass an inbox "
-            "(contrib.inbox.SqlAlchemyInbox / AsyncSqlAlchemyInbox, contrib.django.inbox."
-            "DjangoInbox, contrib.redis_inbox.RedisInbox)"
+            f"idempotent={inbox!r} has no claim() for {fn.__qualname__}; pass an inbox "
+            "(contrib.inbox.SqlAlchemyInbox, contrib.django.inbox.DjangoInbox, "
+            "contrib.redis_inbox.RedisInbox)"
         )
 
 

@@ -51,6 +51,11 @@ _DONE = b"done"
 
 
 def _ms(duration: timedelta, name: str) -> int:
+    if not isinstance(duration, timedelta):
+        raise TypeError(
+            f"RedisInbox {name} must be a timedelta, e.g. {name}=timedelta(days=7); "
+            f"got {duration!r}"
+        )
     ms = int(duration.total_seconds() * 1000)
     if ms <= 0:
         raise ValueError(f"RedisInbox {name} must be positive, not {duration}")

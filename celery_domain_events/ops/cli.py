@@ -505,7 +505,10 @@ _catalogue_file = click.Path(dir_okay=False)
 @click.pass_context
 def catalogue_diff(ctx: click.Context, old: str, new: str, as_json: bool) -> None:
     """Compare two catalogues of one service (OLD release, NEW); exit 1 on a breaking change."""
-    changes = schema_diff.diff(_read_catalogue(old, "OLD"), _read_catalogue(new, "NEW"))
+    try:
+        changes = schema_diff.diff(_read_catalogue(old, "OLD"), _read_catalogue(new, "NEW"))
+    except CatalogueError as exc:  # two services' catalogues
+        raise UnreadableInput(str(exc).splitlines()[0]) from None
     breaking = [c for c in changes if c.breaking]
     if as_json:
         report = {

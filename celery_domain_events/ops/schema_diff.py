@@ -693,7 +693,17 @@ def _versions(versions: Versions) -> str:
 
 
 def diff(old: Catalogue, new: Catalogue) -> list[Change]:
-    """The changes from ``old`` to ``new``, two catalogues of one service (:data:`RULES`)."""
+    """The changes from ``old`` to ``new``, two catalogues of one service (:data:`RULES`).
+
+    Raises:
+        CatalogueError: the two catalogues are of different services.
+    """
+    if old.service and new.service and old.service != new.service:
+        raise CatalogueError(
+            f"OLD is a catalogue of service {old.service!r} and NEW of {new.service!r}: diff "
+            "compares two releases of one service; for a producer and a consumer use "
+            "catalogue check --producer P --consumer C"
+        )
     changes: list[Change] = []
     consumed: set[tuple[str, str, int]] = set()  # (handler, event, version) reported removed
     old_events = {e for e, _ in old.messages}
@@ -874,8 +884,9 @@ def _delivery(message: Message, handler: Handler, accepts: Mapping[str, Versions
             )
         else:
             reason = (
-                f"no model of v{version} and no upcaster chain to a version it takes "
-                f"(it decodes {_versions(versions)}): the event would be poison"
+                f"no upcaster chain from v{version} to a version it takes (it decodes "
+                f"{_versions(versions)}): the event would be poison; add "
+                f"@upcaster({event!r}, from_version=...) steps in the consumer"
             )
     return Delivery(
         event=event,

@@ -361,9 +361,11 @@ def capture_events(app: Celery, *, fail_fast: bool = True) -> Iterator[EventCapt
         dropped and the app's previous transport is restored.
 
     Raises:
-        ConfigurationError: the app has no ``DomainEvents``.
+        ConfigurationError: the app has no ``DomainEvents``, or an upcaster chain one of its
+            handlers needs has a gap (as a worker would refuse to start).
     """
     capture = EventCapture(app, fail_fast=fail_fast)
+    capture.ext.check_upcasters()  # as a worker does at start: a gap fails here, not as poison
     capture._exit.enter_context(capture.ext.using(CaptureTransport(capture)))
     capture._open = True
     try:

@@ -291,6 +291,7 @@ def to_event(
     if envelope.time is not None:
         metadata["occurred_at"] = envelope.time
     version = envelope.eventversion
+    via = ""
     data = envelope.payload()
     declared = versions.get(envelope.type) if versions else None
     if declared and version not in declared:
@@ -301,6 +302,11 @@ def to_event(
                 f"data must be a JSON object, got {type(data).__name__}"
             )
         data = upcasters.upcast(envelope.type, version, target, data or {})
+        via = ", ".join(
+            step.origin
+            for v in range(version, target)
+            if (step := upcasters.get(envelope.type, v)) is not None
+        )
         version = target
     model = registry.get(envelope.type, version)
     if model is None:
@@ -329,7 +335,7 @@ def to_event(
         )
     known_keys = _input_keys(model)
     fields = {k: v for k, v in data.items() if k in known_keys}
-    return _validated(model, {**fields, **metadata}, envelope, version)
+    return _validated(model, {**fields, **metadata}, envelope, version, via)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -350,11 +356,12 @@ def _validated(
     data: Any,
     env: Envelope,
     version: int | None = None,
+    via: str = "",
 ) -> AnyEvent:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        upcast = "" if version in (None, env.eventversion) else f" upcast to v{version}"
+        upcast = "" if version in (None, env.eventversion) else f" upcast to v{version} by {via}"
         # Not chained: pydantic's own text holds the input values, the event's data (personal
         # data, secrets), and a chained cause reaches logs and the dead letter's traceback.
         raise EventValidationError(
