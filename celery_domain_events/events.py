@@ -17,6 +17,7 @@ receives back into ``UserCreated``. Events whose name no model declares reach ha
 
 from __future__ import annotations
 
+import functools
 import threading
 import uuid
 from collections.abc import Iterator
@@ -24,12 +25,20 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .exceptions import RegistrationError
 from .routing import validate_event_name
 
-__all__ = ["DomainEvent", "EventRegistry", "GenericEvent", "default_events", "utcnow"]
+__all__ = [
+    "DomainEvent",
+    "EventRegistry",
+    "GenericEvent",
+    "default_events",
+    "input_keys",
+    "utcnow",
+    "validation_summary",
+]
 
 #: Metadata fields every event carries; they travel in the envelope, not in ``data``.
 METADATA_FIELDS = frozenset({"event_id", "occurred_at"})
@@ -91,6 +100,34 @@ class GenericEvent(BaseModel):
     def event_data(self) -> Any:
         """Return the payload as JSON-ready data."""
         return dict(self.data) if isinstance(self.data, dict) else self.data
+
+
+@functools.lru_cache(maxsize=1024)
+def input_keys(model: type[DomainEvent]) -> frozenset[str]:
+    """What ``model`` reads from an event's ``data``: field names and their string aliases.
+
+    Never the metadata fields, which come from the envelope. Readers keep only these keys of
+    ``data`` (tolerant readers: a producer may add fields before its consumers know them).
+    """
+    keys: set[str] = set()
+    for name, info in model.model_fields.items():
+        keys.add(name)
+        for alias in (info.alias, info.validation_alias):
+            if isinstance(alias, str):
+                keys.add(alias)
+    return frozenset(keys - METADATA_FIELDS)
+
+
+def validation_summary(exc: ValidationError) -> str:
+    """Where and why ``exc`` failed, in one line, without the input values.
+
+    The values are the event's data (personal data, secrets), and this text reaches logs,
+    Flower and the dead letter's failure record.
+    """
+    return "; ".join(
+        f"{'.'.join(map(str, e['loc']))[:80] or '<root>'}: {e['msg'][:200]}"
+        for e in exc.errors(include_url=False, include_input=False)[:5]
+    )
 
 
 #: What ``emit()`` accepts and what a handler receives.

@@ -31,7 +31,7 @@ from typing import Any, TypeVar, overload
 
 from pydantic import ValidationError
 
-from .events import METADATA_FIELDS, DomainEvent, EventRegistry
+from .events import DomainEvent, EventRegistry, input_keys, validation_summary
 from .exceptions import (
     ConfigurationError,
     EventValidationError,
@@ -248,7 +248,7 @@ def _typed_step(fn: Callable[..., Any]) -> Upcaster:
         )
 
     def step(data: dict[str, Any]) -> dict[str, Any]:
-        keys = _input_keys(source)
+        keys = input_keys(source)
         old = source.model_validate({k: v for k, v in data.items() if k in keys})
         new = fn(old)
         if not isinstance(new, target):
@@ -261,17 +261,6 @@ def _typed_step(fn: Callable[..., Any]) -> Upcaster:
 
 def _is_model(hint: Any) -> typing.TypeGuard[type[DomainEvent]]:
     return isinstance(hint, type) and issubclass(hint, DomainEvent) and "event_name" in vars(hint)
-
-
-def _input_keys(model: type[DomainEvent]) -> set[str]:
-    keys = set()
-    for name, info in model.model_fields.items():
-        if name in METADATA_FIELDS:
-            continue
-        keys.add(name)
-        if isinstance(info.alias, str):
-            keys.add(info.alias)
-    return keys
 
 
 def declared_versions(annotation: Any) -> dict[str, frozenset[int]]:
@@ -372,13 +361,8 @@ def check_handlers(
 
 
 def _describe(exc: Exception) -> str:
-    # Never pydantic's input values: they are the event's data, and this text reaches logs,
-    # Flower and the dead letter's failure record.
     if isinstance(exc, ValidationError):
-        return "; ".join(
-            f"{'.'.join(map(str, e['loc']))[:80] or '<root>'}: {e['msg'][:200]}"
-            for e in exc.errors(include_url=False, include_input=False)[:5]
-        )
+        return validation_summary(exc)  # never pydantic's input values: the event's data
     return f"{type(exc).__name__}: {str(exc)[:300]}"
 
 

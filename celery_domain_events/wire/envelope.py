@@ -13,7 +13,6 @@ they are rejected as poison (:class:`~celery_domain_events.exceptions.EventDecod
 from __future__ import annotations
 
 import base64
-import functools
 import re
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
@@ -29,7 +28,14 @@ from pydantic import (
 )
 from pydantic_core import from_json, to_json
 
-from celery_domain_events.events import METADATA_FIELDS, AnyEvent, DomainEvent, GenericEvent
+from celery_domain_events.events import (
+    METADATA_FIELDS,
+    AnyEvent,
+    DomainEvent,
+    GenericEvent,
+    input_keys,
+    validation_summary,
+)
 from celery_domain_events.exceptions import (
     EventDecodeError,
     EventValidationError,
@@ -235,7 +241,9 @@ def decode(body: bytes | str) -> Envelope:
     try:
         return Envelope.model_validate(raw)
     except ValidationError as exc:
-        raise EventDecodeError(f"not a CloudEvents 1.0 envelope: {_summary(exc)}") from exc
+        raise EventDecodeError(
+            f"not a CloudEvents 1.0 envelope: {validation_summary(exc)}"
+        ) from exc
 
 
 def peek_id(body: bytes | str) -> str | None:
@@ -333,22 +341,9 @@ def to_event(
             f"{envelope.type!r} v{envelope.eventversion} (id {envelope.id}) fails validation: "
             f"data must be a JSON object, got {type(data).__name__}"
         )
-    known_keys = _input_keys(model)
+    known_keys = input_keys(model)
     fields = {k: v for k, v in data.items() if k in known_keys}
     return _validated(model, {**fields, **metadata}, envelope, version, via)
-
-
-@functools.lru_cache(maxsize=1024)
-def _input_keys(model: type[DomainEvent]) -> frozenset[str]:
-    # What the model reads from ``data``: field names and their string aliases, never the
-    # metadata fields, which come from the envelope.
-    keys: set[str] = set()
-    for name, info in model.model_fields.items():
-        keys.add(name)
-        for alias in (info.alias, info.validation_alias):
-            if isinstance(alias, str):
-                keys.add(alias)
-    return frozenset(keys - METADATA_FIELDS)
 
 
 def _validated(
@@ -366,14 +361,5 @@ def _validated(
         # data, secrets), and a chained cause reaches logs and the dead letter's traceback.
         raise EventValidationError(
             f"{env.type!r} v{env.eventversion}{upcast} (id {env.id}) fails validation: "
-            f"{_summary(exc)}"
+            f"{validation_summary(exc)}"
         ) from None
-
-
-def _summary(exc: ValidationError) -> str:
-    # Never the input values: they are the event's data (personal data, secrets), and this
-    # text reaches logs, Flower and the dead letter's failure record.
-    return "; ".join(
-        f"{'.'.join(map(str, e['loc']))[:80] or '<root>'}: {e['msg'][:200]}"
-        for e in exc.errors(include_url=False, include_input=False)[:5]
-    )
