@@ -271,3 +271,19 @@ def test_an_upcast_result_that_fails_the_model_names_the_upcasters() -> None:
         )
     assert "v1 upcast to v3 by tests.test_upcasting.test_an_upcast_result" in str(info.value)
     assert "cents: Field required" in str(info.value)
+
+
+def test_an_invalid_envelope_error_does_not_carry_its_values() -> None:
+    import json
+    import traceback
+
+    from celery_domain_events.exceptions import EventDecodeError
+    from celery_domain_events.wire import envelope
+
+    body = json.dumps(
+        {"specversion": "1.0", "id": {"card": "s3cret-value"}, "source": "x", "type": "a.b"}
+    ).encode()
+    with pytest.raises(EventDecodeError) as info:
+        envelope.decode(body)
+    assert "id: Input should be a valid string" in str(info.value)
+    assert "s3cret-value" not in "".join(traceback.format_exception(info.value))
