@@ -340,3 +340,15 @@ def test_cli_purge_deletes_rows_older_than_the_window() -> None:
 def test_redis_inbox_durations_are_timedeltas_with_a_hint() -> None:
     with pytest.raises(TypeError, match=r"ttl must be a timedelta, e.g. ttl=timedelta\(days=7\)"):
         RedisInbox(redis.Redis(), ttl=5)  # type: ignore[arg-type]
+
+
+def test_without_on_conflict_the_claim_uses_a_savepoint(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Databases other than PostgreSQL and SQLite: the same outcomes, through a SAVEPOINT.
+    monkeypatch.setattr(INBOX, "_insert_if_new", lambda dialect: None)
+    event_id = str(uuid.uuid4())
+    with INBOX.claim("ib_savepoint", event_id) as fresh:
+        assert fresh
+        INBOX.session.execute(sa.insert(ROWS).values(handler="ib_savepoint", order_id=1))
+    with INBOX.claim("ib_savepoint", event_id) as fresh:
+        assert not fresh
+    assert rows("ib_savepoint") == [1]

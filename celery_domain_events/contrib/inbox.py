@@ -28,7 +28,7 @@ import contextvars
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from sqlalchemy import (
     Column,
@@ -46,6 +46,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 __all__ = ["DEFAULT_INBOX_TABLE", "AsyncSqlAlchemyInbox", "SqlAlchemyInbox", "define_inbox_table"]
+
+S = TypeVar("S")
 
 #: Name of the inbox table unless you choose another.
 DEFAULT_INBOX_TABLE = "domain_events_inbox"
@@ -69,18 +71,47 @@ def define_inbox_table(metadata: MetaData, name: str = DEFAULT_INBOX_TABLE) -> T
     )
 
 
-class _InboxTable:
-    def __init__(self, metadata: MetaData | None, table_name: str) -> None:
+class _Inbox(Generic[S]):
+    """What both inboxes share: the table, the claim's statement, the session of a run."""
+
+    def __init__(
+        self, sessions: Callable[[], Any], metadata: MetaData | None, table_name: str
+    ) -> None:
         self.table = define_inbox_table(
             metadata if metadata is not None else MetaData(), table_name
         )
+        self._sessions = sessions
         #: dialect name -> the claim's INSERT ... ON CONFLICT statement (None: use a SAVEPOINT)
         self._upserts: dict[str, Any] = {}
-
-    def _row(self, handler: str, event_id: str) -> Any:
-        return insert(self.table).values(
-            handler=handler, event_id=event_id, handled_at=datetime.now(timezone.utc)
+        self._current: contextvars.ContextVar[S | None] = contextvars.ContextVar(
+            f"celery_domain_events_inbox_{id(self)}", default=None
         )
+
+    @property
+    def session(self) -> S:
+        """The session of the handler run in progress: its work commits with the inbox row.
+
+        A ``Session``; an ``AsyncSession`` for :class:`AsyncSqlAlchemyInbox`.
+
+        Raises:
+            RuntimeError: not inside a run of a handler that uses this inbox.
+        """
+        session = self._current.get()
+        if session is None:
+            raise RuntimeError(
+                "inbox.session is the session of an idempotent handler's run; use it inside "
+                "a handler declared with idempotent=this inbox"
+            )
+        return session
+
+    @contextmanager
+    def _running_in(self, session: S) -> Iterator[None]:
+        """Make ``session`` :attr:`session` for the handler run inside the block."""
+        token = self._current.set(session)
+        try:
+            yield
+        finally:
+            self._current.reset(token)
 
     def _insert_if_new(self, dialect: str) -> Any | None:
         """``INSERT ... ON CONFLICT DO NOTHING RETURNING`` where the dialect has it, else None.
@@ -125,7 +156,7 @@ class _InboxTable:
         return delete(self.table).where(self.table.c.handled_at < cutoff)
 
 
-class SqlAlchemyInbox(_InboxTable):
+class SqlAlchemyInbox(_Inbox[Session]):
     """An inbox in a SQLAlchemy database; see the module docstring.
 
     Args:
@@ -140,26 +171,7 @@ class SqlAlchemyInbox(_InboxTable):
         metadata: MetaData | None = None,
         table_name: str = DEFAULT_INBOX_TABLE,
     ) -> None:
-        super().__init__(metadata, table_name)
-        self._sessions = sessions
-        self._current: contextvars.ContextVar[Session | None] = contextvars.ContextVar(
-            f"celery_domain_events_inbox_{id(self)}", default=None
-        )
-
-    @property
-    def session(self) -> Session:
-        """The session of the handler run in progress: its work commits with the inbox row.
-
-        Raises:
-            RuntimeError: not inside a run of a handler that uses this inbox.
-        """
-        session = self._current.get()
-        if session is None:
-            raise RuntimeError(
-                "inbox.session is the session of an idempotent handler's run; use it inside "
-                "a handler declared with idempotent=this inbox"
-            )
-        return session
+        super().__init__(sessions, metadata, table_name)
 
     @contextmanager
     def claim(self, handler: str, event_id: str) -> Iterator[bool]:
@@ -174,18 +186,15 @@ class SqlAlchemyInbox(_InboxTable):
             else:
                 try:
                     with session.begin_nested():
-                        session.execute(self._row(handler, event_id))
+                        session.execute(insert(self.table), self._params(handler, event_id))
                     fresh = True
                 except IntegrityError:  # committed by an earlier delivery: a duplicate
                     fresh = False
             if not fresh:
                 yield False
                 return
-            token = self._current.set(session)
-            try:
+            with self._running_in(session):
                 yield True
-            finally:
-                self._current.reset(token)
 
     def purge(self, bind: Engine, older_than: timedelta) -> int:
         """Delete the rows of events handled more than ``older_than`` ago; return how many.
@@ -197,7 +206,7 @@ class SqlAlchemyInbox(_InboxTable):
             return int(conn.execute(self._older_than(older_than)).rowcount)
 
 
-class AsyncSqlAlchemyInbox(_InboxTable):
+class AsyncSqlAlchemyInbox(_Inbox[Any]):
     """:class:`SqlAlchemyInbox` for ``async def`` handlers, with an ``async_sessionmaker``."""
 
     def __init__(
@@ -206,26 +215,7 @@ class AsyncSqlAlchemyInbox(_InboxTable):
         metadata: MetaData | None = None,
         table_name: str = DEFAULT_INBOX_TABLE,
     ) -> None:
-        super().__init__(metadata, table_name)
-        self._sessions = sessions
-        self._current: contextvars.ContextVar[Any] = contextvars.ContextVar(
-            f"celery_domain_events_async_inbox_{id(self)}", default=None
-        )
-
-    @property
-    def session(self) -> Any:
-        """The ``AsyncSession`` of the handler run in progress.
-
-        Raises:
-            RuntimeError: not inside a run of a handler that uses this inbox.
-        """
-        session = self._current.get()
-        if session is None:
-            raise RuntimeError(
-                "inbox.session is the session of an idempotent handler's run; use it inside "
-                "a handler declared with idempotent=this inbox"
-            )
-        return session
+        super().__init__(sessions, metadata, table_name)
 
     @asynccontextmanager
     async def aclaim(self, handler: str, event_id: str) -> AsyncIterator[bool]:
@@ -239,18 +229,15 @@ class AsyncSqlAlchemyInbox(_InboxTable):
             else:
                 try:
                     async with session.begin_nested():
-                        await session.execute(self._row(handler, event_id))
+                        await session.execute(insert(self.table), self._params(handler, event_id))
                     fresh = True
                 except IntegrityError:
                     fresh = False
             if not fresh:
                 yield False
                 return
-            token = self._current.set(session)
-            try:
+            with self._running_in(session):
                 yield True
-            finally:
-                self._current.reset(token)
 
     async def purge(self, bind: Any, older_than: timedelta) -> int:
         """:meth:`SqlAlchemyInbox.purge` on an ``AsyncEngine``."""
