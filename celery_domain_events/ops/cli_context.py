@@ -6,6 +6,7 @@ import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import click
 from celery import Celery
@@ -16,6 +17,9 @@ from celery_domain_events.exceptions import DomainEventsError
 from celery_domain_events.extension import DomainEvents
 from celery_domain_events.urls import redact
 
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
 __all__ = [
     "EXIT_BROKER",
     "EXIT_FOUND_DIFFERENCE",
@@ -25,7 +29,9 @@ __all__ = [
     "ManagementUnavailable",
     "UnreadableInput",
     "broker_connection",
+    "database",
     "extension_of",
+    "safe_url",
 ]
 
 
@@ -93,3 +99,38 @@ def broker_connection(ext: DomainEvents) -> Iterator[Connection]:
         yield conn
     finally:
         conn.release()
+
+
+@contextmanager
+def database(db_url: str, what: str) -> Iterator[Engine]:
+    """A SQLAlchemy engine for ``--db-url``, disposed afterwards (the outbox and inbox commands).
+
+    SQLAlchemy is imported here, so the ``domain-events`` command works without it.
+
+    Raises:
+        click.ClickException: SQLAlchemy is not installed, or the database failed (one line,
+            the URL without its password).
+        click.BadParameter: the URL is not one SQLAlchemy can use.
+    """
+    try:
+        from sqlalchemy import create_engine  # noqa: PLC0415 (optional dependency)
+        from sqlalchemy.exc import ArgumentError, DBAPIError  # noqa: PLC0415
+    except ImportError as exc:
+        raise click.ClickException(
+            f"the {what} needs SQLAlchemy ({exc}): pip install 'celery-domain-events[sqlalchemy]'"
+        ) from exc
+    try:
+        engine = create_engine(db_url)
+    except (ArgumentError, ImportError) as exc:
+        raise click.BadParameter(str(exc), param_hint="--db-url") from exc
+    try:
+        yield engine
+    except DBAPIError as exc:
+        raise click.ClickException(f"database error at {safe_url(engine)}: {exc.orig}") from exc
+    finally:
+        engine.dispose()
+
+
+def safe_url(engine: Engine) -> str:
+    """The engine's URL without its password."""
+    return engine.url.render_as_string(hide_password=True)

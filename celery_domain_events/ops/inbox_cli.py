@@ -15,7 +15,7 @@ from datetime import timedelta
 
 import click
 
-from .cli_context import extension_of
+from .cli_context import database, extension_of
 
 __all__ = ["inbox"]
 
@@ -44,25 +44,11 @@ def purge(ctx: click.Context, *, db_url: str, table: str, older_than: float | No
     """Delete the inbox rows of events handled more than --older-than seconds ago."""
     if older_than is None:
         older_than = float(extension_of(ctx).settings.inbox_retention)
-    try:
-        from sqlalchemy import create_engine  # noqa: PLC0415 (optional dependency)
-        from sqlalchemy.exc import ArgumentError, DBAPIError  # noqa: PLC0415
+    with database(db_url, "inbox") as engine:
+        from sqlalchemy.orm import sessionmaker  # noqa: PLC0415 (optional dependency)
 
         from celery_domain_events.contrib.inbox import SqlAlchemyInbox  # noqa: PLC0415
-    except ImportError as exc:
-        raise click.ClickException(
-            f"the inbox needs SQLAlchemy ({exc}): pip install 'celery-domain-events[sqlalchemy]'"
-        ) from exc
-    try:
-        engine = create_engine(db_url)
-    except (ArgumentError, ImportError) as exc:
-        raise click.BadParameter(str(exc), param_hint="--db-url") from exc
-    where = engine.url.render_as_string(hide_password=True)
-    try:
-        box = SqlAlchemyInbox(lambda: None, table_name=table)  # type: ignore[arg-type, return-value]
+
+        box = SqlAlchemyInbox(sessionmaker(engine), table_name=table)
         deleted = box.purge(engine, timedelta(seconds=older_than))
-    except DBAPIError as exc:
-        raise click.ClickException(f"database error at {where}: {exc.orig}") from exc
-    finally:
-        engine.dispose()
     click.echo(f"{deleted} inbox row(s) older than {older_than:g} s deleted from {table!r}")

@@ -22,7 +22,7 @@ import click
 from celery_domain_events.exceptions import PublishError
 from celery_domain_events.extension import DomainEvents
 
-from .cli_context import extension_of
+from .cli_context import database, extension_of, safe_url
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
@@ -48,25 +48,10 @@ def _ext(ctx: click.Context) -> DomainEvents:
 
 @contextmanager
 def _outbox(ctx: click.Context, db_url: str, table: str) -> Iterator[tuple[Outbox, Engine]]:
-    try:
-        from sqlalchemy import create_engine  # noqa: PLC0415 (optional dependency)
-        from sqlalchemy.exc import ArgumentError, DBAPIError  # noqa: PLC0415
+    with database(db_url, "outbox") as engine:
+        from celery_domain_events.contrib.outbox import Outbox  # noqa: PLC0415 (sqlalchemy)
 
-        from celery_domain_events.contrib.outbox import Outbox  # noqa: PLC0415 (imports sqlalchemy)
-    except ImportError as exc:
-        raise click.ClickException(
-            f"the outbox needs SQLAlchemy ({exc}): pip install 'celery-domain-events[sqlalchemy]'"
-        ) from exc
-    try:
-        engine = create_engine(db_url)
-    except (ArgumentError, ImportError) as exc:
-        raise click.BadParameter(str(exc), param_hint="--db-url") from exc
-    try:
         yield Outbox(_ext(ctx), table_name=table), engine
-    except DBAPIError as exc:
-        raise click.ClickException(f"database error at {_safe(engine)}: {exc.orig}") from exc
-    finally:
-        engine.dispose()
 
 
 @click.group()
@@ -82,7 +67,7 @@ def create_table(ctx: click.Context, db_url: str, table: str) -> None:
     """Create the outbox table (and its index) unless it exists."""
     with _outbox(ctx, db_url, table) as (box, engine):
         box.table.create(engine, checkfirst=True)
-        click.echo(f"outbox table {box.table.name!r} is ready at {_safe(engine)}")
+        click.echo(f"outbox table {box.table.name!r} is ready at {safe_url(engine)}")
 
 
 @outbox.command()
@@ -118,7 +103,7 @@ def relay(
             return
         stop = threading.Event()
         _on_signals(stop.set)
-        click.echo(f"relaying {box.table.name!r} at {_safe(engine)}; stop with Ctrl-C")
+        click.echo(f"relaying {box.table.name!r} at {safe_url(engine)}; stop with Ctrl-C")
         total = box.relay_forever(
             engine,
             interval=interval,
@@ -134,7 +119,3 @@ def _on_signals(handler: Callable[[], Any]) -> None:
     # clean stop avoids republishing it.
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: handler())
-
-
-def _safe(engine: Engine) -> str:
-    return engine.url.render_as_string(hide_password=True)
