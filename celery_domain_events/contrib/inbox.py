@@ -120,8 +120,8 @@ class _Inbox(Generic[S]):
         claim. PostgreSQL makes it wait on a concurrent uncommitted insert of the same pair,
         then do nothing (that one committed) or insert (it rolled back), as the SAVEPOINT
         insert's unique violation would decide. Built once per dialect, with bound parameters
-        ``handler``, ``event_id`` and ``handled_at``: building it per run cost more CPU than
-        executing it.
+        ``handler``, ``event_id`` and ``handled_at`` (see row (f) of the benchmark in
+        docs/operations/performance.md for what building it per run cost).
         """
         cached = self._upserts.get(dialect, ...)
         if cached is not ...:
