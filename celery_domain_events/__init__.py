@@ -1,10 +1,12 @@
 """Typed domain events over a RabbitMQ topic exchange, each delivery handled as a Celery task."""
 
 from .amqp.transport import Transport
+from .batching import Batch
 from .consuming.handlers import Handler, domain_event_handler
 from .events import DomainEvent, GenericEvent
 from .exceptions import (
     NON_RETRYABLE,
+    BatchItemsFailed,
     ConfigurationError,
     DomainEventsError,
     EventDecodeError,
@@ -36,6 +38,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "NON_RETRYABLE",
+    "Batch",
+    "BatchItemsFailed",
     "ConfigurationError",
     "DomainEvent",
     "DomainEvents",

@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import sys
 import threading
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from struct import unpack_from
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from amqp import serialization
 from celery import _state as celery_state
+from kombu.exceptions import MessageStateError
 from kombu.message import Message
 
 if TYPE_CHECKING:
@@ -278,6 +279,57 @@ def decoded_task_message(
         properties=properties,
         headers=headers,
         channel=delivery.channel,
+    )
+
+
+class _BatchTaskMessage(_DecodedTaskMessage):
+    """One task message standing for several deliveries: acking it acks each of them."""
+
+    def __init__(self, deliveries: Sequence[Message], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.deliveries = list(deliveries)
+
+    def ack(self, multiple: bool = False) -> None:
+        # Never basic.ack(multiple=True): other handlers' deliveries share the channel.
+        self._settle("ACK", lambda delivery: delivery.ack())
+
+    def reject(self, requeue: bool = False) -> None:
+        self._settle("REJECTED", lambda delivery: delivery.reject(requeue=requeue))
+
+    def requeue(self) -> None:
+        self._settle("REQUEUED", lambda delivery: delivery.requeue())
+
+    def _settle(self, state: str, settle: Callable[[Message], Any]) -> None:
+        if self.acknowledged:
+            raise MessageStateError(f"Message already acknowledged: {self!r}")
+        for delivery in self.deliveries:
+            if not delivery.acknowledged:
+                settle(delivery)
+        self._state = state
+
+
+def batch_task_message(
+    deliveries: Sequence[Message],
+    body: tuple[list[Any], dict[str, Any], dict[str, Any]],
+    headers: dict[str, Any],
+    properties: dict[str, Any],
+) -> Message:
+    """Return a task message for several deliveries of one channel, body already Python.
+
+    Celery acks, rejects or requeues it as one message (``acks_late``, worker lost): each of
+    its deliveries is settled the same way, one ``basic.ack``/``basic.reject`` per delivery.
+    """
+    first = deliveries[0]
+    return _BatchTaskMessage(
+        deliveries,
+        body=body,
+        delivery_tag=first.delivery_tag,
+        content_type=None,
+        content_encoding=None,
+        delivery_info=first.delivery_info,
+        properties=properties,
+        headers=headers,
+        channel=first.channel,
     )
 
 

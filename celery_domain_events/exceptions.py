@@ -10,6 +10,7 @@ Every error derives from :class:`DomainEventsError`::
     ├── EventDefinitionError(DomainEventsError, TypeError)    event class or handler defined wrong
     ├── PublishError(DomainEventsError)                       unreachable or unconfirmed publish
     ├── InboxBusy(DomainEventsError)                          event held by another delivery: retry
+    ├── BatchItemsFailed(DomainEventsError)                   a batch handler names failed events
     ├── NoActiveScope(DomainEventsError, RuntimeError)        emit() with no open scope
     ├── EventDecodeError(DomainEventsError)                   malformed JSON or envelope (poison)
     │   ├── UnknownEventError(EventDecodeError, LookupError)  unregistered event version
@@ -22,11 +23,12 @@ between pool processes (celery/celery#6990).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 __all__ = [
     "NON_RETRYABLE",
+    "BatchItemsFailed",
     "CatalogueError",
     "ConfigurationError",
     "DomainEventsError",
@@ -106,6 +108,36 @@ class InboxBusy(DomainEventsError):
 
     def __str__(self) -> str:
         return str(self.args[0])
+
+
+class BatchItemsFailed(DomainEventsError):
+    """Raised by a batch handler: the events it names failed, every other one is done.
+
+    Each failed event is retried alone (to the handler's own queue, under its retry policy) or
+    dead-lettered alone with its own error; the others are acked. Events the handler emitted
+    are published, as for a run that succeeded.
+
+    Args:
+        failures: ``{event id: exception}``, or ``(event or event id, exception)`` pairs.
+    """
+
+    def __init__(
+        self, failures: Mapping[str, BaseException] | Iterable[tuple[Any, BaseException]]
+    ) -> None:
+        pairs = failures.items() if isinstance(failures, Mapping) else failures
+        self.failures: dict[str, BaseException] = {}
+        for key, exc in pairs:
+            event_id = key if isinstance(key, str) else getattr(key, "event_id", None)
+            if not isinstance(event_id, str) or not isinstance(exc, BaseException):
+                raise TypeError(
+                    "BatchItemsFailed takes {event id: exception} or (event, exception) pairs, "
+                    f"got {key!r}: {exc!r}"
+                )
+            self.failures[event_id] = exc
+        super().__init__(self.failures)
+
+    def __str__(self) -> str:
+        return f"{len(self.failures)} event(s) of the batch failed"
 
 
 class NoActiveScope(DomainEventsError, RuntimeError):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import threading
 import typing
+from collections import abc
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -20,9 +21,18 @@ from .exceptions import RegistrationError
 from .upcasting import declared_versions
 
 if TYPE_CHECKING:
+    from .batching import Batch
     from .retry import RetryPolicy
 
-__all__ = ["EventRegistry", "HandlerRegistry", "HandlerSpec", "default_events", "default_handlers"]
+__all__ = [
+    "BATCH_ANNOTATIONS",
+    "EventRegistry",
+    "HandlerRegistry",
+    "HandlerSpec",
+    "default_events",
+    "default_handlers",
+    "item_annotation",
+]
 
 
 @dataclass(frozen=True)
@@ -36,6 +46,7 @@ class HandlerSpec:
         retry: the retry policy (None: never retried).
         task_options: extra Celery task options (time limits, rate limit, ...).
         idempotent: the inbox that records the events it handled, if any.
+        batch: how a batch handler gathers its events (None: one event per run).
     """
 
     name: str
@@ -45,13 +56,15 @@ class HandlerSpec:
     task_options: dict[str, Any] = field(default_factory=dict, compare=False)
     #: The inbox that makes it idempotent (``celery_domain_events.inbox``), if any.
     idempotent: Any = field(default=None, compare=False)
+    #: A batch handler's :class:`~.batching.Batch` (it takes a list of events), if any.
+    batch: Batch | None = None
 
     def event_versions(self) -> dict[str, frozenset[int]]:
         """The versions of each event the handler's annotation names (``{}`` if untyped).
 
         An event of another version is upcast to the lowest of these above it.
         """
-        return _event_versions(self.fn)
+        return _event_versions(self.fn, batch=self.batch is not None)
 
     @property
     def task_name(self) -> str:
@@ -109,7 +122,7 @@ class HandlerRegistry:
 _versions_cache: dict[Callable[..., Any], dict[str, frozenset[int]]] = {}
 
 
-def _event_versions(fn: Callable[..., Any]) -> dict[str, frozenset[int]]:
+def _event_versions(fn: Callable[..., Any], *, batch: bool) -> dict[str, frozenset[int]]:
     cached = _versions_cache.get(fn)
     if cached is not None:
         return cached
@@ -118,8 +131,22 @@ def _event_versions(fn: Callable[..., Any]) -> dict[str, frozenset[int]]:
         annotation = Any if first is None else typing.get_type_hints(fn).get(first.name, Any)
     except Exception:  # a forward reference not resolvable yet: not cached, tried next time
         return {}
+    if batch:
+        annotation = item_annotation(annotation)
     versions = _versions_cache[fn] = declared_versions(annotation)
     return versions
+
+
+#: The collection types a batch handler may annotate its argument with (``list[OrderPaid]``).
+BATCH_ANNOTATIONS: tuple[Any, ...] = (list, abc.Sequence, abc.Iterable, abc.Collection)
+
+
+def item_annotation(annotation: Any) -> Any:
+    """The event type of a batch handler's ``list[E]`` annotation (``Any`` if it names none)."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in BATCH_ANNOTATIONS and len(args) == 1:
+        return args[0]
+    return Any
 
 
 def _qualified(obj: Any) -> str:

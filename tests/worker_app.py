@@ -12,6 +12,7 @@ import random
 import signal
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import ClassVar
 
@@ -21,6 +22,8 @@ from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.orm import sessionmaker
 
 from celery_domain_events import (
+    Batch,
+    BatchItemsFailed,
     DomainEvent,
     DomainEvents,
     GenericEvent,
@@ -319,3 +322,43 @@ def inbox_a(event: DomainEvent) -> None:
 def inbox_b(event: DomainEvent) -> None:
     """inbox_a's twin: each handler must see each event exactly once."""
     _handle_once("inbox_b", event)
+
+
+# Batch handlers (tests/test_batch.py).
+class BatchItem(DomainEvent):
+    event_name: ClassVar[str] = "batch.item"
+    n: int
+
+
+def _record_batch(name: str, events: list[BatchItem]) -> None:
+    _record(f"{name}_batch", uuid.uuid4().hex, len(events), os.getpid())
+    for event in events:
+        _append(name, event)
+
+
+@domain_event_handler(
+    "batch.item",
+    batch=Batch(max_size=50, max_wait=0.5),
+    retry=RetryPolicy(max_retries=1, backoff=False, countdown=0.5),
+)
+def batch_sink(events: list[BatchItem]) -> None:
+    """Records each batch; events whose n ends in 7 fail (alone), are retried once, then
+    dead-lettered."""
+    _record_batch("batch_sink", events)
+    failing = [event for event in events if event.n % 10 == 7]
+    if failing:
+        raise BatchItemsFailed((event, RuntimeError(f"n={event.n} fails")) for event in failing)
+
+
+@domain_event_handler("batch.item", retry=None)
+def batch_peer(event: BatchItem) -> None:
+    """A plain handler of the same events: it must run exactly once per event."""
+    _append("batch_peer", event)
+
+
+@domain_event_handler("batch.slow", batch=Batch(max_size=20, max_wait=0.3), retry=None)
+def batch_slow(events: list[GenericEvent]) -> None:
+    """Records the batch, then takes 3 s (the crash test kills the worker meanwhile)."""
+    _record_batch("batch_slow", events)  # type: ignore[arg-type]
+    time.sleep(3)
+    _record("batch_slow_done", uuid.uuid4().hex, len(events))

@@ -23,6 +23,7 @@ and this step declares and consumes again.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -48,7 +49,7 @@ from celery_domain_events.wire.dead_letter import FailureReason, dead_letter_mes
 from celery_domain_events.wire.message import OutboundMessage
 
 from . import dead_letter
-from .delivery import to_task_message
+from .delivery import to_batch_task_message, to_task_message
 from .task import on_refused_dead_letter
 
 __all__ = ["DomainEventsStep", "DomainEventsTopology"]
@@ -99,7 +100,7 @@ class _Dispatch:
                 retry_exchanges=self.retry_exchanges,
                 max_delay=self.max_delay,
             )
-            task_message = to_task_message(message, checked, self.spec, self.queue)
+            task_message = self.task_message(message, checked)
         except EventDecodeError as exc:
             self.dead_letter(message, exc)
             return
@@ -107,7 +108,15 @@ class _Dispatch:
             log.exception("Could not read a delivery on %s; dead-lettering it", self.queue)
             self.dead_letter(message, EventDecodeError(f"unreadable delivery: {exc!r}"[:500]))
             return
-        self.on_task_received(task_message)
+        if task_message is not None:
+            self.on_task_received(task_message)
+
+    def task_message(self, message: Message, checked: inbound.Inbound) -> Message | None:
+        """The task message to run now for ``message`` (a batch handler: once one is full)."""
+        return to_task_message(message, checked, self.spec, self.queue)
+
+    def stop(self) -> None:
+        """Forget what this consumer holds (unacked, the broker redelivers it)."""
 
     def dead_letter(self, message: Message, exc: EventDecodeError) -> None:
         try:
@@ -155,6 +164,95 @@ class _Dispatch:
         )
 
 
+class _BatchDispatch(_Dispatch):
+    """The ``on_message`` callback of a batch handler's queue: gathers deliveries into batches.
+
+    A batch goes to the pool as one task when ``max_size`` deliveries are waiting, or when the
+    first of them has waited ``max_wait`` seconds (a timer on the worker's event loop). A
+    delayed retry waits in the worker until it is due, then joins the next batch. Deliveries
+    stay unacked until their batch's task ends, so a crash redelivers the whole batch.
+    """
+
+    def __init__(
+        self,
+        ext: DomainEvents,
+        spec: HandlerSpec,
+        queue: str,
+        on_task_received: Callable[[Message], Any],
+        on_refused: Callable[[str], Any],
+        *,
+        timer: Any,
+        qos: Any,
+    ) -> None:
+        super().__init__(ext, spec, queue, on_task_received, on_refused)
+        assert spec.batch is not None
+        self.batch = spec.batch
+        self.timer = timer
+        self.qos = qos
+        self.pending: list[tuple[Message, inbound.Inbound]] = []
+        self.flush_entry: Any = None
+        self.delayed: set[Any] = set()
+        # Timers run on the event loop's thread, except with green pools (a timer thread).
+        self.lock = threading.Lock()
+
+    def task_message(self, message: Message, checked: inbound.Inbound) -> Message | None:
+        if checked.due is not None:
+            # Hold a delayed retry here, as Celery holds an ETA task: it must not count
+            # against the prefetch budget meanwhile.
+            if self.qos is not None:
+                self.qos.increment_eventually()
+            holder: list[Any] = []
+            # kombu's timer runs on the monotonic clock; ``due`` is epoch seconds.
+            delay = max(0.0, checked.due - time.time())
+            entry = self.timer.call_after(delay, self._due, (message, checked, holder))
+            holder.append(entry)
+            self.delayed.add(entry)
+            return None
+        with self.lock:
+            return self._add(message, checked)
+
+    def _add(self, message: Message, checked: inbound.Inbound) -> Message | None:
+        self.pending.append((message, checked))
+        if len(self.pending) >= self.batch.max_size:
+            return self._take()
+        if self.flush_entry is None:
+            self.flush_entry = self.timer.call_after(self.batch.max_wait, self._flush_due)
+        return None
+
+    def _take(self) -> Message:
+        if self.flush_entry is not None:
+            self.flush_entry.cancel()
+            self.flush_entry = None
+        batch, self.pending = self.pending, []
+        return to_batch_task_message(batch, self.spec, self.queue)
+
+    def _flush_due(self) -> None:
+        with self.lock:
+            self.flush_entry = None
+            task_message = self._take() if self.pending else None
+        if task_message is not None:
+            self.on_task_received(task_message)
+
+    def _due(self, message: Message, checked: inbound.Inbound, holder: list[Any]) -> None:
+        self.delayed.discard(holder[0] if holder else None)
+        if self.qos is not None:
+            self.qos.decrement_eventually()
+        with self.lock:
+            task_message = self._add(message, checked)
+        if task_message is not None:
+            self.on_task_received(task_message)
+
+    def stop(self) -> None:
+        with self.lock:
+            if self.flush_entry is not None:
+                self.flush_entry.cancel()
+                self.flush_entry = None
+            for entry in self.delayed:
+                entry.cancel()
+            self.delayed.clear()
+            self.pending = []
+
+
 class DomainEventsStep(bootsteps.StartStopStep):
     """Declare the domain-events topology and consume every handler queue."""
 
@@ -164,6 +262,7 @@ class DomainEventsStep(bootsteps.StartStopStep):
 
     def __init__(self, parent: Any, **kwargs: Any) -> None:
         self.consumers: list[Consumer] = []
+        self.dispatches: list[_Dispatch] = []
         #: queue name -> (its consumer, the queue): what pause and resume act on.
         self.by_queue: dict[str, tuple[Consumer, Any]] = {}
         #: Handler queues paused by ``celery control cancel_consumer``; kept across restarts.
@@ -205,15 +304,30 @@ class DomainEventsStep(bootsteps.StartStopStep):
         if ext.settings.queue_type is QueueType.QUORUM:
             _bind_for_native_delay(ext, parent.connection)
         on_task_received = parent.create_task_handler()
+        self._raise_prefetch(ext, parent)
         for spec in ext.handlers:
             queue = ext.topology.handler_queue(spec)
+            dispatch = (
+                _Dispatch(ext, spec, queue.name, on_task_received, self.hold)
+                if spec.batch is None
+                else _BatchDispatch(
+                    ext,
+                    spec,
+                    queue.name,
+                    on_task_received,
+                    self.hold,
+                    timer=self.timer,
+                    qos=getattr(parent, "qos", None),
+                )
+            )
             consumer = Consumer(
                 channel,
                 queues=[queue],
-                on_message=_Dispatch(ext, spec, queue.name, on_task_received, self.hold),
+                on_message=dispatch,
                 auto_declare=False,
                 no_ack=False,
             )
+            self.dispatches.append(dispatch)
             self.consumers.append(consumer)
             self.by_queue[queue.name] = (consumer, queue)
             self.handler_queues.add(queue.name)
@@ -229,6 +343,17 @@ class DomainEventsStep(bootsteps.StartStopStep):
             ext.settings.exchange,
             ", ".join(ext.topology.handler_queue_name(s) for s in ext.handlers),
         )
+
+    def _raise_prefetch(self, ext: DomainEvents, parent: Any) -> None:
+        # A batch fills only if the broker may deliver that many unacked events: twice its
+        # size per batch handler (one batch running, the next filling), on top of Celery's own
+        # budget. Before consuming starts, so that per-consumer QoS (quorum queues) sees it.
+        extra = sum(2 * spec.batch.max_size for spec in ext.handlers if spec.batch is not None)
+        qos = getattr(parent, "qos", None)
+        if extra and qos is not None:
+            qos.increment_eventually(extra)
+            qos.update()
+            log.info("Domain events: prefetch raised by %d for batch handlers", extra)
 
     def _consume_with(self, task_consumer: Any) -> None:
         # Start consuming exactly when Celery starts its own task consumer, once the pool is
@@ -354,6 +479,9 @@ class DomainEventsStep(bootsteps.StartStopStep):
         """Cancel the handler consumers (the channel belongs to Celery's task consumer)."""
         for consumer in self.consumers:
             ignore_errors(parent.connection, consumer.cancel)
+        for dispatch in self.dispatches:
+            dispatch.stop()
+        self.dispatches = []
         self.consumers = []
         self.by_queue = {}
         for entry in [*self.timers, *self.held.values()]:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
@@ -35,6 +35,7 @@ __all__ = [
     "TASK_ID_NAMESPACE",
     "task_id_for",
     "task_meta",
+    "to_batch_task_message",
     "to_task_message",
 ]
 
@@ -93,21 +94,22 @@ def task_meta(
     }
 
 
-def to_task_message(message: Message, inbound: Inbound, spec: HandlerSpec, queue: str) -> Message:
-    """Wrap a checked event delivery on ``queue`` into a task message for ``spec``'s task."""
-    properties = message.properties or {}
-    task_id = task_id_for(inbound.event_id, spec.name)
-    meta = task_meta(
+def _meta(message: Message, inbound: Inbound, queue: str) -> dict[str, Any]:
+    return task_meta(
         queue=queue,
         exchange=inbound.exchange,
         routing_key=inbound.routing_key,
         content_type=message.content_type,
         content_encoding=message.content_encoding,
-        properties=properties,
+        properties=message.properties or {},
         headers=inbound.headers,
     )
-    origin = str(properties.get("app_id") or inbound.source or "?")[:120]
-    task_headers: dict[str, Any] = {
+
+
+def _task_headers(
+    spec: HandlerSpec, task_id: str, inbound: Inbound, properties: Mapping[str, Any]
+) -> dict[str, Any]:
+    return {
         "lang": "py",
         "task": spec.task_name,
         "id": task_id,
@@ -124,21 +126,71 @@ def to_task_message(message: Message, inbound: Inbound, spec: HandlerSpec, queue
         "parent_id": None,
         "argsrepr": "()",
         "kwargsrepr": summary(inbound),
-        "origin": origin,
+        "origin": str(properties.get("app_id") or inbound.source or "?")[:120],
         "ignore_result": True,
         "replaced_task_nesting": 0,
         "stamped_headers": None,
         "stamps": {},
     }
+
+
+def _task_properties(task_id: str, properties: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "correlation_id": task_id,
+        "reply_to": "",
+        **({"priority": properties["priority"]} if "priority" in properties else {}),
+    }
+
+
+def to_task_message(message: Message, inbound: Inbound, spec: HandlerSpec, queue: str) -> Message:
+    """Wrap a checked event delivery on ``queue`` into a task message for ``spec``'s task."""
+    properties = message.properties or {}
+    task_id = task_id_for(inbound.event_id, spec.name)
     return _compat.decoded_task_message(
         message,
-        ([], {"raw_event": inbound.text, "meta": meta}, _NO_CANVAS),
-        task_headers,
+        ([], {"raw_event": inbound.text, "meta": _meta(message, inbound, queue)}, _NO_CANVAS),
+        _task_headers(spec, task_id, inbound, properties),
+        _task_properties(task_id, properties),
+    )
+
+
+def to_batch_task_message(
+    deliveries: Sequence[tuple[Message, Inbound]], spec: HandlerSpec, queue: str
+) -> Message:
+    """Wrap checked deliveries on ``queue`` into one task message for a batch handler's task.
+
+    The task id derives from the events' ids (a redelivered batch of the same events keeps
+    it); acking the task acks every delivery. Flower shows the batch's size and its events'
+    names and first and last ids, never their data.
+    """
+    first_message, first = deliveries[0]
+    last = deliveries[-1][1]
+    task_id = task_id_for("\x00".join(inbound.event_id for _, inbound in deliveries), spec.name)
+    items = [
         {
-            "correlation_id": task_id,
-            "reply_to": "",
-            **({"priority": properties["priority"]} if "priority" in properties else {}),
-        },
+            "raw_event": inbound.text,
+            "meta": _meta(message, inbound, queue),
+            "retries": inbound.retries,
+            "event_id": inbound.event_id,
+        }
+        for message, inbound in deliveries
+    ]
+    headers = _task_headers(spec, task_id, first, first_message.properties or {})
+    headers["eta"] = None
+    headers["retries"] = 0
+    headers["kwargsrepr"] = repr(
+        {
+            "batch": len(deliveries),
+            "events": sorted({inbound.event_type[:120] for _, inbound in deliveries})[:10],
+            "first_id": first.event_id[:120],
+            "last_id": last.event_id[:120],
+        }
+    )
+    return _compat.batch_task_message(
+        [message for message, _ in deliveries],
+        ([], {"batch": items}, _NO_CANVAS),
+        headers,
+        _task_properties(task_id, {}),
     )
 
 

@@ -10,6 +10,10 @@
     async def sync_crm(event: UserCreated) -> None:
         await crm.upsert(event.user_id)
 
+    @domain_event_handler("order.*", batch=Batch(max_size=500, max_wait=2.0))
+    def index_orders(events: list[OrderPaid]) -> None:
+        search.bulk_index(events)
+
 Each handler becomes one Celery task, ``domain_events.<module>.<name>``, registered on every
 Celery app the way ``@shared_task`` is (no app needs to exist when the decorator runs), and gets
 its own durable queue ``<service>.<name>`` bound by its patterns when a worker starts.
@@ -18,6 +22,9 @@ An ``async def`` handler is a Celery task like any other (retries, dead letters,
 trace context): its coroutine runs on one event loop per worker process, in a thread of its own,
 while the pool thread waits for it (:mod:`.aio_loop`). Called directly, a handler is the
 function it decorates: ``await handler(event)`` for an async one.
+
+A batch handler (``batch=``) takes a list of events and runs as one Celery task per batch
+(:mod:`celery_domain_events.batching`).
 """
 
 from __future__ import annotations
@@ -32,10 +39,16 @@ from celery import Celery, Task
 from celery import current_app as _current_app
 
 from celery_domain_events import _compat
+from celery_domain_events.batching import Batch
 from celery_domain_events.events import DomainEvent, GenericEvent
 from celery_domain_events.exceptions import ConfigurationError, EventDefinitionError
 from celery_domain_events.inbox import AsyncInbox, Inbox
-from celery_domain_events.registry import HandlerRegistry, HandlerSpec, default_handlers
+from celery_domain_events.registry import (
+    BATCH_ANNOTATIONS,
+    HandlerRegistry,
+    HandlerSpec,
+    default_handlers,
+)
 from celery_domain_events.retry import RetryPolicy
 from celery_domain_events.routing import validate_pattern, validate_word
 
@@ -100,6 +113,7 @@ def domain_event_handler(
     name: str | None = None,
     retry: RetryPolicy | None = _DEFAULT_RETRY,
     idempotent: Inbox | AsyncInbox | None = None,
+    batch: Batch | int | None = None,
     registry: HandlerRegistry = default_handlers,
     **task_options: Any,
 ) -> Callable[[Callable[P, R]], Handler[P, R]]:
@@ -115,13 +129,19 @@ def domain_event_handler(
             handlers guide): each event runs the handler once, its ``(handler, event id)``
             committed with the handler's side effects (Redis: marked after them); a
             duplicate delivery is skipped.
+        batch: make it a batch handler: it takes ``list[Event]`` and runs once per batch of
+            up to ``Batch.max_size`` events gathered for at most ``Batch.max_wait`` seconds
+            (an int is the max size, with a 1 s wait). Raise
+            :class:`~celery_domain_events.BatchItemsFailed` to fail some events alone.
         registry: where to register (tests pass an isolated one).
         task_options: Celery task options from :data:`TASK_OPTIONS` (``time_limit``, ...).
 
     Raises:
         InvalidRoutingPattern: a pattern is malformed.
-        ConfigurationError: no pattern, an unknown option or an async generator function.
-        EventDefinitionError: the function does not take one event argument.
+        ConfigurationError: no pattern, an unknown option, an async generator function, or
+            ``batch=`` with ``idempotent=``.
+        EventDefinitionError: the function does not take one event argument (a list of
+            events, for a batch handler).
         RegistrationError: another function already has this handler name.
     """
     if not patterns:
@@ -134,6 +154,12 @@ def domain_event_handler(
             f"unknown handler option(s) {', '.join(sorted(unknown))}; "
             f"allowed: {', '.join(sorted(TASK_OPTIONS))}"
         )
+    batch_policy = None if batch is None else Batch.of(batch)
+    if batch_policy is not None and idempotent is not None:
+        raise ConfigurationError(
+            "batch= and idempotent= cannot be combined yet: claim the events' ids in the batch "
+            "handler's own transaction (the idempotent handlers guide shows how)"
+        )
 
     def decorate(fn: Callable[P, R]) -> Handler[P, R]:
         if isinstance(fn, Handler):
@@ -143,7 +169,7 @@ def domain_event_handler(
                 f"{getattr(fn, '__qualname__', fn)!r} is an async generator function (it "
                 "yields); a handler is a plain or an async def function"
             )
-        _check_signature(fn)
+        _check_signature(fn, batch=batch_policy is not None)
         handler_name = name or fn.__name__
         validate_word(handler_name, "handler name")  # queue names are <service>.<handler>
         _check_inbox(fn, idempotent)
@@ -154,6 +180,7 @@ def domain_event_handler(
             retry=retry,
             task_options=dict(task_options),
             idempotent=idempotent,
+            batch=batch_policy,
         )
         registry.register(spec)
         _register_task_on_apps(spec)
@@ -186,13 +213,14 @@ def _check_inbox(fn: Callable[..., Any], inbox: Any) -> None:
         )
 
 
-def _check_signature(fn: Callable[..., Any]) -> None:
-    """Refuse, at decoration, a handler that cannot take one event.
+def _check_signature(fn: Callable[..., Any], *, batch: bool = False) -> None:
+    """Refuse, at decoration, a handler that cannot take one event (a batch handler: a list).
 
     Raises:
         EventDefinitionError: it does not take exactly one argument, or that argument is
-            annotated with a type that is no event (an unresolvable forward reference is
-            let through: the worker checks nothing more about it).
+            annotated with a type that is no event (for a batch handler: no ``list[E]`` of
+            an event type E). An unresolvable forward reference is let through: the worker
+            checks nothing more about it.
     """
     name = getattr(fn, "__qualname__", repr(fn))
     try:
@@ -209,11 +237,31 @@ def _check_signature(fn: Callable[..., Any]) -> None:
         annotation = typing.get_type_hints(fn).get(first.name, Any)
     except Exception:  # a forward reference the module defines later
         return
+    if batch:
+        _check_batch_annotation(name, first.name, annotation)
+        return
     if not _is_event_type(annotation):
         raise EventDefinitionError(
             f"handler {name} takes {first.name}: {annotation!r}, which is no event type; "
             "annotate it with a DomainEvent subclass, GenericEvent, or a union of them"
         )
+
+
+def _check_batch_annotation(name: str, argument: str, annotation: Any) -> None:
+    if annotation in (Any, object, inspect.Parameter.empty, list):
+        return
+    args = typing.get_args(annotation)
+    if (
+        typing.get_origin(annotation) in BATCH_ANNOTATIONS
+        and len(args) == 1
+        and _is_event_type(args[0])
+    ):
+        return
+    raise EventDefinitionError(
+        f"batch handler {name} takes {argument}: {annotation!r}; a batch handler takes a list "
+        "of events: annotate it list[E], with E a DomainEvent subclass, GenericEvent, or a "
+        "union of them"
+    )
 
 
 def _is_event_type(annotation: Any) -> bool:
@@ -244,12 +292,19 @@ def bind_task(app: Celery, spec: HandlerSpec) -> Task[Any, Any]:
     def run(self: DomainEventTask, raw_event: str, meta: dict[str, Any] | None = None) -> Any:
         return self.deliver(raw_event)
 
+    def run_batch(self: DomainEventTask, batch: list[dict[str, Any]]) -> Any:
+        return self.deliver_batch(batch)
+
+    if spec.batch is not None:
+        run = run_batch  # type: ignore[assignment]
     run.__name__ = run.__qualname__ = spec.name
     run.__module__ = spec.fn.__module__
     run.__doc__ = spec.fn.__doc__
+    # A batch handler applies its retry policy per event (DomainEventTask.deliver_batch):
+    # Celery's own autoretry would run the whole batch again.
     retry_options = (
         spec.retry.task_options()
-        if spec.retry is not None
+        if spec.retry is not None and spec.batch is None
         else RetryPolicy(max_retries=0).task_options()
     )
     task = _compat.task_from_fun(

@@ -17,6 +17,11 @@ time limits as a plain function. Two things differ from a plain Celery task:
   (``acks_late``). If the dead letter cannot be confirmed, the delivery is requeued instead.
   A hard time limit is dead-lettered by :class:`HandlerRequest` in the worker's main process,
   under the same rule.
+
+A batch handler's task runs ``run(batch=[{"raw_event", "meta", "retries"}, ...])``, one item per
+delivery, and settles each event on its own (:meth:`DomainEventTask.deliver_batch`): its retry
+policy is applied per event, never through Celery's autoretry, which would run the whole batch
+again.
 """
 
 from __future__ import annotations
@@ -34,18 +39,25 @@ from typing import Any, cast
 from billiard.exceptions import TimeLimitExceeded
 from celery import Task
 from celery.exceptions import Ignore, Reject, Retry
+from celery.utils.time import get_exponential_backoff_interval
 from celery.worker import state as worker_state
 from celery.worker.request import Request
 from kombu.transport.native_delayed_delivery import calculate_routing_key
 
 from celery_domain_events import tracing
 from celery_domain_events.config import QueueType
-from celery_domain_events.exceptions import NON_RETRYABLE, EventDecodeError, InboxBusy
+from celery_domain_events.exceptions import (
+    NON_RETRYABLE,
+    BatchItemsFailed,
+    EventDecodeError,
+    InboxBusy,
+)
 from celery_domain_events.extension import DomainEvents
 from celery_domain_events.inbox import DUPLICATE
 from celery_domain_events.publishing import api as publishing
 from celery_domain_events.publishing import buffer as event_buffer
 from celery_domain_events.registry import HandlerSpec
+from celery_domain_events.retry import RetryPolicy
 from celery_domain_events.wire import envelope as wire_envelope
 from celery_domain_events.wire.dead_letter import FailureReason, dead_letter_message
 from celery_domain_events.wire.inbound import (
@@ -129,6 +141,165 @@ class DomainEventTask(Task):  # type: ignore[type-arg]
             if not self.max_retries:
                 raise
             raise self.retry(exc=exc, countdown=exc.retry_after + 1) from exc
+
+    def deliver_batch(self, items: list[dict[str, Any]]) -> dict[str, list[Any]]:
+        """Run a batch handler on the events of ``items``; settle each event on its own.
+
+        Events that fail to decode are dead-lettered alone as poison. The handler gets the
+        others as one list; the events a :class:`BatchItemsFailed` names (every event, for
+        any other exception) are retried alone or dead-lettered alone, the rest are done.
+
+        Returns:
+            The event ids ``handled``, ``retried`` and ``dead_lettered`` (in-process runs also
+            give the dead-lettered events' ``errors``).
+
+        Raises:
+            Reject: a retry could not be published; the whole batch is requeued.
+            DeadLetterRefused: a dead letter was not confirmed; the whole batch is requeued.
+        """
+        ext = DomainEvents.of(self.app)
+        spec = self.handler_spec
+        versions = spec.event_versions()
+        events: list[Any] = []
+        decoded: list[dict[str, Any]] = []
+        failed: list[tuple[dict[str, Any], BaseException, str]] = []
+        for item in items:
+            try:
+                event = wire_envelope.to_event(
+                    wire_envelope.decode(item["raw_event"]),
+                    ext.events,
+                    versions=versions,
+                    upcasters=ext.upcasters,
+                )
+            except EventDecodeError as exc:
+                failed.append((item, exc, ""))
+                continue
+            events.append(event)
+            decoded.append(item)
+        started = time.monotonic()
+        failures: dict[str, BaseException] = {}
+        if events:
+            try:
+                with publishing.scope(self.app):
+                    try:
+                        result = spec.fn(events)
+                        if inspect.iscoroutine(result):  # an async def handler
+                            _run_coroutine(result)
+                    except BatchItemsFailed as partial:
+                        failures = partial.failures  # the rest succeeded: its events go out
+            except Exception as exc:
+                failures = dict.fromkeys((str(event.event_id) for event in events), exc)
+                failures_tb = traceback.format_exc()
+            else:
+                failures_tb = ""
+            for event, item in zip(events, decoded, strict=True):
+                error = failures.get(str(event.event_id))
+                if error is not None:
+                    failed.append((item, error, failures_tb or _format(error)))
+        outcome = self._settle(ext, spec, failed)
+        handled_ids = [
+            str(event.event_id) for event in events if str(event.event_id) not in failures
+        ]
+        outcome["handled"] = handled_ids
+        if tracing.event_log.isEnabledFor(logging.INFO):
+            tracing.event_log.info(
+                "Handled a batch of %d event(s) by %s in %.1f ms: %d done, %d retried, "
+                "%d dead-lettered",
+                len(items),
+                spec.name,
+                (time.monotonic() - started) * 1000,
+                len(handled_ids),
+                len(outcome["retried"]),
+                len(outcome["dead_lettered"]),
+                extra={
+                    "service": ext.settings.service,
+                    "handler": spec.name,
+                    "outcome": "batch",
+                    "batch_size": len(items),
+                },
+            )
+        return outcome
+
+    def _settle(
+        self,
+        ext: DomainEvents,
+        spec: HandlerSpec,
+        failed: list[tuple[dict[str, Any], BaseException, str]],
+    ) -> dict[str, list[Any]]:
+        """Retry or dead-letter each failed event of a batch, alone."""
+        policy = spec.retry or RetryPolicy(max_retries=0)
+        retries: list[tuple[dict[str, Any], BaseException]] = []
+        letters: list[OutboundMessage] = []
+        outcome: dict[str, list[Any]] = {"retried": [], "dead_lettered": []}
+        for item, exc, text in failed:
+            attempt = int(item.get("retries") or 0)
+            retryable = _retryable(policy, exc)
+            if retryable and attempt < policy.max_retries:
+                retries.append((item, exc))
+                continue
+            letters.append(
+                self._dead_letter_message(
+                    ext,
+                    item,
+                    exc,
+                    reason=FailureReason.POISON
+                    if isinstance(exc, EventDecodeError)
+                    else FailureReason.RETRIES_EXHAUSTED
+                    if retryable
+                    else FailureReason.REJECTED,
+                    retries=attempt,
+                    task_id=self.request.id,
+                    traceback_text=text,
+                )
+            )
+            outcome["dead_lettered"].append(_item_id(item))
+            if self.request.is_eager:  # the harness re-raises it (fail_fast); never serialized
+                outcome.setdefault("errors", []).append(exc)
+        for letter in letters:
+            try:
+                dead_letter.send(ext, letter)
+            except Exception as publish_error:
+                log.error(
+                    "Could not dead-letter an event of the batch %s[%s] (%r); requeueing the batch",
+                    self.name,
+                    self.request.id,
+                    publish_error,
+                )
+                raise DeadLetterRefused(repr(publish_error)[:500], requeue=True) from None
+        if not retries:
+            return outcome
+        if self.request.is_eager:
+            # In-process (the test harness): retry now, as Celery's eager retry does.
+            again = self.deliver_batch(
+                [{**item, "retries": int(item.get("retries") or 0) + 1} for item, _ in retries]
+            )
+            outcome["dead_lettered"] += again["dead_lettered"]
+            outcome.setdefault("errors", []).extend(again.get("errors", ()))
+            outcome["retried"] += [_item_id(item) for item, _ in retries]
+            return outcome
+        messages = [
+            retry_message(
+                ext,
+                spec,
+                item["raw_event"],
+                item["meta"],
+                int(item.get("retries") or 0) + 1,
+                _countdown(policy, int(item.get("retries") or 0)),
+            )
+            for item, _ in retries
+        ]
+        try:
+            ext.publish(messages)
+        except Exception as publish_error:
+            log.error(
+                "Could not publish the retries of the batch %s[%s] (%r); requeueing the batch",
+                self.name,
+                self.request.id,
+                publish_error,
+            )
+            raise Reject(publish_error, requeue=True) from None
+        outcome["retried"] += [_item_id(item) for item, _ in retries]
+        return outcome
 
     def _log_duplicate(self, envelope: wire_envelope.Envelope, ext: Any) -> None:
         tracing.event_log.info(
@@ -271,23 +442,61 @@ class DomainEventTask(Task):  # type: ignore[type-arg]
         task_id: str | None,
         traceback_text: str,
     ) -> None:
-        """Dead-letter the delivery ``kwargs`` describe, and wait for the broker's confirm.
+        """Dead-letter the delivery ``kwargs`` describe (each one of a batch), confirmed.
 
         Does nothing for a direct call (no delivery behind it).
 
         Raises:
-            PublishError: the dead letter was not confirmed.
+            PublishError: a dead letter was not confirmed.
         """
-        raw_event = kwargs.get("raw_event")
-        if not isinstance(raw_event, str):
-            return
-        meta: dict[str, Any] = kwargs.get("meta") or {}
         ext = DomainEvents.of(self.app)
-        message = dead_letter_message(
-            body=raw_event.encode("utf-8", "surrogatepass"),
+        batch = kwargs.get("batch")
+        if isinstance(batch, list):
+            reason = self._failure_reason(exc)
+            for item in batch:
+                dead_letter.send(
+                    ext,
+                    self._dead_letter_message(
+                        ext,
+                        item,
+                        exc,
+                        reason=reason,
+                        retries=int(item.get("retries") or 0),
+                        task_id=task_id,
+                        traceback_text=traceback_text,
+                    ),
+                )
+            return
+        if not isinstance(kwargs.get("raw_event"), str):
+            return
+        message = self._dead_letter_message(
+            ext,
+            kwargs,
+            exc,
+            reason=self._failure_reason(exc),
+            retries=retries,
+            task_id=task_id,
+            traceback_text=traceback_text,
+        )
+        dead_letter.send(ext, message)
+
+    def _dead_letter_message(
+        self,
+        ext: DomainEvents,
+        delivery: Mapping[str, Any],
+        exc: BaseException,
+        *,
+        reason: FailureReason,
+        retries: int,
+        task_id: str | None,
+        traceback_text: str,
+    ) -> OutboundMessage:
+        meta: dict[str, Any] = delivery.get("meta") or {}
+        return dead_letter_message(
+            body=str(delivery["raw_event"]).encode("utf-8", "surrogatepass"),
             queue=ext.topology.handler_queue_name(self.handler_spec),
             handler=self.handler_spec.name,
-            reason=self._failure_reason(exc),
+            reason=reason,
             exc=exc,
             traceback=traceback_text,
             attempts=retries + 1,
@@ -299,7 +508,6 @@ class DomainEventTask(Task):  # type: ignore[type-arg]
             properties=meta.get("properties"),
             headers=meta.get("headers"),
         )
-        dead_letter.send(ext, message)
 
     def _failure_reason(self, exc: BaseException) -> FailureReason:
         if isinstance(exc, EventDecodeError):
@@ -310,6 +518,37 @@ class DomainEventTask(Task):  # type: ignore[type-arg]
             exc, (*NON_RETRYABLE, *dont_retry_for)
         )
         return FailureReason.RETRIES_EXHAUSTED if retryable else FailureReason.REJECTED
+
+
+def _retryable(policy: RetryPolicy, exc: BaseException) -> bool:
+    # As for a single event: with no retries at all, a failure is "rejected", not "exhausted".
+    return (
+        bool(policy.max_retries)
+        and isinstance(exc, policy.autoretry_for)
+        and not isinstance(exc, (*NON_RETRYABLE, *policy.dont_retry_for))
+    )
+
+
+def _countdown(policy: RetryPolicy, retries: int) -> float:
+    # What Celery's autoretry (celery.app.autoretry) computes for a task with these options.
+    if policy.backoff:
+        return float(
+            get_exponential_backoff_interval(
+                factor=int(max(1.0, float(policy.backoff))),
+                retries=retries,
+                maximum=policy.backoff_max,
+                full_jitter=policy.jitter,
+            )
+        )
+    return policy.countdown
+
+
+def _item_id(item: Mapping[str, Any]) -> str:
+    return str(item.get("event_id") or "?")
+
+
+def _format(exc: BaseException) -> str:
+    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
 
 
 def _run_coroutine(coro: Coroutine[Any, Any, Any]) -> Any:

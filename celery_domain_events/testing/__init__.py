@@ -259,6 +259,8 @@ class EventCapture:
     def _deliver(self, delivery: _Delivery) -> BaseException | None:
         """Run one delivery through the handler's task; return the error that ended it."""
         message, spec = delivery
+        if spec.batch is not None:
+            return self._deliver_batch(delivery)
         # The app binds every decorated handler when it finalizes; bind_task() again would
         # make a second callable under the same name (Celery 5.7 warns about it).
         task = self.app.tasks.get(spec.task_name) or bind_task(self.app, spec)
@@ -283,6 +285,46 @@ class EventCapture:
                 for letter in self._dead_letters[first_letter:]
             ]
         return outcome
+
+    def _deliver_batch(self, first: _Delivery) -> BaseException | None:
+        """Run ``first`` and the pending deliveries of its batch handler as one batch."""
+        spec = first.spec
+        assert spec.batch is not None
+        with self._lock:
+            batch, others = [first], deque[_Delivery]()
+            while self._pending and len(batch) < spec.batch.max_size:
+                delivery = self._pending.popleft()
+                (batch if delivery.spec == spec else others).append(delivery)
+            self._pending.extendleft(reversed(others))
+        task = self.app.tasks.get(spec.task_name) or bind_task(self.app, spec)
+        ids = [_event_id(delivery.message) for delivery in batch]
+        result = task.apply(
+            kwargs={
+                "batch": [
+                    {
+                        "raw_event": delivery.message.body.decode("utf-8"),
+                        "meta": self._meta(delivery),
+                        "retries": 0,
+                        "event_id": event_id,
+                    }
+                    for delivery, event_id in zip(batch, ids, strict=True)
+                ]
+            },
+            task_id=task_id_for("\x00".join(ids), spec.name),
+            throw=False,
+        )
+        outcome: Any = result.result
+        if result.state != states.SUCCESS:
+            return outcome if isinstance(outcome, BaseException) else None
+        handled = set(outcome["handled"])
+        with self._lock:
+            self._handled[spec.name] += [
+                self._decode(delivery.message)
+                for delivery, event_id in zip(batch, ids, strict=True)
+                if event_id in handled
+            ]
+        errors: list[BaseException | None] = outcome.get("errors") or [None]
+        return errors[0]
 
     def _meta(self, delivery: _Delivery) -> dict[str, Any]:
         # What bridge.to_task_message gives the task in a worker.
