@@ -34,11 +34,10 @@ from typing import Any, cast
 from billiard.exceptions import TimeLimitExceeded
 from celery import Task
 from celery.exceptions import Ignore, Reject, Retry
-from celery.worker import state as worker_state
 from celery.worker.request import Request
 from kombu.transport.native_delayed_delivery import calculate_routing_key
 
-from celery_domain_events import tracing
+from celery_domain_events import _compat, tracing
 from celery_domain_events.config import QueueType
 from celery_domain_events.exceptions import NON_RETRYABLE, EventDecodeError, InboxBusy
 from celery_domain_events.extension import DomainEvents
@@ -410,7 +409,7 @@ class HandlerRequest(Request):
         elif (
             isinstance(exc, TimeLimitExceeded)
             and not self.acknowledged
-            and not worker_state.should_terminate
+            and not _compat.worker_terminating()
             and task.acks_late
             and _acks_on_timeout(task)
         ):
