@@ -18,11 +18,11 @@ from amqp.basic_message import Message as AmqpMessage
 from celery import Celery, current_app
 from celery import _state as celery_state
 from celery.app import trace
+from celery.apps import worker as celery_worker_app
 from celery.local import Proxy
 from celery.worker import control, loops
 from celery.worker import state as worker_state
 from celery.worker.consumer.consumer import Consumer
-from celery.worker.request import Request
 from kombu import Connection, Exchange, Queue
 
 from celery_domain_events import _compat
@@ -321,8 +321,9 @@ def test_the_app_behind_celerys_current_app_proxy() -> None:
 
 
 def test_a_cold_shutdown_shows_in_celerys_worker_state(monkeypatch: pytest.MonkeyPatch) -> None:
-    # HandlerRequest asks as Celery's own Request.on_failure does.
-    assert "state.should_terminate" in inspect.getsource(Request.on_failure)
+    # HandlerRequest relies on a cold shutdown (Ctrl+C twice, SIGQUIT) setting this flag.
+    assert "'Cold': 'should_terminate'" in inspect.getsource(celery_worker_app)
+    assert "should_terminate" in inspect.getsource(worker_state.maybe_shutdown)
     assert worker_state.should_terminate is None
     assert not _compat.worker_terminating()
     monkeypatch.setattr(worker_state, "should_terminate", 0)  # what start_worker sets at exit
