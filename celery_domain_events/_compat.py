@@ -12,7 +12,9 @@ that fails on an upgrade that changes it. No other module touches a private name
   ``add_task_queue``); a task message whose body is already decoded (``content_type=None`` in
   ``celery.app.trace``); ``@shared_task``'s registration on every app (``_get_active_apps``,
   ``_finalize_mutex``, ``_task_from_fun``); the task being traced (``celery._state``); the
-  current app slot that ``celery.contrib.testing`` changes.
+  current app slot that ``celery.contrib.testing`` changes; the app behind the
+  ``current_app`` proxy (``Proxy._get_current_object``); a cold shutdown in progress
+  (``celery.worker.state.should_terminate``).
 - Django: ``connection.run_on_commit`` entries ``(savepoint ids, func, robust)``.
 - SQLAlchemy: ``sqlalchemy.util.await_only`` (await a coroutine from the sync code an
   ``AsyncSession`` runs in its greenlet; documented for dialect authors, not in ``__all__``).
@@ -29,6 +31,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from amqp import serialization
 from celery import _state as celery_state
+from celery.worker import state as celery_worker_state
 from kombu.exceptions import MessageStateError
 from kombu.message import Message
 
@@ -41,6 +44,7 @@ __all__ = [
     "MAX_DECODED_TABLE_DEPTH",
     "UNDECODABLE_HEADER",
     "add_unconsumed_queue",
+    "app_behind_proxy",
     "current_traced_task",
     "decoded_task_message",
     "django_append_on_commit",
@@ -56,6 +60,7 @@ __all__ = [
     "task_from_fun",
     "transport_connection",
     "unconfirmed_basic_publish",
+    "worker_terminating",
 ]
 
 #: Nesting of AMQP tables and arrays that py-amqp decodes; deeper ones stay raw bytes.
@@ -366,6 +371,20 @@ def current_traced_task() -> Task[Any, Any] | None:
         return None
     task: Task[Any, Any] | None = celery_state.get_current_task()
     return task
+
+
+def app_behind_proxy(app: Celery) -> Celery:
+    """Return the app itself when ``app`` is a proxy of one (``celery.current_app``)."""
+    unwrap = getattr(app, "_get_current_object", None)
+    if unwrap is None:
+        return app
+    current: Celery = unwrap()
+    return current
+
+
+def worker_terminating() -> bool:
+    """Whether this worker is in a cold shutdown (Celery's own ``Request.on_failure`` asks)."""
+    return bool(celery_worker_state.should_terminate)
 
 
 @contextmanager

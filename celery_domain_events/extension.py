@@ -198,10 +198,7 @@ class DomainEvents:
         Raises:
             ConfigurationError: none is installed.
         """
-        # celery.current_app is a Proxy: look up the app behind it.
-        unwrap = getattr(app, "_get_current_object", None)
-        if unwrap is not None:
-            app = unwrap()
+        app = _compat.app_behind_proxy(app)  # celery.current_app is a proxy
         try:
             return _installed[app]
         except KeyError:

@@ -15,10 +15,13 @@ import amqp
 import pytest
 from amqp import serialization
 from amqp.basic_message import Message as AmqpMessage
-from celery import Celery
+from celery import Celery, current_app
 from celery import _state as celery_state
 from celery.app import trace
-from celery.worker import loops
+from celery.apps import worker as celery_worker_app
+from celery.local import Proxy
+from celery.worker import control, loops
+from celery.worker import state as worker_state
 from celery.worker.consumer.consumer import Consumer
 from kombu import Connection, Exchange, Queue
 
@@ -271,3 +274,59 @@ def test_sqlalchemy_awaits_a_coroutine_from_inside_an_async_session_call_only() 
     with pytest.raises(MissingGreenlet):
         _compat.sqlalchemy_await(coroutine)
     coroutine.close()
+
+
+def test_celery_remote_control_goes_through_the_consumer_methods_we_route() -> None:
+    # route_queue_control relies on cancel_consumer / add_consumer calling these two methods.
+    assert "state.consumer.cancel_task_queue" in inspect.getsource(control.cancel_consumer)
+    assert "state.consumer.add_task_queue" in inspect.getsource(control.add_consumer)
+    calls: list[tuple[str, str]] = []
+
+    class WorkerConsumer:
+        def cancel_task_queue(self, queue: str) -> None:
+            calls.append(("celery-cancel", queue))
+
+        def add_task_queue(self, queue: str, *args: Any, **kwargs: Any) -> None:
+            calls.append(("celery-add", queue))
+
+    consumer = WorkerConsumer()
+    for _ in range(2):  # idempotent, as on a consumer restart
+        _compat.route_queue_control(
+            consumer,
+            lambda queue: queue.startswith("svc."),
+            lambda queue: calls.append(("pause", queue)),
+            lambda queue: calls.append(("resume", queue)),
+        )
+    consumer.cancel_task_queue("svc.h")
+    consumer.add_task_queue("svc.h")
+    consumer.cancel_task_queue("celery")
+    consumer.add_task_queue("celery", None, "direct", None)
+    assert calls == [
+        ("pause", "svc.h"),
+        ("resume", "svc.h"),
+        ("celery-cancel", "celery"),
+        ("celery-add", "celery"),
+    ]
+
+
+def test_the_app_behind_celerys_current_app_proxy() -> None:
+    app = Celery("canary", set_as_current=False)
+    assert "_get_current_object" in vars(Proxy)
+    assert _compat.app_behind_proxy(app) is app
+    with _compat.restored_current_app():
+        app.set_current()
+        assert isinstance(current_app, Proxy)
+        assert current_app is not app
+        assert _compat.app_behind_proxy(current_app) is app
+
+
+def test_a_cold_shutdown_shows_in_celerys_worker_state(monkeypatch: pytest.MonkeyPatch) -> None:
+    # HandlerRequest relies on a cold shutdown (Ctrl+C twice, SIGQUIT) setting this flag.
+    assert "'Cold': 'should_terminate'" in inspect.getsource(celery_worker_app)
+    assert "should_terminate" in inspect.getsource(worker_state.maybe_shutdown)
+    assert worker_state.should_terminate is None
+    assert not _compat.worker_terminating()
+    monkeypatch.setattr(worker_state, "should_terminate", 0)  # what start_worker sets at exit
+    assert not _compat.worker_terminating()
+    monkeypatch.setattr(worker_state, "should_terminate", True)
+    assert _compat.worker_terminating()

@@ -79,7 +79,7 @@ def process(
 
 
 def declare(entities: list[Any], channel: Any) -> None:
-    """Declare ``entities`` (exchanges, queues with bindings, :class:`Auxiliary` queues).
+    """Declare ``entities`` (exchanges, queues with bindings, ``wire.topology.Auxiliary`` queues).
 
     Raises:
         ConfigurationError: RabbitMQ refused to declare an exchange or a handler queue

@@ -40,11 +40,10 @@ from billiard.exceptions import TimeLimitExceeded
 from celery import Task
 from celery.exceptions import Ignore, Reject, Retry
 from celery.utils.time import get_exponential_backoff_interval
-from celery.worker import state as worker_state
 from celery.worker.request import Request
 from kombu.transport.native_delayed_delivery import calculate_routing_key
 
-from celery_domain_events import tracing
+from celery_domain_events import _compat, tracing
 from celery_domain_events.config import QueueType
 from celery_domain_events.exceptions import (
     NON_RETRYABLE,
@@ -649,7 +648,7 @@ class HandlerRequest(Request):
         elif (
             isinstance(exc, TimeLimitExceeded)
             and not self.acknowledged
-            and not worker_state.should_terminate
+            and not _compat.worker_terminating()
             and task.acks_late
             and _acks_on_timeout(task)
         ):

@@ -46,7 +46,7 @@ class ManagementClient:
 
         Raises:
             ConfigurationError: no ``management_url`` and none can be guessed (see
-                :func:`.urls.default_management_url`).
+                :func:`celery_domain_events.urls.default_management_url`).
         """
         first = split(broker_url)[0] if split(broker_url) else "amqp://127.0.0.1//"
         vhost = url_to_parts(first).path or "/"

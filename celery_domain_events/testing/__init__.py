@@ -19,9 +19,11 @@ Each delivery runs through the handler's real Celery task (``task.apply()``, eag
 kwargs a worker would build, so decoding, retries, ``RejectEvent``, poison input and
 dead-lettering take the production code path. Semantics:
 
-* **Routing** is AMQP-exact (:func:`.routing.matches` on the message's routing key and each
-  handler's :meth:`~.extension.DomainEvents.binding_patterns`), never kombu ``memory://``
-  matching, which misses ``user.#`` vs ``user``. Events are routed when they are transmitted.
+* **Routing** is AMQP-exact (:func:`celery_domain_events.routing.matches` on the message's
+  routing key and each handler's
+  :meth:`~celery_domain_events.wire.topology.Topology.binding_patterns`), never kombu
+  ``memory://`` matching, which misses ``user.#`` vs ``user``. Events are routed when they are
+  transmitted.
 * **Order**: deliveries run one at a time in the test thread, first in first out: events in
   transmit order and, per event, handlers by name. Events a handler emits are transmitted when
   it succeeds (as in a worker) and queued behind the deliveries already pending.
@@ -327,7 +329,7 @@ class EventCapture:
         return errors[0]
 
     def _meta(self, delivery: _Delivery) -> dict[str, Any]:
-        # What bridge.to_task_message gives the task in a worker.
+        # What consuming.delivery.to_task_message gives the task in a worker.
         message, spec = delivery
         return task_meta(
             queue=self.ext.topology.handler_queue_name(spec),

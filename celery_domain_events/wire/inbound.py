@@ -3,8 +3,8 @@
 Anyone who can publish to the events exchange can put any bytes, properties and headers on a
 handler queue. This module runs on the worker's main thread, once per delivery, and either
 returns an :class:`Inbound` (a CloudEvent worth handing to the pool) or raises
-:class:`~.exceptions.EventDecodeError` with the reason it is poison. It never executes
-anything from the message, never recurses without bound, and reads at most
+:class:`~celery_domain_events.exceptions.EventDecodeError` with the reason it is poison. It
+never executes anything from the message, never recurses without bound, and reads at most
 ``max_bytes`` of body:
 
 * a ``task`` header (a Celery task message) is poison: a handler queue carries CloudEvents
@@ -16,7 +16,8 @@ anything from the message, never recurses without bound, and reads at most
 * application headers may nest at most :data:`MAX_HEADER_DEPTH` tables deep.
 
 The full CloudEvents validation of the envelope and the event model runs in the pool
-(:mod:`.task`), where a failure dead-letters the event as poison too.
+(:mod:`celery_domain_events.consuming.task`), where a failure dead-letters the event as poison
+too.
 
 Retry bookkeeping (:data:`RETRIES_HEADER`, :data:`RETRY_AT_HEADER`) is read only from
 deliveries that came through the service's own retry exchange (or RabbitMQ's delayed-delivery

@@ -185,8 +185,8 @@ def retry_queue(spec: HandlerSpec, settings: Settings) -> Queue:
     """Return the handler's queue as a retry addresses it: retry exchange, key = queue name.
 
     It is the same broker queue as :func:`handler_queue`; the worker publishes retries and
-    replays to it (see :mod:`.task`), and Celery binds it for native delayed delivery when
-    handler queues are quorum queues.
+    replays to it (see :mod:`celery_domain_events.consuming.task`), and Celery binds it for
+    native delayed delivery when handler queues are quorum queues.
     """
     name = handler_queue_name(spec, settings)
     return Queue(

@@ -30,15 +30,13 @@ from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 from celery import Celery
-from celery import current_app as _current_app
 from django.apps import apps as django_apps  # not .apps, our AppConfig module
-from django.conf import settings
 from django.db import DatabaseError, transaction
-from django.utils.module_loading import import_string
 
 from celery_domain_events import _compat
+from celery_domain_events.contrib.django.celery_app import resolve_app
 from celery_domain_events.events import AnyEvent
-from celery_domain_events.exceptions import ConfigurationError, PublishError
+from celery_domain_events.exceptions import PublishError
 from celery_domain_events.extension import DomainEvents
 from celery_domain_events.publishing import api as publisher
 from celery_domain_events.publishing import send
@@ -250,26 +248,6 @@ def flush_pending_on_commit(using: str | None = None) -> int:
     for func in ours:
         func()
     return len(ours)
-
-
-def resolve_app(app: Celery | None) -> Celery:
-    """Return ``app``, else the app named by ``DOMAIN_EVENTS_CELERY_APP``, else the current app.
-
-    Raises:
-        ConfigurationError: the setting does not name a Celery app.
-    """
-    if app is not None:
-        return app
-    path = getattr(settings, "DOMAIN_EVENTS_CELERY_APP", None)
-    if path is None:
-        return _current_app
-    try:
-        named = import_string(path)
-    except ImportError as exc:
-        raise ConfigurationError(f"DOMAIN_EVENTS_CELERY_APP={path!r}: {exc}") from exc
-    if not isinstance(named, Celery):
-        raise ConfigurationError(f"DOMAIN_EVENTS_CELERY_APP={path!r} is not a Celery app")
-    return named
 
 
 class DomainEventsMiddleware:

@@ -35,6 +35,7 @@ from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections, transaction
 from django.db.models import F
 
 from celery_domain_events.contrib._outbox_rows import messages_of, rows_of, split_confirmed
+from celery_domain_events.contrib.django.celery_app import resolve_app
 from celery_domain_events.contrib.django.models import OutboxMessage
 from celery_domain_events.events import AnyEvent
 from celery_domain_events.exceptions import PublishError
@@ -50,8 +51,6 @@ _after_publish: Callable[[], None] | None = None
 
 
 def _ext(app: Celery | None) -> DomainEvents:
-    from celery_domain_events.contrib.django import resolve_app  # noqa: PLC0415 (package init)
-
     ext = DomainEvents.of(resolve_app(app))
     _ = ext.settings  # read now: a misspelled setting fails here, not at the first row
     return ext
