@@ -337,6 +337,18 @@ def test_a_failed_publish_with_robust_false_leaves_the_atomic_block_and_logs_the
     assert probe.received() == ["test.django.next"]
 
 
+def test_a_misspelled_setting_fails_emit_on_commit_inside_the_transaction() -> None:
+    # Not after COMMIT, where it would fail a committed request and skip later callbacks.
+    typo = Celery("django-typo", broker="memory://", set_as_current=False)
+    typo.conf.update(domain_events_exchnage="x")
+    DomainEvents(typo, service="django-typo")
+    emitted: list[Any] = []
+    with pytest.raises(ConfigurationError, match="domain_events_exchnage"):
+        write_and_emit(typo, emitted)
+    assert emitted == []
+    assert notes() == []  # the transaction rolled back
+
+
 def test_test_case_capture_of_on_commit_callbacks_publishes_the_batch(
     app: Celery, probe: Probe, batches: list[list[str]]
 ) -> None:
