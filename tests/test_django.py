@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
+import sys
+import textwrap
 from collections.abc import Iterator
 from contextlib import suppress
+from pathlib import Path
 from typing import Any, ClassVar
 
 import django
@@ -53,7 +58,7 @@ from celery_domain_events.contrib.django import outbox as django_outbox
 from celery_domain_events.contrib.django.models import OutboxMessage
 from celery_domain_events.publishing import api as publisher_module
 
-from .conftest import Topology, wait_for
+from .conftest import ROOT, Topology, wait_for
 
 pytestmark = [pytest.mark.rabbitmq]
 pytest_plugins = ["celery_domain_events.testing.pytest_plugin"]
@@ -337,6 +342,18 @@ def test_a_failed_publish_with_robust_false_leaves_the_atomic_block_and_logs_the
     assert probe.received() == ["test.django.next"]
 
 
+def test_a_misspelled_setting_fails_emit_on_commit_inside_the_transaction() -> None:
+    # Not after COMMIT, where it would fail a committed request and skip later callbacks.
+    typo = Celery("django-typo", broker="memory://", set_as_current=False)
+    typo.conf.update(domain_events_exchnage="x")
+    DomainEvents(typo, service="django-typo")
+    emitted: list[Any] = []
+    with pytest.raises(ConfigurationError, match="domain_events_exchnage"):
+        write_and_emit(typo, emitted)
+    assert emitted == []
+    assert notes() == []  # the transaction rolled back
+
+
 def test_test_case_capture_of_on_commit_callbacks_publishes_the_batch(
     app: Celery, probe: Probe, batches: list[list[str]]
 ) -> None:
@@ -521,6 +538,70 @@ class CaptureInsideATestCase(TestCase):
                 emit_on_commit("test.django.in_test_case", app=app)
             events.join()
         assert [e.event_name for e in events.published] == ["test.django.in_test_case"]
+
+
+PYTEST_DJANGO_TESTS = """
+import pytest
+from celery import Celery
+from django.db import connection, transaction
+
+from celery_domain_events import DomainEvents
+from celery_domain_events.contrib.django import emit_on_commit
+from celery_domain_events.testing import capture_events
+
+pytest_plugins = ["celery_domain_events.testing.pytest_plugin"]
+APP = Celery("pytest-django", broker="memory://", set_as_current=False)
+DomainEvents(APP, service="pytest-django")
+
+
+@pytest.mark.django_db
+def test_capture_events() -> None:
+    assert connection.in_atomic_block  # pytest-django's transaction, never committed
+    with capture_events(APP) as events:
+        with transaction.atomic():
+            emit_on_commit("test.django.marked", app=APP)
+        events.join()
+    assert [e.event_name for e in events.published] == ["test.django.marked"]
+
+
+def test_the_capture_fixture(db, domain_events_capture) -> None:
+    events = domain_events_capture(APP)
+    with transaction.atomic():
+        emit_on_commit("test.django.fixture", app=APP)
+    assert [e.event_name for e in events.published] == ["test.django.fixture"]
+"""
+
+
+def test_capture_events_needs_no_wrapping_in_a_pytest_django_test(tmp_path: Path) -> None:
+    # pytest-django runs in a pytest of its own (this suite configures Django by hand and
+    # disables the plugin): its `db` fixture and django_db mark, on SQLite.
+    (tmp_path / "pytest.ini").write_text(
+        "[pytest]\naddopts = --strict-markers -p no:cacheprovider\n"
+        "DJANGO_SETTINGS_MODULE = pdj_settings\n"
+    )
+    (tmp_path / "pdj_settings.py").write_text(
+        textwrap.dedent(
+            """
+            DATABASES = {"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": "x.db"}}
+            INSTALLED_APPS = ["django.contrib.contenttypes", "celery_domain_events.contrib.django"]
+            SECRET_KEY = "test"
+            USE_TZ = True
+            """
+        )
+    )
+    (tmp_path / "test_in_pytest_django.py").write_text(PYTEST_DJANGO_TESTS)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "DJANGO_"))}
+    inner = subprocess.run(
+        [sys.executable, "-m", "pytest", "-c", "pytest.ini", "--rootdir", ".", "-q"],
+        cwd=tmp_path,
+        env={**env, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])},
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
+    assert inner.returncode == 0, inner.stdout + inner.stderr
+    assert inner.stdout.strip().splitlines()[-1].startswith("2 passed"), inner.stdout
 
 
 def test_the_outbox_is_listed_read_only_in_the_admin() -> None:

@@ -109,6 +109,57 @@ def test_rows_share_the_business_transaction(topology: Topology, ledger: Ledger)
     assert relay_once(ledger) == 0
 
 
+def test_publish_failure_keeps_the_rows_and_counts_attempts(
+    topology: Topology, ledger: Ledger
+) -> None:
+    added = finish(run_child(ledger, "write", count=2))
+    broker_down = {
+        "LEDGER_BROKER_URL": "amqp://guest:guest@127.0.0.1:1//",
+        "LEDGER_EXTRA_SETTINGS": json.dumps({"CELERY_DOMAIN_EVENTS_PUBLISH_TIMEOUT": 1}),
+    }
+    for attempt in (1, 2):
+        relay = ledger.manage("domain_events_relay", "--once", **broker_down)
+        assert relay.returncode == 1, relay.stdout + relay.stderr
+        last = relay.stderr.strip().splitlines()[-1]  # after the retry and relay log lines
+        assert last.startswith("relay failed: could not publish 2 message(s)"), relay.stderr
+        rows = ledger.rows("SELECT id, attempts FROM domain_events_outbox ORDER BY created_at, id")
+        assert rows == [(event_id, attempt) for event_id in added]
+
+    probe = probe_queue(topology, "#")
+    assert relay_once(ledger) == 2  # the broker is back: nothing was lost
+    assert event_ids(collect(topology.broker_url, probe, 2)) == added
+    assert ledger.outbox_count() == 0
+
+
+def test_the_sqlalchemy_relay_publishes_the_django_outbox(
+    topology: Topology, ledger: Ledger
+) -> None:
+    # The same table: `celery -A proj domain-events outbox relay --db-url ...` relays it too.
+    probe = probe_queue(topology, "#")
+    added = finish(run_child(ledger, "write", count=3))
+    command = [
+        "domain-events",
+        "outbox",
+        "relay",
+        "--once",
+        "--db-url",
+        ledger.env["LEDGER_DB_URL"],
+    ]
+    relay = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "ledger_site", *command],
+        cwd=EXAMPLE,
+        env=ledger.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert relay.returncode == 0, relay.stdout + relay.stderr
+    assert relay.stdout.strip() == "3 event(s) relayed"
+    assert event_ids(collect(topology.broker_url, probe, 3)) == added
+    assert ledger.outbox_count() == 0
+
+
 def test_app_dies_after_commit_before_publish(topology: Topology, ledger: Ledger) -> None:
     probe = probe_queue(topology, "#")
     finish(run_child(ledger, "write", count=25, die=True), expected_code=1)

@@ -184,6 +184,14 @@ def test_settings_are_read_in_every_form_django_users_write(
         Settings.from_conf({misspelled: "x"}, namespace=namespace, service="s")
 
 
+def test_a_misspelled_keyword_argument_is_an_error_too() -> None:
+    app = Celery("units-kwargs", broker="memory://", set_as_current=False)
+    with pytest.raises(cde.ConfigurationError, match=r"unknown DomainEvents option.*exchnage"):
+        DomainEvents(app, service="s", exchnage="x")
+    with pytest.raises(cde.ConfigurationError, match="exchnage"):
+        Settings.from_conf({}, service="s", exchnage="x")
+
+
 def test_a_setting_given_twice_must_agree_and_others_namespaces_are_not_ours() -> None:
     conf = {"DOMAIN_EVENTS_EXCHANGE": "a", "CELERY_DOMAIN_EVENTS_EXCHANGE": "b"}
     with pytest.raises(cde.ConfigurationError, match="twice"):

@@ -85,10 +85,15 @@ def emit_on_commit(
             commit (out of the outermost ``atomic()`` block, or from this call in autocommit
             mode) after the data has been committed; the events are logged at ERROR in full.
         InvalidRoutingPattern: an untyped event name is not dotted words.
-        ConfigurationError: the app has no ``DomainEvents``.
+        ConfigurationError: the app has no ``DomainEvents``, a setting is misspelled or
+            invalid, or the broker URL names no transport (raised here, before ``COMMIT``).
     """
     event = send.as_event(event, data, version=version)
     ext = DomainEvents.of(resolve_app(app))
+    # Read now: a misspelled setting or broker URL fails inside the transaction, not after
+    # its COMMIT (where it would fail a committed request and skip later callbacks).
+    _ = ext.settings
+    ext.check_broker()
     connection = transaction.get_connection(using)
     pending = _Pending(ext, event, robust, connection.alias)
     if not connection.in_atomic_block:
