@@ -193,9 +193,11 @@ def read_log(path: Path) -> str:
 
 
 def spawn_worker(
-    app: str, *args: str, cwd: Path, env: dict[str, str], log_path: Path
+    app: str, *args: str, cwd: Path, env: dict[str, str], log_path: Path, ready: bool = True
 ) -> tuple[subprocess.Popen[bytes], str]:
     """Start ``celery -A APP worker ARGS`` logging to ``log_path``; return it once ready.
+
+    With ``ready=False`` it returns at once (a worker whose broker is down is never ready).
 
     Returns:
         The process (its own session, so a kill reaches its pool) and its hostname.
@@ -207,8 +209,9 @@ def spawn_worker(
         proc = subprocess.Popen(
             cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
-    wait_for(lambda: " ready." in read_log(log_path) or proc.poll() is not None, timeout=60)
-    assert proc.poll() is None, read_log(log_path)
+    if ready:
+        wait_for(lambda: " ready." in read_log(log_path) or proc.poll() is not None, timeout=60)
+        assert proc.poll() is None, read_log(log_path)
     return proc, hostname
 
 
@@ -236,13 +239,14 @@ class WorkerProcess:
         }
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, *args: str) -> WorkerProcess:
+    def start(self, *args: str, ready: bool = True) -> WorkerProcess:
         self.proc, self.hostname = spawn_worker(
             "tests.worker_app",
             *(args or ("-P", "prefork", "-c", "2")),
             cwd=ROOT,
             env=self.env,
             log_path=self.log_path,
+            ready=ready,
         )
         return self
 

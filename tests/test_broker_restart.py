@@ -1,4 +1,5 @@
-"""RabbitMQ stops in the middle of transmit() and comes back: not one event is lost.
+"""RabbitMQ stops in the middle of transmit() and comes back: not one event is lost; a worker
+started while it is down waits for it.
 
 The broker stopped is a private node this test starts (tests/rabbitnode.py), never the one the
 suite runs against.
@@ -6,8 +7,10 @@ suite runs against.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,7 +20,8 @@ from kombu import Connection
 from celery_domain_events import emit, transmit
 from celery_domain_events.publishing.api import discard
 
-from .conftest import Topology, probe, wait_for
+from .conftest import Topology, WorkerProcess, probe, wait_for
+from .test_untrusted import envelope, publish
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.slow]
 
@@ -82,3 +86,27 @@ def test_no_event_is_lost_when_the_broker_restarts_during_transmit(
     wait_for(drain, timeout=30, interval=0.5)
     assert received == set(sent)  # 0 of 1,000 lost; duplicates are allowed (at-least-once)
     record_property("duplicates", duplicates)
+
+
+@pytest.mark.worker
+def test_a_worker_started_while_the_broker_is_down_waits_for_it(
+    private_node: Any, topology_on: Topology, tmp_path: Any
+) -> None:
+    topology = topology_on
+    private_node.stop_app()  # the AMQP port is closed: connections are refused
+    worker = WorkerProcess(topology, tmp_path, ["sibling"])
+    try:
+        worker.start("-P", "solo", ready=False)
+        assert worker.proc is not None
+        wait_for(lambda: "could not declare the topology" in worker.log(), timeout=60)
+        time.sleep(3)
+        assert worker.proc.poll() is None, worker.log()  # still running, not an exit
+        assert "Unrecoverable error" not in worker.log()
+        private_node.start_app()
+        wait_for(lambda: " ready." in worker.log(), timeout=90)
+        event_id = str(uuid.uuid4())
+        body = json.dumps(envelope("probe.retry", id=event_id)).encode()
+        publish(topology, body, routing_key="probe.retry")
+        wait_for(lambda: len(worker.marker_lines("sibling", event_id)) == 1, timeout=30)
+    finally:
+        worker.cleanup()

@@ -31,6 +31,7 @@ from typing import Any
 from celery import bootsteps
 from kombu import Consumer
 from kombu.common import ignore_errors
+from kombu.exceptions import OperationalError
 from kombu.message import Message
 from kombu.transport.native_delayed_delivery import (
     bind_queue_to_native_delayed_delivery_exchange,
@@ -518,7 +519,9 @@ class DomainEventsTopology(bootsteps.StartStopStep):
             try:
                 conn.ensure_connection(max_retries=3, interval_start=0.5, interval_step=0.5)
                 declare(ext.topology.worker_entities(ext.handlers), conn.default_channel)
-            except conn.recoverable_connection_errors as exc:
+            # ensure_connection raises kombu's OperationalError once its retries are spent,
+            # never the transport's own connection errors.
+            except (OperationalError, *conn.recoverable_connection_errors) as exc:
                 log.warning(
                     "Domain events: could not declare the topology on %s yet (%r); "
                     "the consumer will once it connects",
