@@ -51,12 +51,11 @@ def _aio_url(conn: Connection) -> str:
 
 
 def _on_configure(sender: Celery, **_: Any) -> None:
-    # Retries and dead letters are published from the worker; unconfirmed, they could be lost
-    # between the publish and the ack of the delivery they replace. An explicit
-    # confirm_publish=False in broker_transport_options is respected.
-    options = dict(sender.conf.broker_transport_options or {})
-    options.setdefault("confirm_publish", True)
-    sender.conf.broker_transport_options = options
+    # Celery's own publishing (tasks, task events, worker heartbeats) is left as configured:
+    # events, retries and dead letters go through amqp.confirm's own confirm channel under
+    # domain_events_publish_timeout. Turning confirm_publish on for all of Celery made a
+    # worker's heartbeat wait for a confirm without a deadline, and a broker memory alarm
+    # stopped every handler of the worker until it cleared.
     # Celery's report masks only the settings it knows: hide our URL's password from it too.
     for key in [k for k in list(sender.conf) if isinstance(k, str)]:
         if setting_name(key, getattr(sender, "namespace", None)) != "management_url":

@@ -138,13 +138,6 @@ def private_topology(private_node: Any) -> Iterator[Topology]:
     topology.cleanup()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="known gap (#11 item 8): DomainEvents sets confirm_publish=True for every Celery "
-    "publish, so under a memory alarm the worker's heartbeat waits for a confirm with no "
-    "deadline and its main loop stops until the alarm clears",
-)
 def test_an_unconfirmed_dead_letter_stalls_the_other_handlers_for_the_deadline_at_most(
     private_node: Any, private_topology: Topology, tmp_path: Any, record_property: Any
 ) -> None:
