@@ -36,6 +36,8 @@ class HandlerSpec:
         retry: the retry policy (None: never retried).
         task_options: extra Celery task options (time limits, rate limit, ...).
         idempotent: the inbox that records the events it handled, if any.
+        transient: each worker consumes a queue of its own that lives only while it is
+            connected (``<service>.<name>.<worker>.<suffix>``), with no dead-letter queue.
     """
 
     name: str
@@ -45,6 +47,8 @@ class HandlerSpec:
     task_options: dict[str, Any] = field(default_factory=dict, compare=False)
     #: The inbox that makes it idempotent (``celery_domain_events.inbox``), if any.
     idempotent: Any = field(default=None, compare=False)
+    #: A per-worker exclusive queue instead of the durable ``<service>.<name>`` (no DLQ).
+    transient: bool = False
 
     def event_versions(self) -> dict[str, frozenset[int]]:
         """The versions of each event the handler's annotation names (``{}`` if untyped).

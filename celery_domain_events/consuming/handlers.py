@@ -100,6 +100,7 @@ def domain_event_handler(
     name: str | None = None,
     retry: RetryPolicy | None = _DEFAULT_RETRY,
     idempotent: Inbox | AsyncInbox | None = None,
+    transient: bool = False,
     registry: HandlerRegistry = default_handlers,
     **task_options: Any,
 ) -> Callable[[Callable[P, R]], Handler[P, R]]:
@@ -115,12 +116,18 @@ def domain_event_handler(
             handlers guide): each event runs the handler once, its ``(handler, event id)``
             committed with the handler's side effects (Redis: marked after them); a
             duplicate delivery is skipped.
+        transient: instead of the durable queue, each worker consumes an exclusive queue of
+            its own, ``<service>.<name>.<worker hostname>.<random suffix>``, that exists only
+            while the worker is connected: every running worker gets every event, events
+            published while none runs are not kept, and a final failure is logged at ERROR
+            and acked (no dead-letter queue). See the handlers guide.
         registry: where to register (tests pass an isolated one).
         task_options: Celery task options from :data:`TASK_OPTIONS` (``time_limit``, ...).
 
     Raises:
         InvalidRoutingPattern: a pattern is malformed.
-        ConfigurationError: no pattern, an unknown option or an async generator function.
+        ConfigurationError: no pattern, an unknown option, an async generator function, or
+            ``transient=True`` with ``idempotent=``.
         EventDefinitionError: the function does not take one event argument.
         RegistrationError: another function already has this handler name.
     """
@@ -133,6 +140,13 @@ def domain_event_handler(
         raise ConfigurationError(
             f"unknown handler option(s) {', '.join(sorted(unknown))}; "
             f"allowed: {', '.join(sorted(TASK_OPTIONS))}"
+        )
+    if transient and idempotent is not None:
+        # An inbox shared by the workers would let only the first one run each event, which
+        # defeats a transient handler: every running worker is meant to handle every event.
+        raise ConfigurationError(
+            "a transient handler cannot be idempotent=: each running worker handles every "
+            "event, so a shared inbox would skip it on all workers but one"
         )
 
     def decorate(fn: Callable[P, R]) -> Handler[P, R]:
@@ -154,6 +168,7 @@ def domain_event_handler(
             retry=retry,
             task_options=dict(task_options),
             idempotent=idempotent,
+            transient=transient,
         )
         registry.register(spec)
         _register_task_on_apps(spec)
