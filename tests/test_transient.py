@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from collections.abc import Callable
 from urllib.parse import quote
@@ -54,8 +55,11 @@ def test_events_published_while_no_worker_runs_are_not_kept(
 ) -> None:
     worker = worker_process(["transient_seen"]).start(*POOLS[pool])
     [first] = running_queues(topology, "transient_seen")
-    # <service>.<handler>.<hostname, one word>-<random suffix>
-    assert first.startswith(f"{worker.queue('transient_seen')}.{worker.hostname.split('.')[0]}")
+    # <service>.<handler>.<hostname, one word>-<6 random hex digits>
+    host = re.sub(r"[^\w@-]", "_", worker.hostname, flags=re.ASCII)
+    assert re.fullmatch(
+        rf"{re.escape(worker.queue('transient_seen'))}\.{host}-[0-9a-f]{{6}}", first
+    )
     seen = send(topology, "probe.transient")
     wait_for(lambda: bool(worker.marker_lines("transient_seen", seen)), timeout=20)
 

@@ -157,6 +157,11 @@ def test_topology_and_dlq_commands_handle_transient_handlers(topology: Topology)
         assert row["bindings"] == ["cache.*", "user.deleted"]
         text = run(app, "topology", "show").output
         assert "transient, no DLQ, 1 running worker queue(s)" in text
+        # An older worker's pattern: reported, but only its worker can drop it.
+        conn.default_channel.queue_bind(queue.name, ext.settings.exchange, "cache.#")
+        stale = run(app, "topology", "diff", "--prune")
+        assert f"stale    {queue.name}  cache.#" in stale.output
+        assert f"skipped  {queue.name}  cache.#  (transient: restart its worker)" in stale.output
 
     listed = json.loads(run(app, "dlq", "list", "--json").output)
     assert [r["handler"] for r in listed] == ["durable"]
