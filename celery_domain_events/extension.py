@@ -361,8 +361,10 @@ class DomainEvents:
         Celery's quorum-queue detection (global QoS off, native delayed delivery) and its
         delayed-delivery bindings look at ``app.amqp.queues``; Celery's task consumer must not
         read them (see ``_compat.add_unconsumed_queue``): the bootstep consumes them itself.
+        Transient handlers' queues are left out: classic, named per worker, never delayed
+        by the broker.
         """
         queues = self.app.amqp.queues
         for spec in self.handlers:
-            if self.topology.handler_queue_name(spec) not in queues:
+            if not spec.transient and self.topology.handler_queue_name(spec) not in queues:
                 _compat.add_unconsumed_queue(queues, self.topology.retry_queue(spec))

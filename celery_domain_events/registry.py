@@ -47,6 +47,8 @@ class HandlerSpec:
         task_options: extra Celery task options (time limits, rate limit, ...).
         idempotent: the inbox that records the events it handled, if any.
         batch: how a batch handler gathers its events (None: one event per run).
+        transient: each worker consumes a queue of its own that lives only while it is
+            connected (``<service>.<name>.<worker>.<suffix>``), with no dead-letter queue.
     """
 
     name: str
@@ -58,6 +60,8 @@ class HandlerSpec:
     idempotent: Any = field(default=None, compare=False)
     #: A batch handler's :class:`~.batching.Batch` (it takes a list of events), if any.
     batch: Batch | None = None
+    #: A per-worker exclusive queue instead of the durable ``<service>.<name>`` (no DLQ).
+    transient: bool = False
 
     def event_versions(self) -> dict[str, frozenset[int]]:
         """The versions of each event the handler's annotation names (``{}`` if untyped).

@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, ClassVar
 
 import pytest
@@ -450,8 +451,9 @@ def test_a_refused_dead_letter_holds_the_queue_15_s_doubling_to_300_s() -> None:
 
     step = bootstep.DomainEventsStep.__new__(bootstep.DomainEventsStep)
     consumer = Consumer()
-    step.by_queue = {"svc.h": (consumer, None)}
+    step.by_queue = {"svc.h": (consumer, SimpleNamespace(name="svc.h"))}
     step.paused, step.held, step.backoff, step.timer = set(), {}, {}, Timer()
+    step.aliases, step.transient = {}, {}
     for _ in range(8):
         step.hold("svc.h")
         assert not consumer.consuming  # held: not consumed

@@ -167,6 +167,29 @@ def also_untyped(event: DomainEvent) -> None:
     _append("also_untyped", event)
 
 
+# Transient handlers (tests/test_transient.py): each line names the worker (TEST_WORKER_TAG).
+def _append_tagged(name: str, event: DomainEvent) -> None:
+    with _marker(name, str(event.event_id)).open("a") as f:
+        f.write(f"{time.time()} {os.getpid()} {os.environ.get('TEST_WORKER_TAG', '-')}\n")
+
+
+@domain_event_handler("probe.transient", transient=True, retry=None)
+def transient_seen(event: DomainEvent) -> None:
+    """Records every event this worker's own transient queue delivers."""
+    _append_tagged("transient_seen", event)
+
+
+@domain_event_handler(
+    "probe.transient.fail",
+    transient=True,
+    retry=RetryPolicy(max_retries=2, backoff=False, countdown=1),
+)
+def transient_fails(event: DomainEvent) -> None:
+    """Always fails: retried twice, 1 s apart, through this worker's queue; then dropped."""
+    _append_tagged("transient_fails", event)
+    raise RuntimeError("transient_fails handler failed")
+
+
 # async def handlers (tests/test_async_handlers.py): each line records where the coroutine ran.
 def _where() -> str:
     """``<pid> <id of the running loop> <native id of its thread> <thread name>``."""

@@ -12,6 +12,10 @@
                                └ poison (not a CloudEvent, a task message, too large or deep)
                                    ─► <queue>.dlq with an x-failure-* record, then ack
 
+A transient handler's queue is this worker's own, exclusive to its connection: declared afresh,
+under a new name, at each start of the step (so after each reconnect) and each resume; its
+poison and final failures are logged and acked (no DLQ).
+
 Consumers share the channel of Celery's own task consumer, so its ETA bookkeeping and connection
 recovery apply to events as to tasks. Prefetch: on classic queues Celery sets a global QoS on
 that channel, so the task queue and every handler queue share one budget (concurrency x
@@ -23,10 +27,11 @@ and this step declares and consumes again.
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from celery import bootsteps
 from kombu import Consumer
@@ -48,6 +53,7 @@ from celery_domain_events.registry import HandlerSpec
 from celery_domain_events.wire import inbound
 from celery_domain_events.wire.dead_letter import FailureReason, dead_letter_message
 from celery_domain_events.wire.message import OutboundMessage
+from celery_domain_events.wire.topology import transient_instance
 
 from . import dead_letter
 from .delivery import to_batch_task_message, to_task_message
@@ -126,6 +132,10 @@ class _Dispatch:
             # Last resort: the broker dead-letters it to the same DLQ (x-death, no record).
             log.exception("Could not build the dead letter of a message on %s", self.queue)
             message.reject(requeue=False)
+            return
+        if self.spec.transient:  # no DLQ
+            dead_letter.drop(record)
+            message.ack()
             return
         try:
             dead_letter.send(self.ext, record)
@@ -274,8 +284,16 @@ class DomainEventsStep(bootsteps.StartStopStep):
         #: queue -> (its next hold in seconds, when it was last held): the hold's back-off.
         self.backoff: dict[str, tuple[float, float]] = {}
         self.timer: Any = None
-        #: Every handler queue this worker consumes (stays known across restarts).
+        #: Every handler queue this worker consumes (stays known across restarts). Each of
+        #: these names is ``<service>.<handler>``, also for transient handlers, whose
+        #: queues' own names (``aliases``) change at each start and resume.
         self.handler_queues: set[str] = set()
+        #: A transient queue's name -> its handler's ``<service>.<handler>``.
+        self.aliases: dict[str, str] = {}
+        #: ``<service>.<handler>`` -> the spec, for transient handlers.
+        self.transient: dict[str, HandlerSpec] = {}
+        self.ext: DomainEvents | None = None
+        self.hostname = str(getattr(parent, "hostname", None) or "worker")
         # All steps are built before any starts: registering the queues here lets Celery's
         # Tasks step turn global QoS off and DelayedDelivery switch on for quorum queues.
         try:
@@ -289,7 +307,7 @@ class DomainEventsStep(bootsteps.StartStopStep):
 
     def start(self, parent: Any) -> None:
         """Declare exchange, queues, bindings and DLQs, then consume the handler queues."""
-        ext = DomainEvents.of(parent.app)
+        ext = self.ext = DomainEvents.of(parent.app)
         if not ext.handlers:
             log.warning(
                 "Domain events: app %r has no handlers, so this worker consumes no events. "
@@ -307,7 +325,14 @@ class DomainEventsStep(bootsteps.StartStopStep):
         on_task_received = parent.create_task_handler()
         self._raise_prefetch(ext, parent)
         for spec in ext.handlers:
-            queue = ext.topology.handler_queue(spec)
+            name = ext.topology.handler_queue_name(spec)
+            if spec.transient:
+                # The previous one, if any, went with its connection: declare a new one.
+                queue = self._new_transient(spec, name)
+                if name not in self.paused:  # a paused one is declared when resumed
+                    declare([queue], channel)
+            else:
+                queue = ext.topology.handler_queue(spec)
             dispatch = (
                 _Dispatch(ext, spec, queue.name, on_task_received, self.hold)
                 if spec.batch is None
@@ -330,8 +355,8 @@ class DomainEventsStep(bootsteps.StartStopStep):
             )
             self.dispatches.append(dispatch)
             self.consumers.append(consumer)
-            self.by_queue[queue.name] = (consumer, queue)
-            self.handler_queues.add(queue.name)
+            self.by_queue[name] = (consumer, queue)
+            self.handler_queues.add(name)
         self._consume_with(parent.task_consumer)
         self._watch_unrouted(ext, parent)
         _compat.route_queue_control(parent, self.owns, self.pause, self.resume)
@@ -342,7 +367,7 @@ class DomainEventsStep(bootsteps.StartStopStep):
             len(self.consumers),
             ext.settings.service,
             ext.settings.exchange,
-            ", ".join(ext.topology.handler_queue_name(s) for s in ext.handlers),
+            ", ".join(queue.name for _, queue in self.by_queue.values()),
         )
 
     def _raise_prefetch(self, ext: DomainEvents, parent: Any) -> None:
@@ -355,6 +380,15 @@ class DomainEventsStep(bootsteps.StartStopStep):
             qos.increment_eventually(extra)
             qos.update()
             log.info("Domain events: prefetch raised by %d for batch handlers", extra)
+
+    def _new_transient(self, spec: HandlerSpec, name: str) -> Any:
+        assert self.ext is not None
+        self.transient[name] = spec
+        queue = self.ext.topology.transient_queue(
+            spec, transient_instance(self.hostname, secrets.token_hex(3))
+        )
+        self.aliases[queue.name] = name
+        return queue
 
     def _consume_with(self, task_consumer: Any) -> None:
         # Start consuming exactly when Celery starts its own task consumer, once the pool is
@@ -399,26 +433,33 @@ class DomainEventsStep(bootsteps.StartStopStep):
             )
 
     def owns(self, queue: str) -> bool:
-        """Whether ``queue`` is one of this worker's handler queues."""
-        return queue in self.handler_queues
+        """Whether ``queue`` is one of this worker's handler queues (or transient queues)."""
+        return self.aliases.get(queue, queue) in self.handler_queues
 
     def pause(self, queue: str) -> None:
         """Stop consuming one handler queue (``celery control cancel_consumer <queue>``).
 
-        Its events wait in the queue; deliveries already prefetched still run.
+        Its events wait in the queue; deliveries already prefetched still run. A transient
+        handler's queue (named ``<service>.<handler>`` or by its own name) is deleted: the
+        events published while it is paused are not kept.
         """
+        queue = self.aliases.get(queue, queue)
         self.paused.add(queue)
         self._release_hold(queue)
         self._cancel(queue)
         log.warning(
-            "Domain events: paused handler queue %s; its events wait there. Resume it with "
+            "Domain events: paused handler queue %s; %s. Resume it with "
             "`celery control add_consumer %s`",
             queue,
+            "transient: its events are not kept meanwhile"
+            if queue in self.transient
+            else "its events wait there",
             queue,
         )
 
     def resume(self, queue: str) -> None:
         """Consume a paused handler queue again (``celery control add_consumer <queue>``)."""
+        queue = self.aliases.get(queue, queue)
         self.paused.discard(queue)
         self._release_hold(queue)
         self._consume(queue)
@@ -431,6 +472,7 @@ class DomainEventsStep(bootsteps.StartStopStep):
         (on the main thread for poison and the solo pool), and the requeued delivery would
         come straight back: holding the queue lets every other handler run meanwhile.
         """
+        queue = self.aliases.get(queue, queue)
         if queue not in self.by_queue or queue in self.held or queue in self.paused:
             return
         if self.timer is None:
@@ -464,15 +506,23 @@ class DomainEventsStep(bootsteps.StartStopStep):
     def _cancel(self, queue: str) -> None:
         if queue not in self.by_queue:  # between a stop and the next start: kept for then
             return
-        consumer, _ = self.by_queue[queue]
-        if consumer.consuming_from(queue):
-            consumer.cancel_by_queue(queue)
+        consumer, entity = self.by_queue[queue]
+        if consumer.consuming_from(entity.name):
+            consumer.cancel_by_queue(entity.name)
 
     def _consume(self, queue: str) -> None:
         if queue not in self.by_queue:  # between a stop and the next start: consumed then
             return
         consumer, entity = self.by_queue[queue]
-        if not consumer.consuming_from(queue):
+        if not consumer.consuming_from(entity.name):
+            if queue in self.transient:
+                # Auto-delete: cancelling its consumer deleted it. A new name, not the old
+                # one again, which could meet the old queue while the broker deletes it.
+                consumer.cancel_by_queue(entity.name)  # forget it (no consumer to cancel)
+                entity = self._new_transient(self.transient[queue], queue)
+                declare([entity], consumer.channel)
+                cast(_Dispatch, consumer.on_message).queue = entity.name
+                self.by_queue[queue] = (consumer, entity)
             consumer.add_queue(entity)
             consumer.consume()
 
@@ -485,6 +535,7 @@ class DomainEventsStep(bootsteps.StartStopStep):
         self.dispatches = []
         self.consumers = []
         self.by_queue = {}
+        self.aliases = {}  # transient queues went (or go) with the connection
         for entry in [*self.timers, *self.held.values()]:
             entry.cancel()
         self.timers = []
@@ -499,7 +550,10 @@ def _bind_for_native_delay(ext: DomainEvents, connection: Any) -> None:
     queue_type = ext.app.conf.broker_native_delayed_delivery_queue_type
     declare_native_delayed_delivery_exchanges_and_queues(connection, queue_type)
     for spec in ext.handlers:
-        bind_queue_to_native_delayed_delivery_exchange(connection, ext.topology.retry_queue(spec))
+        if not spec.transient:  # classic: delayed in the worker (x-retry-at)
+            bind_queue_to_native_delayed_delivery_exchange(
+                connection, ext.topology.retry_queue(spec)
+            )
 
 
 class DomainEventsTopology(bootsteps.StartStopStep):

@@ -1,4 +1,8 @@
-"""The worker's dead letters: publish one, confirmed, before its delivery is acked."""
+"""The worker's dead letters: publish one, confirmed, before its delivery is acked.
+
+A transient handler has no dead-letter queue: its final failures are logged instead
+(:func:`drop`), and the delivery is acked.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ from celery_domain_events.wire.topology import DLQ_SUFFIX, Auxiliary
 if TYPE_CHECKING:
     from celery_domain_events.extension import DomainEvents
 
-__all__ = ["send"]
+__all__ = ["drop", "send"]
 
 log = logging.getLogger(__name__)
 
@@ -33,4 +37,24 @@ def send(ext: DomainEvents, message: OutboundMessage) -> None:
         message.routing_key,
         message.headers.get(HEADER_PREFIX + "reason"),
         message.headers.get(HEADER_PREFIX + "exception"),
+    )
+
+
+#: The failure record's fields :func:`drop` logs (never the body: it holds the event's data).
+_SUMMARY = ("reason", "handler", "queue", "attempts", "exception", "message", "routing-key")
+
+
+def drop(message: OutboundMessage) -> None:
+    """Log the failure record of a transient handler's dead letter at ERROR; publish nothing."""
+    record = {k: message.headers.get(HEADER_PREFIX + k) for k in _SUMMARY}
+    log.error(
+        "Dropped event %s (%s) of transient handler %s after %s attempt(s), no DLQ: %s %s: %s",
+        message.properties.get("message_id", "?"),
+        message.properties.get("type", "?"),
+        record["handler"],
+        record["attempts"],
+        record["reason"],
+        record["exception"],
+        record["message"],
+        extra={"failure": record, "event_id": message.properties.get("message_id")},
     )

@@ -114,6 +114,7 @@ def domain_event_handler(
     retry: RetryPolicy | None = _DEFAULT_RETRY,
     idempotent: Inbox | AsyncInbox | None = None,
     batch: Batch | int | None = None,
+    transient: bool = False,
     registry: HandlerRegistry = default_handlers,
     **task_options: Any,
 ) -> Callable[[Callable[P, R]], Handler[P, R]]:
@@ -133,13 +134,18 @@ def domain_event_handler(
             up to ``Batch.max_size`` events gathered for at most ``Batch.max_wait`` seconds
             (an int is the max size, with a 1 s wait). Raise
             :class:`~celery_domain_events.BatchItemsFailed` to fail some events alone.
+        transient: instead of the durable queue, each worker consumes an exclusive queue of
+            its own, ``<service>.<name>.<worker hostname>.<random suffix>``, that exists only
+            while the worker is connected: every running worker gets every event, events
+            published while none runs are not kept, and a final failure is logged at ERROR
+            and acked (no dead-letter queue). See the handlers guide.
         registry: where to register (tests pass an isolated one).
         task_options: Celery task options from :data:`TASK_OPTIONS` (``time_limit``, ...).
 
     Raises:
         InvalidRoutingPattern: a pattern is malformed.
         ConfigurationError: no pattern, an unknown option, an async generator function, or
-            ``batch=`` with ``idempotent=``.
+            ``batch=`` or ``transient=True`` with ``idempotent=``, or both of them.
         EventDefinitionError: the function does not take one event argument (a list of
             events, for a batch handler).
         RegistrationError: another function already has this handler name.
@@ -159,6 +165,18 @@ def domain_event_handler(
         raise ConfigurationError(
             "batch= and idempotent= cannot be combined yet: claim the events' ids in the batch "
             "handler's own transaction (the idempotent handlers guide shows how)"
+        )
+    if transient and idempotent is not None:
+        # An inbox shared by the workers would let only the first one run each event, which
+        # defeats a transient handler: every running worker is meant to handle every event.
+        raise ConfigurationError(
+            "a transient handler cannot be idempotent=: each running worker handles every "
+            "event, so a shared inbox would skip it on all workers but one"
+        )
+    if transient and batch_policy is not None:
+        raise ConfigurationError(
+            "batch= and transient=True cannot be combined yet: a transient handler takes one "
+            "event per run"
         )
 
     def decorate(fn: Callable[P, R]) -> Handler[P, R]:
@@ -181,6 +199,7 @@ def domain_event_handler(
             task_options=dict(task_options),
             idempotent=idempotent,
             batch=batch_policy,
+            transient=transient,
         )
         registry.register(spec)
         _register_task_on_apps(spec)

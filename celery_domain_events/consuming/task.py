@@ -16,7 +16,7 @@ time limits as a plain function. Two things differ from a plain Celery task:
   is dead-lettered with a failure record and confirmed *before* Celery acks the delivery
   (``acks_late``). If the dead letter cannot be confirmed, the delivery is requeued instead.
   A hard time limit is dead-lettered by :class:`HandlerRequest` in the worker's main process,
-  under the same rule.
+  under the same rule. A transient handler has no DLQ: the failure is logged, then acked.
 
 A batch handler's task runs ``run(batch=[{"raw_event", "meta", "retries"}, ...])``, one item per
 delivery, and settles each event on its own (:meth:`DomainEventTask.deliver_batch`): its retry
@@ -477,6 +477,9 @@ class DomainEventTask(Task):  # type: ignore[type-arg]
             task_id=task_id,
             traceback_text=traceback_text,
         )
+        if self.handler_spec.transient:  # no DLQ: logged, and Celery acks the delivery
+            dead_letter.drop(message)
+            return
         dead_letter.send(ext, message)
 
     def _dead_letter_message(
@@ -493,7 +496,9 @@ class DomainEventTask(Task):  # type: ignore[type-arg]
         meta: dict[str, Any] = delivery.get("meta") or {}
         return dead_letter_message(
             body=str(delivery["raw_event"]).encode("utf-8", "surrogatepass"),
-            queue=ext.topology.handler_queue_name(self.handler_spec),
+            queue=meta.get("queue", "")
+            if self.handler_spec.transient
+            else ext.topology.handler_queue_name(self.handler_spec),
             handler=self.handler_spec.name,
             reason=reason,
             exc=exc,
@@ -580,14 +585,18 @@ def retry_message(  # noqa: PLR0917
     retries: int,
     countdown: float,
 ) -> OutboundMessage:
-    """Build the retry of one delivery: the same event, to this handler's queue only."""
-    queue = ext.topology.handler_queue_name(spec)
+    """Build the retry of one delivery: the same event, to this handler's queue only.
+
+    A transient handler's retry goes to the worker's own queue it came from (``meta``'s,
+    set by the worker), always delayed by the worker: its queue is classic.
+    """
+    queue = meta["queue"] if spec.transient else ext.topology.handler_queue_name(spec)
     headers = {k: v for k, v in (meta.get("headers") or {}).items() if k != RETRY_AT_HEADER}
     headers[RETRIES_HEADER] = retries
     headers[ORIGIN_EXCHANGE_HEADER] = meta.get("exchange", "")
     headers[ORIGIN_ROUTING_KEY_HEADER] = meta.get("routing_key", "")
     exchange, routing_key = ext.topology.retry_exchange().name, queue
-    if countdown >= 1 and ext.settings.queue_type is QueueType.QUORUM:
+    if countdown >= 1 and ext.settings.queue_type is QueueType.QUORUM and not spec.transient:
         # Quorum queues cannot hold a delivery in the worker: the broker delays it.
         exchange, routing_key = _DELAYED_EXCHANGE, calculate_routing_key(int(countdown), queue)
     elif countdown > 0:

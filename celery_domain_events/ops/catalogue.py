@@ -7,6 +7,7 @@ routing keys, durable queues). Operations are what this service does:
 * ``send`` (``subscribe`` in AsyncAPI 2's inverted terms) for each event it publishes:
   ``DomainEvents(publishes=[...])``, or every model in its registry if that is not given;
 * ``receive`` (AsyncAPI 2: ``publish``) for each handler, with its queue, DLQ, patterns, task,
+  whether it is ``transient`` (per-worker exclusive queues ``<queue>.<instance>``, no DLQ),
   retry policy, the event versions its annotation names (``declares``) and, in ``accepts``,
   the versions of each event it can decode (upcasters included).
 
@@ -120,11 +121,12 @@ def _exchange_binding(ext: DomainEvents, vhost: str) -> dict[str, Any]:
 
 
 def _queue_binding(ext: DomainEvents, spec: HandlerSpec, vhost: str) -> dict[str, Any]:
+    # A transient handler's queues are each worker's own: <name>.<instance>, named at start.
     return {
         "name": ext.topology.handler_queue_name(spec),
-        "durable": True,
-        "exclusive": False,
-        "autoDelete": False,
+        "durable": not spec.transient,
+        "exclusive": spec.transient,
+        "autoDelete": spec.transient,
         "vhost": vhost,
     }
 
@@ -159,8 +161,9 @@ def _handler_doc(
         "patterns": list(ext.topology.binding_patterns(spec)),
         "declares": as_mapping(spec.event_versions()),
         "accepts": _accepts(ext, spec, models),
-        "deadLetterQueue": ext.topology.dead_letter_queue(spec).name,
+        "deadLetterQueue": None if spec.transient else ext.topology.dead_letter_queue(spec).name,
         "maxRetries": retry.max_retries if retry else 0,
+        "transient": spec.transient,
     }
 
 
@@ -342,7 +345,8 @@ def _v2(d: _Parts) -> dict[str, Any]:
     for spec in d.ext.handlers:
         refs = [{"$ref": f"#/components/messages/{m}"} for m in d.handled[spec.name]]
         channels[d.ext.topology.handler_queue_name(spec)] = {
-            "description": f"queue of handler {spec.name}",
+            "description": f"{'per-worker queues' if spec.transient else 'queue'} of handler "
+            f"{spec.name}",
             "bindings": {
                 "amqp": {
                     "is": "queue",

@@ -52,14 +52,22 @@ __all__ = ["domain_events"]
 
 
 def _handlers(ext: DomainEvents, names: tuple[str, ...]) -> list[HandlerSpec]:
+    """The handlers ``--handler`` names (default: all) with a DLQ: transient ones have none."""
     specs = ext.handlers
     if not names:
-        return specs
+        return [s for s in specs if not s.transient]
     known = {s.name: s for s in specs}
     unknown = [n for n in names if n not in known]
     if unknown:
         raise click.BadParameter(
             f"unknown handler(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}",
+            param_hint="--handler",
+        )
+    transient = [n for n in names if known[n].transient]
+    if transient:
+        raise click.BadParameter(
+            f"{', '.join(transient)}: transient, so no dead-letter queue (its final failures "
+            "are logged by the worker)",
             param_hint="--handler",
         )
     return [known[n] for n in names]
@@ -312,6 +320,47 @@ def _queue_type(client: ManagementClient, name: str) -> str | None:
         raise ManagementUnavailable(str(exc)) from None
 
 
+def _transient_row(
+    ext: DomainEvents, spec: HandlerSpec, bindings: list[tuple[str, str]], client: ManagementClient
+) -> dict[str, Any]:
+    """A transient handler: the queues its running workers bound (``<queue>.<instance>``).
+
+    Their statistics come from the management API (a few seconds old): RabbitMQ refuses a
+    passive declare of an exclusive queue to every connection but its owner's.
+    """
+    name = ext.topology.handler_queue_name(spec)
+    running = sorted({q for q, _ in bindings if q.rpartition(".")[0] == name})
+    instances = []
+    for queue in running:
+        try:
+            stats = client.queue(queue)
+        except ConfigurationError as exc:
+            raise ManagementUnavailable(str(exc)) from None
+        if stats is not None:  # gone since the bindings were read
+            instances.append(
+                {
+                    "queue": queue,
+                    "messages": int(stats.get("messages") or 0),
+                    "consumers": int(stats.get("consumers") or 0),
+                }
+            )
+    return {
+        "handler": spec.name,
+        "task": spec.task_name,
+        "queue": name,
+        "transient": True,
+        "instances": instances,
+        "declared": bool(instances),
+        "type": "classic",
+        "messages": sum(i["messages"] for i in instances),
+        "consumers": sum(i["consumers"] for i in instances),
+        "dlq": None,
+        "dlq_messages": None,
+        "patterns": list(ext.topology.binding_patterns(spec)),
+        "bindings": sorted({k for q, k in bindings if q in running}),
+    }
+
+
 @topology.command("show")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
@@ -326,6 +375,9 @@ def topology_show(ctx: click.Context, as_json: bool) -> None:
     with broker_connection(ext) as conn:
         for spec in ext.handlers:
             name = ext.topology.handler_queue_name(spec)
+            if spec.transient:
+                rows.append(_transient_row(ext, spec, bindings, client))
+                continue
             stats = _stats(conn, name)
             rows.append(
                 {
@@ -340,6 +392,7 @@ def topology_show(ctx: click.Context, as_json: bool) -> None:
                     "dlq_messages": queues.depth(conn, ext.topology.dead_letter_queue(spec).name),
                     "patterns": list(ext.topology.binding_patterns(spec)),
                     "bindings": sorted(k for q, k in bindings if q == name),
+                    "transient": False,
                 }
             )
         unrouted = ext.settings.unrouted_queue
@@ -364,6 +417,10 @@ def topology_show(ctx: click.Context, as_json: bool) -> None:
             if row["declared"]
             else "not declared yet"
         )
+        if row["transient"]:
+            state = f"transient, no DLQ, {len(row['instances'])} running worker queue(s)" + "".join(
+                f"\n    {q['queue']}: {q['messages']} messages" for q in row["instances"]
+            )
         click.echo(f"{row['queue']}  [{state}]")
         click.echo(
             f"    bound by: {', '.join(row['bindings']) or '-'}"
@@ -387,10 +444,17 @@ def topology_declare(ctx: click.Context, as_json: bool) -> None:
                 "dlq": ext.topology.dead_letter_queue(spec).name,
             }
             for spec in ext.handlers
+            if not spec.transient
         ]
         click.echo(json.dumps(declared, indent=2))
         return
     for spec in ext.handlers:
+        if spec.transient:
+            click.echo(
+                f"skipped  {ext.topology.handler_queue_name(spec)} (transient: each worker "
+                "declares its own queue)"
+            )
+            continue
         click.echo(
             f"declared {ext.topology.handler_queue_name(spec)} bound by {', '.join(spec.patterns)} "
             f"(+ {ext.topology.dead_letter_queue(spec).name})"
@@ -419,10 +483,16 @@ def _report(diff: BindingDiff, as_json: bool) -> None:
 
 def _repair(ext: DomainEvents, diff: BindingDiff, prune: bool, apply_missing: bool) -> list[str]:
     done = []
+    transient = {ext.topology.handler_queue_name(s) for s in ext.handlers if s.transient}
     with broker_connection(ext) as conn:
         channel: Any = conn.default_channel
         if prune:
             for queue, pattern in diff.stale:
+                if queue.rpartition(".")[0] in transient:
+                    # Exclusive to its worker's connection (RabbitMQ refuses anyone else's
+                    # unbind); the worker's next start declares a queue without it.
+                    done.append(f"skipped  {queue}  {pattern}  (transient: restart its worker)")
+                    continue
                 channel.queue_unbind(queue, ext.settings.exchange, pattern)
                 done.append(f"unbound  {queue}  {pattern}")
         if apply_missing:
@@ -439,10 +509,16 @@ def _repair(ext: DomainEvents, diff: BindingDiff, prune: bool, apply_missing: bo
 def topology_diff(ctx: click.Context, prune: bool, apply_missing: bool, as_json: bool) -> None:
     """Compare RabbitMQ's bindings with the handlers' patterns; exit 1 if they differ."""
     ext = extension_of(ctx)
-    expected = {
-        ext.topology.handler_queue_name(s): ext.topology.binding_patterns(s) for s in ext.handlers
+    patterns = {
+        ext.topology.handler_queue_name(s): (s.transient, ext.topology.binding_patterns(s))
+        for s in ext.handlers
     }
-    diff = diff_bindings(expected, _queue_bindings(ext, _management(ext)), ext.settings.service)
+    diff = diff_bindings(
+        {q: p for q, (transient, p) in patterns.items() if not transient},
+        _queue_bindings(ext, _management(ext)),
+        ext.settings.service,
+        transient={q: p for q, (transient, p) in patterns.items() if transient},
+    )
     _report(diff, as_json)
     if diff.clean:
         return

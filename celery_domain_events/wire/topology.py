@@ -20,12 +20,19 @@ bound by its own name, so a retry reaches exactly one queue. It is a topic excha
 default one, because Celery's native delayed delivery (quorum queues) forwards delayed messages
 only through topic exchanges, by ``#.<routing key>``; service and handler names are single
 words, so ``#.<service>.<handler>`` cannot match another handler's queue.
+
+A transient handler (``transient=True``) has neither: each worker consumption declares an
+exclusive, auto-delete, non-durable classic queue ``<service>.<handler>.<instance>``, where
+``<instance>`` is one word (the worker's hostname with every character but letters, digits,
+``_``, ``-`` and ``@`` made ``_``, then ``-`` and a random suffix), bound by the handler's
+patterns and, by its own name, to the retry exchange.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +58,8 @@ __all__ = [
     "retry_exchange",
     "retry_queue",
     "routing_key",
+    "transient_instance",
+    "transient_queue",
     "unrouted_advice",
     "unrouted_exchange",
     "unrouted_queue",
@@ -62,6 +71,8 @@ log = logging.getLogger(__name__)
 DLQ_SUFFIX = ".dlq"
 #: Suffix of the retry exchange's name.
 RETRY_SUFFIX = ".retry"
+#: How much of a worker's hostname a transient queue's name keeps (names: at most 255 bytes).
+_HOSTNAME_MAX = 100
 
 
 def unrouted_exchange(settings: Settings) -> Exchange | None:
@@ -199,6 +210,33 @@ def retry_queue(spec: HandlerSpec, settings: Settings) -> Queue:
     )
 
 
+def transient_instance(hostname: str, suffix: str) -> str:
+    """Return the one-word ``<instance>`` of a transient queue name: ``<hostname>-<suffix>``."""
+    return re.sub(r"[^\w@-]", "_", hostname, flags=re.ASCII)[:_HOSTNAME_MAX] + "-" + suffix
+
+
+def transient_queue(spec: HandlerSpec, settings: Settings, instance: str) -> Queue:
+    """Return one worker's queue of a transient handler: ``<service>.<handler>.<instance>``.
+
+    Exclusive (only the declaring connection may use it, and it goes with that connection),
+    auto-delete, not durable, and always classic (RabbitMQ refuses exclusive quorum queues),
+    with no dead-letter queue. Bound by the handler's patterns, and to the retry exchange by
+    its own name, so a retry comes back to this worker only.
+    """
+    name = f"{handler_queue_name(spec, settings)}.{instance}"
+    return Queue(
+        name,
+        bindings=[
+            *(binding(exchange(settings), routing_key=p) for p in binding_patterns(spec, settings)),
+            binding(retry_exchange(settings), routing_key=name),
+        ],
+        durable=False,
+        exclusive=True,
+        auto_delete=True,
+        queue_arguments={"x-queue-type": QueueType.CLASSIC.value},
+    )
+
+
 def dead_letter_queue(spec: HandlerSpec, settings: Settings) -> Queue:
     """Return the dead-letter queue of one handler (reached through the default exchange)."""
     name = dead_letter_queue_name(handler_queue_name(spec, settings))
@@ -230,7 +268,10 @@ class BindingDiff:
 
 
 def diff_bindings(
-    expected: dict[str, tuple[str, ...]], actual: list[tuple[str, str]], service: str
+    expected: dict[str, tuple[str, ...]],
+    actual: list[tuple[str, str]],
+    service: str,
+    transient: dict[str, tuple[str, ...]] | None = None,
 ) -> BindingDiff:
     """Compare declared patterns per queue with the exchange's actual queue bindings.
 
@@ -238,7 +279,17 @@ def diff_bindings(
         expected: handler queue name -> its patterns.
         actual: (queue, routing key) of every queue binding on the events exchange.
         service: only queues named ``<service>.*`` are this service's to judge.
+        transient: transient handlers' ``<service>.<handler>`` -> their patterns. Their
+            running workers' queues (``<service>.<handler>.<instance>``) are judged against
+            those patterns; none running is no difference.
     """
+    transient = transient or {}
+    running = {
+        q: transient[q.rpartition(".")[0]]
+        for q, _ in actual
+        if q not in expected and q.rpartition(".")[0] in transient
+    }
+    expected = {**expected, **running}
     want = {(q, p) for q, patterns in expected.items() for p in patterns}
     mine = {(q, k) for q, k in actual if q in expected or q.startswith(service + ".")}
     return BindingDiff(
@@ -322,6 +373,10 @@ class Topology:
         """The handler's queue as the retry exchange addresses it."""
         return retry_queue(spec, self.settings)
 
+    def transient_queue(self, spec: HandlerSpec, instance: str) -> Queue:
+        """One worker's exclusive queue of the transient handler ``spec``."""
+        return transient_queue(spec, self.settings, instance)
+
     def dead_letter_queue(self, spec: HandlerSpec) -> Queue:
         """The handler's dead-letter queue."""
         return dead_letter_queue(spec, self.settings)
@@ -334,8 +389,13 @@ class Topology:
         return [self.exchange(), Auxiliary(unrouted, unrouted_advice(unrouted.name))]
 
     def worker_entities(self, handlers: list[HandlerSpec]) -> list[Any]:
-        """What a worker declares: the publisher's, then each handler's DLQ and queue."""
+        """What a worker declares: the publisher's, then each handler's DLQ and queue.
+
+        Transient handlers are left out: each worker consumption declares its own queue.
+        """
         entities = self.publisher_entities()
         for spec in handlers:
+            if spec.transient:
+                continue
             entities += [Auxiliary(self.dead_letter_queue(spec)), self.handler_queue(spec)]
         return entities
