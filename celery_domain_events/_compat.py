@@ -338,6 +338,27 @@ def batch_task_message(
     )
 
 
+def flush_ready_before_poll(hub: Any) -> Callable[[], None]:
+    """Have kombu's event loop run its ready callbacks right before it polls; return the hook.
+
+    ``Hub.create_loop`` runs the callbacks ready at the top of each turn, then fires timers and
+    the ``on_tick`` hooks, then polls for up to a second. A callback made ready in between (a
+    late ack ``call_soon``-ed by a task that a timer or a tick ran, with the solo pool) waits
+    out that poll: with every prefetched delivery waiting for such an ack, the broker sends
+    nothing and the worker stalls for up to a second (kombu PR #1587, celery#7718). Remove the
+    hook with ``hub.on_tick.discard(hook)``.
+    """
+
+    def run_ready() -> None:
+        while hub._ready:
+            for callback in hub._pop_ready():
+                if callback:  # a cancelled promise is falsy, as create_loop checks
+                    callback()
+
+    hub.on_tick.add(run_ready)
+    return run_ready
+
+
 def on_every_app(bind: Callable[[Celery], Any]) -> None:
     """Run ``bind`` on every app as ``@shared_task`` does: finalized ones now, others later."""
     celery_state.connect_on_app_finalize(bind)

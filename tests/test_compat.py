@@ -17,6 +17,7 @@ from amqp import serialization
 from amqp.basic_message import Message as AmqpMessage
 from celery import Celery, current_app
 from celery import _state as celery_state
+from kombu.asynchronous.hub import Hub
 from celery.app import trace
 from celery.apps import worker as celery_worker_app
 from celery.local import Proxy
@@ -330,3 +331,22 @@ def test_a_cold_shutdown_shows_in_celerys_worker_state(monkeypatch: pytest.Monke
     assert not _compat.worker_terminating()
     monkeypatch.setattr(worker_state, "should_terminate", True)
     assert _compat.worker_terminating()
+
+
+def test_kombus_loop_polls_after_the_tick_hooks_and_keeps_ready_callbacks_in_a_set() -> None:
+    # flush_ready_before_poll relies on both: on_tick hooks run right before poll(), and ready
+    # callbacks wait in hub._ready until _pop_ready() takes them.
+    source = inspect.getsource(Hub.create_loop)
+    assert source.index("on_tick") < source.index("poll(poll_timeout)")
+    hub = Hub()
+    try:
+        ran: list[int] = []
+        hook = _compat.flush_ready_before_poll(hub)
+        hub.call_soon(ran.append, 1)
+        assert hub._ready
+        hook()
+        assert ran == [1]
+        assert not hub._ready
+        assert hook in hub.on_tick
+    finally:
+        hub.close()

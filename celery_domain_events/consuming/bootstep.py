@@ -273,6 +273,9 @@ class DomainEventsStep(bootsteps.StartStopStep):
 
     def __init__(self, parent: Any, **kwargs: Any) -> None:
         self.consumers: list[Consumer] = []
+        #: The event loop and the hook that runs its ready callbacks before each poll.
+        self.hub: Any = None
+        self.ready_hook: Callable[[], None] | None = None
         self.dispatches: list[_Dispatch] = []
         #: queue name -> (its consumer, the queue): what pause and resume act on.
         self.by_queue: dict[str, tuple[Consumer, Any]] = {}
@@ -324,6 +327,11 @@ class DomainEventsStep(bootsteps.StartStopStep):
             _bind_for_native_delay(ext, parent.connection)
         on_task_received = parent.create_task_handler()
         self._raise_prefetch(ext, parent)
+        self.hub = getattr(parent, "hub", None)
+        if self.hub is not None and self.ready_hook is None:
+            # Handler queues are several consumers of one channel: they meet kombu's late-ack
+            # stall more often than Celery's single task queue (docs: performance, solo pool).
+            self.ready_hook = _compat.flush_ready_before_poll(self.hub)
         for spec in ext.handlers:
             name = ext.topology.handler_queue_name(spec)
             if spec.transient:
@@ -532,6 +540,9 @@ class DomainEventsStep(bootsteps.StartStopStep):
             ignore_errors(parent.connection, consumer.cancel)
         for dispatch in self.dispatches:
             dispatch.stop()
+        if self.hub is not None and self.ready_hook is not None:
+            self.hub.on_tick.discard(self.ready_hook)
+            self.ready_hook = None
         self.dispatches = []
         self.consumers = []
         self.by_queue = {}
