@@ -17,7 +17,6 @@ from amqp import serialization
 from amqp.basic_message import Message as AmqpMessage
 from celery import Celery, current_app
 from celery import _state as celery_state
-from kombu.asynchronous.hub import Hub
 from celery.app import trace
 from celery.apps import worker as celery_worker_app
 from celery.local import Proxy
@@ -25,6 +24,7 @@ from celery.worker import control, loops
 from celery.worker import state as worker_state
 from celery.worker.consumer.consumer import Consumer
 from kombu import Connection, Exchange, Queue
+from kombu.asynchronous.hub import Hub
 
 from celery_domain_events import _compat
 
