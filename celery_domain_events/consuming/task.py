@@ -106,7 +106,7 @@ class DomainEventTask(Task):  # type: ignore[type-arg]
         # attempt, which is retried like any other), and continue the emitter's trace.
         spec = self.handler_spec
         with tracing.child_context(envelope.traceparent) as traceparent:
-            with publishing.scope(self.app):
+            with publishing.handler_scope(self.app):
                 if spec.idempotent is not None:
                     # The inbox's unit of work commits before the scope transmits: emitted
                     # events leave only once the pair and the side effects are committed.
@@ -179,7 +179,7 @@ class DomainEventTask(Task):  # type: ignore[type-arg]
         failures: dict[str, BaseException] = {}
         if events:
             try:
-                with publishing.scope(self.app):
+                with publishing.handler_scope(self.app):
                     try:
                         result = spec.fn(events)
                         if inspect.iscoroutine(result):  # an async def handler

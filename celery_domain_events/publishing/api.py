@@ -44,6 +44,7 @@ __all__ = [
     "close_buffer",
     "discard",
     "emit",
+    "handler_scope",
     "open_buffer",
     "scope",
     "scope_async",
@@ -112,14 +113,15 @@ def scope(app: Celery | None = None, *, transmit_on_exit: bool = True) -> Scope:
 class Scope:
     """The context manager :func:`scope` returns (a class: every handler run enters one)."""
 
-    __slots__ = ("_token", "app", "transmit_on_exit")
+    __slots__ = ("_token", "app", "owner", "transmit_on_exit")
 
-    def __init__(self, app: Celery | None, transmit_on_exit: bool) -> None:
+    def __init__(self, app: Celery | None, transmit_on_exit: bool, owner: Any = ...) -> None:
         self.app = app
         self.transmit_on_exit = transmit_on_exit
+        self.owner = owner
 
     def __enter__(self) -> None:
-        self._token = open_buffer()
+        self._token = open_buffer(owner=self.owner)
 
     def __exit__(
         self,
@@ -138,6 +140,11 @@ class Scope:
             raise
         finally:
             close_buffer(self._token)
+
+
+def handler_scope(app: Celery) -> Scope:
+    """The scope of one handler run: :func:`scope`, owned by no task run (no lookup)."""
+    return Scope(app, True, owner=None)
 
 
 def scope_async(app: Celery | None = None, *, transmit_on_exit: bool = True) -> AsyncScope:

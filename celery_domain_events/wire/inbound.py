@@ -128,7 +128,8 @@ def _media_type(content_type: Any) -> str:
 
 
 def _text(message: Message, max_bytes: int) -> str:
-    media = _media_type(message.content_type)
+    content_type = message.content_type
+    media = content_type if content_type in JSON_CONTENT_TYPES else _media_type(content_type)
     if media not in JSON_CONTENT_TYPES:
         raise EventDecodeError(
             f"content type {str(message.content_type)[:_SHOWN]!r} is not accepted; events are "
