@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -254,6 +255,43 @@ def test_a_worker_killed_mid_batch_gets_the_whole_batch_again(
     wait_for(lambda: len(list(worker.markers.glob("batch_slow_done-*"))) == 1, timeout=30)
     assert all(len(worker.marker_lines("batch_slow", i)) == 2 for i in ids)
     wait_for(lambda: topology.queue_depth(queue) == 0, timeout=10)
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.worker
+@pytest.mark.slow
+def test_a_pool_process_killed_mid_batch_gets_the_whole_batch_again(
+    topology: Topology, worker_process: Callable[..., WorkerProcess]
+) -> None:
+    # reject_on_worker_lost: Celery rejects the batch's task message with requeue, and every
+    # delivery of the batch goes back to the queue.
+    worker = worker_process(["batch_crash_once"]).start("-P", "prefork", "-c", "1")
+    ids, _ = _publish(topology.app("pub"), "batch.crash", 10)
+    # Every event ran twice: in the batch that crashed and in its redelivery, none lost.
+    wait_for(lambda: all(len(worker.marker_lines("batch_crash_once", i)) == 2 for i in ids), 30)
+    assert sum(_batches(worker, "batch_crash_once")) == 20
+    queue = worker.queue("batch_crash_once")
+    wait_for(lambda: topology.queue_depth(queue) == 0, timeout=10)
+    assert topology.queue_depth(queue + ".dlq") == 0
+
+
+def test_in_process_an_async_batch_handler_runs_on_the_loop(topology: Topology) -> None:
+    registry = HandlerRegistry()
+    seen: list[int] = []
+
+    @domain_event_handler("batchtest.item", batch=5, retry=None, registry=registry)
+    async def sink(events: list[Item]) -> None:
+        await asyncio.sleep(0)
+        seen.extend(event.n for event in events)
+
+    app = topology.app("inproc3", registry=registry)
+    with capture_events(app) as events:
+        for n in range(7):
+            emit(Item(n=n))
+        transmit(app)
+        events.join()
+    assert seen == list(range(7))
+    assert len(events.handled(sink)) == 7
 
 
 def test_flower_shows_a_batch_by_size_names_and_ids_never_data(tmp_path: Path) -> None:

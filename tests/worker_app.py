@@ -385,3 +385,13 @@ def batch_slow(events: list[GenericEvent]) -> None:
     _record_batch("batch_slow", events)  # type: ignore[arg-type]
     time.sleep(3)
     _record("batch_slow_done", uuid.uuid4().hex, len(events))
+
+
+@domain_event_handler("batch.crash", batch=Batch(max_size=10, max_wait=0.3), retry=None)
+def batch_crash_once(events: list[GenericEvent]) -> None:
+    """The first run kills its pool process; the whole batch comes again and completes."""
+    _record_batch("batch_crash_once", events)  # type: ignore[arg-type]
+    first = _marker("batch_crash_once", "crashed")
+    if not first.exists():
+        first.touch()
+        os.kill(os.getpid(), signal.SIGKILL)
