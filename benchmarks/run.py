@@ -23,6 +23,11 @@ Scenarios (see benchmarks/README.md for the method and how to read the output):
 (f) one PostgreSQL INSERT per event: a plain handler (its own committed transaction) vs an
     idempotent one (SqlAlchemyInbox, the INSERT through ``inbox.session``), one handler per
     run, drained by a real worker (prefork -c 2) as in (c).
+(g) a batch handler (Batch(max_size=500)) with the no-op body in bulk, N events drained by a
+    real worker (solo and prefork -c 2), vs (a)'s raw consume of N messages: events/s against
+    msg/s.
+(h) the (f) plain handler's INSERT done by a batch handler: one multi-row INSERT and one commit
+    per batch of 500, vs (f)'s plain handler (one INSERT and commit per event), prefork -c 2.
 
 Workers are timed from their ``worker_ready`` signal to the last completion, both recorded by
 the worker itself in Redis, so neither publishing nor polling is part of a measurement.
@@ -65,9 +70,12 @@ from celery_domain_events.extension import _aio_url
 from celery_domain_events.wire import envelope
 
 from .bench_app import (
+    BATCH_HANDLER,
+    BENCH_BATCH,
     DEFAULT_PG_URL,
     EVENT_NAME,
     NOOP_TASK,
+    PG_BATCH_HANDLER,
     PG_HANDLERS,
     BenchHappened,
     build_app,
@@ -78,10 +86,14 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_BROKER = os.environ.get("DOMAIN_EVENTS_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
 DEFAULT_REDIS = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 DEFAULT_PG = os.environ.get("BENCH_PG_URL", DEFAULT_PG_URL)
-#: The (f) pair: scenario key suffix -> the one handler its worker runs.
-PG_SIDES = {"plain": PG_HANDLERS[0], "inbox": PG_HANDLERS[1]}
-#: The pool of (f).
+#: The PostgreSQL sides of (f) and (h): result key -> the one handler its worker runs.
+PG_SIDES = {"f.plain": PG_HANDLERS[0], "f.inbox": PG_HANDLERS[1], "h.batch": PG_BATCH_HANDLER}
+#: The pool of (f) and (h).
 PG_POOL = "prefork"
+#: Handlers whose runs need the PostgreSQL tables.
+PG_TABLE_HANDLERS = frozenset({*PG_HANDLERS, PG_BATCH_HANDLER})
+#: The pools of (g), the batch no-op handler, each against (a)'s raw consume.
+BATCH_POOLS = ("solo", "prefork")
 
 #: The two pools compared; (b) and (c) always use the same one.
 POOLS: dict[str, tuple[str, ...]] = {
@@ -258,8 +270,8 @@ def raw_publish(
     return watch.span
 
 
-def raw_consume(conn: Connection, queue: str, n: int, prefetch: int) -> float:
-    """Consume ``n`` messages from ``queue`` with basic.consume, acking each; return seconds."""
+def raw_consume(conn: Connection, queue: str, n: int, prefetch: int) -> Span:
+    """Consume ``n`` messages from ``queue`` with basic.consume, acking each; return the time."""
     channel = conn.channel()
     received = 0
 
@@ -270,15 +282,14 @@ def raw_consume(conn: Connection, queue: str, n: int, prefetch: int) -> float:
 
     try:
         channel.basic_qos(0, prefetch, False)
-        started = time.perf_counter()
-        tag = channel.basic_consume(queue, callback=on_message)
-        while received < n:
-            conn.drain_events(timeout=30)
-        elapsed = time.perf_counter() - started
+        with Stopwatch() as watch:
+            tag = channel.basic_consume(queue, callback=on_message)
+            while received < n:
+                conn.drain_events(timeout=30)
         channel.basic_cancel(tag)
     finally:
         channel.close()
-    return elapsed
+    return watch.span
 
 
 def delete_entities(broker_url: str, queues: Sequence[str], exchanges: Sequence[str]) -> None:
@@ -314,13 +325,13 @@ def scenario_raw(b: Bench, res: Results) -> None:
         with Connection(b.broker_url) as conn:
             conn.connect()
             conn.default_channel.queue_declare(queue, durable=True, auto_delete=False)
-            publish = raw_publish(conn, "", queue, bodies, envelope.CONTENT_TYPE).wall
+            publish = raw_publish(conn, "", queue, bodies, envelope.CONTENT_TYPE)
             consume = raw_consume(conn, queue, b.n, RAW_PREFETCH)
     finally:
         delete_entities(b.broker_url, [queue], [])
-    res.add("a.publish", b.n / publish)
-    res.add("a.consume", b.n / consume)
-    b.say(f"(a) publish {b.n / publish:,.0f}/s consume {b.n / consume:,.0f}/s")
+    # CPU of this process too: (g) compares a batch worker's CPU per event with the consume's.
+    add_publishes(res, b.n, {"a.publish": publish, "a.consume": consume})
+    b.say(f"(a) publish {b.n / publish.wall:,.0f}/s consume {b.n / consume.wall:,.0f}/s")
 
 
 # --------------------------------------------------------------------------- (d) transmit
@@ -708,17 +719,17 @@ def pg_run_tables(url: str, env: dict[str, str], needed: bool) -> Iterator[None]
 def scenario_worker(
     b: Bench, mode: str, pool: str, prefetch: int, handler: str | None = None
 ) -> Drain:
-    """(b), (c) or one side of (f): pre-fill the queue(s), start a worker, time ready to done.
+    """(b), (c) or one side of (f), (g), (h): pre-fill the queue(s), start a worker, time it.
 
-    ``handler`` (f): the worker runs only this handler, and the (f) tables are created before
-    it starts and dropped afterwards.
+    ``handler`` ((f), (g), (h)): the worker runs only this handler; for the PostgreSQL ones the
+    tables are created before it starts and dropped afterwards.
     """
     uid = uuid.uuid4().hex[:8]
     env = run_env(b, uid, mode, prefetch, handlers=handler)
     key = env["BENCH_KEY"]
     label = f"{'c' if mode == 'events' else 'b'}.{pool}.pf{prefetch}"
     if handler is not None:
-        label = f"f.{handler}.{pool}"
+        label = f"{handler}.{pool}"
     log_path = b.log_dir / f"{label}-{uid}.log"
     app = build_app(env)
     r = redis.Redis.from_url(b.redis_url)
@@ -737,7 +748,7 @@ def scenario_worker(
             env["BENCH_EXCHANGE"] + ".retry",
             env["BENCH_UNROUTED"],
         ]
-    with pg_run_tables(b.pg_url, env, handler is not None):
+    with pg_run_tables(b.pg_url, env, handler in PG_TABLE_HANDLERS):
         try:
             started = time.monotonic()
             expected = prepublish(app, mode, b.n)
@@ -797,6 +808,9 @@ MAIN_ROWS = (
     ("e.raw", "(e) raw aio-pika publish, same bodies", "msg/s"),
     ("f.plain", "(f) PostgreSQL INSERT, plain, prefork -c 2", "runs/s"),
     ("f.inbox", "(f) same INSERT, idempotent (inbox)", "runs/s"),
+    ("g.solo", f"(g) batch no-op handler, solo, {BENCH_BATCH.max_size}/batch", "ev/s"),
+    ("g.prefork", "(g) batch no-op handler, prefork -c 2", "ev/s"),
+    ("h.batch", "(h) PostgreSQL bulk INSERT, batch, prefork", "ev/s"),
 )
 #: (title, numerator, denominator, target or None for an informative ratio).
 MAIN_RATIOS: tuple[tuple[str, str, str, float | None], ...] = (
@@ -807,6 +821,19 @@ MAIN_RATIOS: tuple[tuple[str, str, str, float | None], ...] = (
     ("(e)/(d) async/sync transmit", "e.transmit", "d.transmit", None),
     ("(e)/(d) raw aio-pika/raw kombu", "e.raw", "d.raw", None),
     ("(f) inbox/plain prefork -c 2", "f.inbox", "f.plain", 0.85),
+    ("(g) batch solo/raw consume", "g.solo", "a.consume", 0.5),
+    ("(g) batch prefork/raw consume", "g.prefork", "a.consume", 0.5),
+    ("(h) batch/per-event INSERT", "h.batch", "f.plain", 5.0),
+)
+#: CPU per task: (title, A, B); the ratio is A/B, so above 1.0 means B costs less per task.
+#: Worker rows use the worker's CPU; (a) consume that of this process (it is the consumer).
+CPU_RATIOS = (
+    ("solo (b)/(c)", "b.solo", "c.solo"),
+    ("prefork (b)/(c)", "b.prefork", "c.prefork"),
+    ("(f) plain/inbox, prefork", "f.plain", "f.inbox"),
+    ("(g) raw consume/batch, solo", "a.consume", "g.solo"),
+    ("(g) raw consume/batch, prefork", "a.consume", "g.prefork"),
+    ("(h) per-event/batch, prefork", "f.plain", "h.batch"),
 )
 #: Publisher CPU of this process: (title, side A, side B); the ratio is B/A, so below 1.0 means
 #: A costs more CPU than B (for (d) and (e): what the library adds to the raw publish).
@@ -851,21 +878,40 @@ def print_table(res: Results, rows: Sequence[tuple[str, str, str]], n: int = 0) 
         )
 
 
-def print_cpu_ratios(res: Results, pairs: Sequence[tuple[str, str, str]]) -> None:
-    """Worker CPU per task, (b)/(c): 1.0 means a handler run costs what a no-op task costs.
+def cpu_per_task(res: Results, key: str, n: int) -> list[float] | None:
+    """CPU us per task of each repeat: the worker's for a worker row, else this process's."""
+    if key in res.drains:
+        return [d.cpu_us for d in res.drains[key]]
+    if n and f"{key}.cpu" in res.values:
+        return [cpu / n * 1e6 for cpu in res.values[f"{key}.cpu"]]
+    return None
+
+
+def cpu_ratio(res: Results, a: str, b: str, n: int) -> dict[str, Any] | None:
+    """A/B of CPU per task: of the medians, per repeat (paired) and their median."""
+    a_cpu, b_cpu = cpu_per_task(res, a, n), cpu_per_task(res, b, n)
+    if a_cpu is None or b_cpu is None:
+        return None
+    paired = [x / y for x, y in zip(a_cpu, b_cpu, strict=False)]
+    return {
+        "of_medians": statistics.median(a_cpu) / statistics.median(b_cpu),
+        "paired": statistics.median(paired),
+        "per_repeat": paired,
+    }
+
+
+def print_cpu_ratios(res: Results, pairs: Sequence[tuple[str, str, str]], n: int = 0) -> None:
+    """CPU per task, A/B: for (b)/(c), 1.0 means a handler run costs what a no-op task costs.
 
     Same direction as the throughput ratio, and what it converges to when the worker is
     CPU-bound, but much less sensitive to other load on the machine.
     """
-    print(f"\n{'worker CPU per task (b)/(c)':<30} {'of medians':>10}  per repeat (paired)")
-    for title, plain, events in pairs:
-        if plain not in res.drains or events not in res.drains:
+    print(f"\n{'worker CPU per task A/B':<30} {'of medians':>10}  per repeat (paired)")
+    for title, a, b in pairs:
+        value = cpu_ratio(res, a, b, n)
+        if value is None:
             continue
-        b_cpu = [d.cpu_us for d in res.drains[plain]]
-        c_cpu = [d.cpu_us for d in res.drains[events]]
-        paired = [x / y for x, y in zip(b_cpu, c_cpu, strict=False)]
-        value = statistics.median(b_cpu) / statistics.median(c_cpu)
-        print(f"{title:<30} {value:>10.2f}  {_fmt_runs(paired, 2)}")
+        print(f"{title:<30} {value['of_medians']:>10.2f}  {_fmt_runs(value['per_repeat'], 2)}")
 
 
 def ratio(res: Results, num: str, den: str) -> dict[str, Any] | None:
@@ -880,8 +926,8 @@ def ratio(res: Results, num: str, den: str) -> dict[str, Any] | None:
     }
 
 
-def all_ratios(res: Results) -> dict[str, dict[str, Any]]:
-    """Every ratio of the main table, for --json: throughput, then publisher CPU."""
+def all_ratios(res: Results, n: int) -> dict[str, dict[str, Any]]:
+    """Every ratio of the main table, for --json: throughput, publisher CPU, worker CPU."""
     ratios: dict[str, dict[str, Any]] = {}
     for title, num, den, target in MAIN_RATIOS:
         value = ratio(res, num, den)
@@ -891,6 +937,10 @@ def all_ratios(res: Results) -> dict[str, dict[str, Any]]:
         value = ratio(res, f"{b}.cpu", f"{a}.cpu")
         if value is not None:
             ratios[f"publisher CPU B/A, {title}"] = {**value, "target": None}
+    for title, a, b in CPU_RATIOS:
+        value = cpu_ratio(res, a, b, n)
+        if value is not None:
+            ratios[f"worker CPU per task A/B, {title}"] = {**value, "target": None}
     return ratios
 
 
@@ -982,7 +1032,12 @@ def code_version() -> str:
 def run_main(b: Bench, res: Results) -> None:
     for i in range(b.repeat):
         print(f"repeat {i + 1}/{b.repeat} ...", file=sys.stderr, flush=True)
+        # (g) runs next to (a), before it in one repeat and after it in the next.
+        if i % 2 == 1:
+            scenario_batch_noop(b, res, BATCH_POOLS[::-1])
         scenario_raw(b, res)
+        if i % 2 == 0:
+            scenario_batch_noop(b, res, BATCH_POOLS)
         for pool in POOLS:
             # Alternate which of (b) and (c) goes first, so slow drift on a shared machine
             # does not always favour the same one.
@@ -992,10 +1047,20 @@ def run_main(b: Bench, res: Results) -> None:
                 res.add_drain(f"{'c' if mode == 'events' else 'b'}.{pool}", drain)
         scenario_transmit(b, res, transmit_first=i % 2 == 0)
         scenario_transmit_async(b, res, transmit_first=i % 2 == 0)
-        sides = ("plain", "inbox") if i % 2 == 0 else ("inbox", "plain")
-        for side in sides:
+        # (f) plain, (f) inbox and (h) batch. (h) is paired with (f)'s plain run of the same
+        # repeat, always next to it: (h) batch, (f) plain, (f) inbox, then the reverse, so
+        # both pairs alternate which side goes first.
+        sides = ("h.batch", "f.plain", "f.inbox")
+        for side in sides if i % 2 == 0 else reversed(sides):
             drain = scenario_worker(b, "events", PG_POOL, DEFAULT_PREFETCH, PG_SIDES[side])
-            res.add_drain(f"f.{side}", drain)
+            res.add_drain(side, drain)
+
+
+def scenario_batch_noop(b: Bench, res: Results, pools: Sequence[str]) -> None:
+    """(g) the batch no-op handler with each of ``pools``, N events each (solo next to (a))."""
+    for pool in pools:
+        drain = scenario_worker(b, "events", pool, DEFAULT_PREFETCH, BATCH_HANDLER)
+        res.add_drain(f"g.{pool}", drain)
 
 
 def run_sweep(b: Bench, res: Results) -> None:
@@ -1101,13 +1166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.no_main:
         print_table(res, MAIN_ROWS, b.n)
         print_ratios(res, MAIN_RATIOS)
-        print_cpu_ratios(
-            res,
-            [
-                *((f"{pool}", f"b.{pool}", f"c.{pool}") for pool in POOLS),
-                ("(f) plain/inbox, prefork", "f.plain", "f.inbox"),
-            ],
-        )
+        print_cpu_ratios(res, CPU_RATIOS, b.n)
         print_publisher_cpu(res, PUBLISHER_CPU)
     if args.prefetch_sweep:
         print(
@@ -1150,7 +1209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "repeat": b.repeat,
                     "values": res.values,
                     "drains": {k: [asdict(d) for d in v] for k, v in res.drains.items()},
-                    "ratios": all_ratios(res),
+                    "ratios": all_ratios(res, b.n),
                     "instructions": counts,
                 },
                 indent=2,
