@@ -256,7 +256,15 @@ def _publisher(which: str, n: int, broker_url: str, exchange: str, unrouted: str
     """The process count_publish() measures: warm up, then publish ``n`` events when told."""
     app = Celery("bench-publisher", broker=broker_url, set_as_current=False)
     service = "bpub"
-    DomainEvents(app, service=service, handlers=[], exchange=exchange, unrouted_queue=unrouted)
+    # Under callgrind a batch takes far longer than the default 10 s publish deadline.
+    DomainEvents(
+        app,
+        service=service,
+        handlers=[],
+        exchange=exchange,
+        unrouted_queue=unrouted,
+        publish_timeout=600.0,
+    )
     events = [BenchHappened(seq=i, payload=PAYLOAD) for i in range(n)]
     bodies = event_bodies(n, service)
     with Connection(broker_url) as conn:
