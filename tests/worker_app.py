@@ -395,3 +395,61 @@ def batch_crash_once(events: list[GenericEvent]) -> None:
     if not first.exists():
         first.touch()
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+# OpenTelemetry (tests/test_otel.py): with TEST_OTEL set, every process that runs handlers
+# configures an SDK tracer provider as docs/operations/tracing.md says (prefork children after
+# the fork, a solo worker in its main process), exporting each span as a JSON line to
+# $TEST_MARKER_DIR/spans-<pid>.jsonl for the test to read.
+def _setup_tracing() -> None:
+    from collections.abc import Sequence
+
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+    from opentelemetry.sdk.trace.export import (
+        SimpleSpanProcessor,
+        SpanExporter,
+        SpanExportResult,
+    )
+
+    class JsonLinesExporter(SpanExporter):
+        def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+            with _marker("spans", f"{os.getpid()}.jsonl").open("a") as f:
+                f.writelines(span.to_json(indent=None) + "\n" for span in spans)
+            return SpanExportResult.SUCCESS
+
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(JsonLinesExporter()))
+    trace.set_tracer_provider(provider)
+
+
+if os.environ.get("TEST_OTEL"):
+    from celery.concurrency import get_implementation
+    from celery.concurrency.prefork import TaskPool as PreforkPool
+    from celery.signals import worker_init, worker_process_init
+
+    @worker_process_init.connect(weak=False)
+    def _tracing_after_fork(**_: object) -> None:
+        _setup_tracing()
+
+    @worker_init.connect(weak=False)
+    def _tracing_without_fork(sender: object, **_: object) -> None:
+        if not issubclass(get_implementation(sender.pool_cls), PreforkPool):  # type: ignore[attr-defined]
+            _setup_tracing()
+
+
+class OtelStart(DomainEvent):
+    event_name: ClassVar[str] = "otel.start"
+    order: int
+
+
+@domain_event_handler("otel.start", retry=None)
+def otel_first(event: OtelStart) -> None:
+    """Emits otel.next: the trace goes on to otel_second."""
+    emit("otel.next", {"order": event.order})
+
+
+@domain_event_handler("otel.next", retry=None)
+def otel_second(event: GenericEvent) -> None:
+    """Receives what otel_first emitted."""
+    _append("otel_second", event)

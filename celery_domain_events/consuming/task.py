@@ -67,7 +67,7 @@ from celery_domain_events.wire.inbound import (
 )
 from celery_domain_events.wire.message import OutboundMessage
 
-from . import dead_letter
+from . import dead_letter, spans
 
 __all__ = ["DomainEventTask", "HandlerRequest", "retry_message"]
 
@@ -105,7 +105,7 @@ class DomainEventTask(Task):  # type: ignore[type-arg]
         # Events the handler emits go out only if it succeeds (a failed transmit fails this
         # attempt, which is retried like any other), and continue the emitter's trace.
         spec = self.handler_spec
-        with tracing.child_context(envelope.traceparent) as traceparent:
+        with spans.handle(self, envelope) as traceparent:
             with publishing.handler_scope(self.app):
                 if spec.idempotent is not None:
                     # The inbox's unit of work commits before the scope transmits: emitted
@@ -160,32 +160,33 @@ class DomainEventTask(Task):  # type: ignore[type-arg]
         spec = self.handler_spec
         versions = spec.event_versions()
         events: list[Any] = []
+        envelopes: list[wire_envelope.Envelope] = []
         decoded: list[dict[str, Any]] = []
         failed: list[tuple[dict[str, Any], BaseException, str]] = []
         for item in items:
             try:
+                envelope = wire_envelope.decode(item["raw_event"])
                 event = wire_envelope.to_event(
-                    wire_envelope.decode(item["raw_event"]),
-                    ext.events,
-                    versions=versions,
-                    upcasters=ext.upcasters,
+                    envelope, ext.events, versions=versions, upcasters=ext.upcasters
                 )
             except EventDecodeError as exc:
                 failed.append((item, exc, ""))
                 continue
             events.append(event)
+            envelopes.append(envelope)
             decoded.append(item)
         started = time.monotonic()
         failures: dict[str, BaseException] = {}
         if events:
             try:
-                with publishing.handler_scope(self.app):
+                with spans.handle_batch(self, envelopes) as run, publishing.handler_scope(self.app):
                     try:
                         result = spec.fn(events)
                         if inspect.iscoroutine(result):  # an async def handler
                             _run_coroutine(result)
                     except BatchItemsFailed as partial:
                         failures = partial.failures  # the rest succeeded: its events go out
+                        run.failed(partial, len(failures))
             except Exception as exc:
                 failures = dict.fromkeys((str(event.event_id) for event in events), exc)
                 failures_tb = traceback.format_exc()

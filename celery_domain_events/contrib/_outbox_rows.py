@@ -9,19 +9,27 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from contextlib import AbstractContextManager
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from celery_domain_events import tracing
 from celery_domain_events.events import AnyEvent
 from celery_domain_events.exceptions import PublishError
 from celery_domain_events.extension import DomainEvents
+from celery_domain_events.publishing import spans
 from celery_domain_events.publishing.send import outbound_messages
 from celery_domain_events.wire import envelope
 from celery_domain_events.wire.message import OutboundMessage
 
-__all__ = ["DEFAULT_TABLE_NAME", "messages_of", "now", "rows_of", "split_confirmed"]
+__all__ = [
+    "DEFAULT_TABLE_NAME",
+    "messages_of",
+    "now",
+    "relay_span",
+    "rows_of",
+    "split_confirmed",
+]
 
 log = logging.getLogger("celery_domain_events.contrib.outbox")
 
@@ -53,7 +61,9 @@ def now() -> datetime:
 
 def rows_of(ext: DomainEvents, events: list[AnyEvent]) -> list[dict[str, Any]]:
     """Return the outbox rows of ``events``: what publishing them now would send."""
-    traceparent = tracing.current_traceparent() or tracing.new_traceparent()
+    settings = ext.settings
+    with spans.create(settings.exchange, settings.service, events) as traceparent:
+        messages = outbound_messages(ext, events, traceparent)
     return [
         {
             "id": str(event.event_id),
@@ -65,7 +75,7 @@ def rows_of(ext: DomainEvents, events: list[AnyEvent]) -> list[dict[str, Any]]:
             "headers": message.headers,
             "attempts": 0,
         }
-        for event, message in zip(events, outbound_messages(ext, events, traceparent), strict=True)
+        for event, message in zip(events, messages, strict=True)
     ]
 
 
@@ -83,6 +93,11 @@ def split_confirmed(ids: list[str], exc: PublishError) -> tuple[list[str], list[
         exc,
     )
     return confirmed, sorted(unconfirmed)
+
+
+def relay_span(ext: DomainEvents, rows: Sequence[Any]) -> AbstractContextManager[Any]:
+    """The span a relay publishes ``rows`` in, linked to each row's creation context."""
+    return spans.relay(ext.settings.exchange, rows)
 
 
 def messages_of(ext: DomainEvents, rows: Iterable[Any]) -> list[OutboundMessage]:

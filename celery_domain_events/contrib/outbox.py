@@ -72,6 +72,7 @@ from sqlalchemy.orm import Session
 from celery_domain_events.contrib._outbox_rows import (
     DEFAULT_TABLE_NAME,
     messages_of,
+    relay_span,
     rows_of,
     split_confirmed,
 )
@@ -234,9 +235,10 @@ class Outbox:
                 return 0
             ids = [row.id for row in rows]
             try:
-                await self.ext.publish_async(
-                    messages_of(self.ext, rows), declare=self.ext.topology.publisher_entities()
-                )
+                with relay_span(self.ext, rows):
+                    await self.ext.publish_async(
+                        messages_of(self.ext, rows), declare=self.ext.topology.publisher_entities()
+                    )
             except PublishError as exc:
                 for statement in self._keep_unconfirmed(ids, exc):
                     await conn.execute(statement)
@@ -318,9 +320,10 @@ class Outbox:
         return total
 
     def _publish(self, rows: Sequence[Any]) -> None:
-        self.ext.publish(
-            messages_of(self.ext, rows), declare=self.ext.topology.publisher_entities()
-        )
+        with relay_span(self.ext, rows):
+            self.ext.publish(
+                messages_of(self.ext, rows), declare=self.ext.topology.publisher_entities()
+            )
 
     def _batch(self, limit: int) -> Select[Any]:
         table = self.table

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from typing import Any
 
 from pydantic_core import PydanticSerializationError, to_json
@@ -16,6 +17,8 @@ from celery_domain_events.extension import DomainEvents
 from celery_domain_events.routing import validate_event_name
 from celery_domain_events.wire import envelope
 from celery_domain_events.wire.message import OutboundMessage
+
+from . import spans
 
 __all__ = [
     "as_event",
@@ -141,9 +144,9 @@ def publish_events(ext: DomainEvents, events: list[AnyEvent]) -> None:
         PublishError: as for :func:`transmit`.
     """
     ext.check_broker()
-    traceparent = tracing.current_traceparent() or tracing.new_traceparent()
-    messages = outbound_messages(ext, events, traceparent)
-    ext.publish(messages, declare=ext.topology.publisher_entities())
+    with _publish_span(ext, events) as traceparent:
+        messages = outbound_messages(ext, events, traceparent)
+        ext.publish(messages, declare=ext.topology.publisher_entities())
     _log_emitted(ext, events, traceparent)
 
 
@@ -155,10 +158,17 @@ async def publish_events_async(ext: DomainEvents, events: list[AnyEvent]) -> Non
         ConfigurationError: aio-pika is not installed.
     """
     ext.check_broker()
-    traceparent = tracing.current_traceparent() or tracing.new_traceparent()
-    messages = outbound_messages(ext, events, traceparent)
-    await ext.publish_async(messages, declare=ext.topology.publisher_entities())
+    with _publish_span(ext, events) as traceparent:
+        messages = outbound_messages(ext, events, traceparent)
+        await ext.publish_async(messages, declare=ext.topology.publisher_entities())
     _log_emitted(ext, events, traceparent)
+
+
+def _publish_span(ext: DomainEvents, events: list[AnyEvent]) -> AbstractContextManager[str]:
+    # The batch's PRODUCER span when OpenTelemetry records (its context is the events'
+    # traceparent), else the current trace context or a new trace.
+    settings = ext.settings
+    return spans.publish(settings.exchange, settings.service, events, ext.topology.routing_key)
 
 
 def _log_emitted(ext: DomainEvents, events: list[AnyEvent], traceparent: str) -> None:
