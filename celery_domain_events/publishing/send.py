@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic_core import PydanticSerializationError, to_json
 
-from celery_domain_events import tracing
+from celery_domain_events import metrics, tracing
 from celery_domain_events.config import KeyFormat
 from celery_domain_events.events import AnyEvent, DomainEvent, GenericEvent
 from celery_domain_events.exceptions import EventDefinitionError, PublishError
@@ -143,7 +143,8 @@ def publish_events(ext: DomainEvents, events: list[AnyEvent]) -> None:
     ext.check_broker()
     traceparent = tracing.current_traceparent() or tracing.new_traceparent()
     messages = outbound_messages(ext, events, traceparent)
-    ext.publish(messages, declare=ext.topology.publisher_entities())
+    with metrics.publishing(ext.settings, messages):
+        ext.publish(messages, declare=ext.topology.publisher_entities())
     _log_emitted(ext, events, traceparent)
 
 
@@ -157,7 +158,8 @@ async def publish_events_async(ext: DomainEvents, events: list[AnyEvent]) -> Non
     ext.check_broker()
     traceparent = tracing.current_traceparent() or tracing.new_traceparent()
     messages = outbound_messages(ext, events, traceparent)
-    await ext.publish_async(messages, declare=ext.topology.publisher_entities())
+    with metrics.publishing(ext.settings, messages):
+        await ext.publish_async(messages, declare=ext.topology.publisher_entities())
     _log_emitted(ext, events, traceparent)
 
 
