@@ -13,6 +13,8 @@ Environment:
     BENCH_PREFETCH: ``worker_prefetch_multiplier`` (default 4, Celery's default).
     BENCH_EXCHANGE, BENCH_UNROUTED, BENCH_SERVICE, BENCH_HANDLERS: ``events`` mode only.
     BENCH_QUEUE_TYPE: ``classic`` (default) or ``quorum`` handler queues (``events`` mode).
+    BENCH_METRICS: ``1`` turns Prometheus metrics on (``events`` mode): the worker serves them on a
+        free port (``domain_events_metrics_port=0``), prometheus-client's multiprocess mode.
     BENCH_HUB_FLUSH: ``1`` adds :class:`FlushReadyBeforePoll`, an experiment (see there).
     BENCH_PG_URL, BENCH_PG_TABLE, BENCH_INBOX_TABLE: the PostgreSQL database and the tables of
         the (f) and (h) handlers (``bench_pg_plain``, ``bench_pg_inbox``, ``bench_pg_batch``);
@@ -249,6 +251,8 @@ def build_app(env: Mapping[str, str]) -> Celery:
             domain_events_unrouted_queue=env["BENCH_UNROUTED"],
             domain_events_queue_type=env.get("BENCH_QUEUE_TYPE", "classic"),
         )
+        if env.get("BENCH_METRICS") == "1":
+            app.conf.domain_events_metrics_port = 0
         handlers = [h for h in env.get("BENCH_HANDLERS", ",".join(HANDLERS)).split(",") if h]
         DomainEvents(app, service=env["BENCH_SERVICE"], handlers=handlers)
 

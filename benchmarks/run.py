@@ -5,6 +5,7 @@
     python -m benchmarks.run                    # N=10000, 3 repeats, the main table (~4 min)
     python -m benchmarks.run --quick            # N=1000, 1 repeat: checks the harness (<1 min)
     python -m benchmarks.run --prefetch-sweep --no-main   # solo pool, prefetch multiplier 1/4/16
+    python -m benchmarks.run --metrics-pair --quick       # (c) with metrics off and on, (i)/(c)
     python -m benchmarks.run --prefetch-sweep --no-main --hub-flush   # the stall experiment
 
 Scenarios (see benchmarks/README.md for the method and how to read the output):
@@ -28,6 +29,8 @@ Scenarios (see benchmarks/README.md for the method and how to read the output):
     msg/s.
 (h) the (f) plain handler's INSERT done by a batch handler: one multi-row INSERT and one commit
     per batch of 500, vs (f)'s plain handler (one INSERT and commit per event), prefork -c 2.
+(i) (c) with Prometheus metrics on (``BENCH_METRICS=1``: the worker serves them on a port, in
+    prometheus-client's multiprocess mode); (i)/(c) is the cost of metrics, target >= 0.95.
 
 Workers are timed from their ``worker_ready`` signal to the last completion, both recorded by
 the worker itself in Redis, so neither publishing nor polling is part of a measurement.
@@ -717,7 +720,13 @@ def pg_run_tables(url: str, env: dict[str, str], needed: bool) -> Iterator[None]
 
 
 def scenario_worker(
-    b: Bench, mode: str, pool: str, prefetch: int, handler: str | None = None
+    b: Bench,
+    mode: str,
+    pool: str,
+    prefetch: int,
+    handler: str | None = None,
+    *,
+    metrics: bool = False,
 ) -> Drain:
     """(b), (c) or one side of (f), (g), (h): pre-fill the queue(s), start a worker, time it.
 
@@ -726,8 +735,10 @@ def scenario_worker(
     """
     uid = uuid.uuid4().hex[:8]
     env = run_env(b, uid, mode, prefetch, handlers=handler)
+    if metrics:
+        env["BENCH_METRICS"] = "1"
     key = env["BENCH_KEY"]
-    label = f"{'c' if mode == 'events' else 'b'}.{pool}.pf{prefetch}"
+    label = f"{'i' if metrics else 'c' if mode == 'events' else 'b'}.{pool}.pf{prefetch}"
     if handler is not None:
         label = f"{handler}.{pool}"
     log_path = b.log_dir / f"{label}-{uid}.log"
@@ -802,6 +813,8 @@ MAIN_ROWS = (
     ("c.solo", "(c) domain events, solo, 2 handlers", "runs/s"),
     ("b.prefork", "(b) plain Celery no-op, prefork -c 2", "tasks/s"),
     ("c.prefork", "(c) domain events, prefork -c 2", "runs/s"),
+    ("i.solo", "(i) = (c) solo, metrics on", "runs/s"),
+    ("i.prefork", "(i) = (c) prefork -c 2, metrics on", "runs/s"),
     ("d.transmit", "(d) emit()+transmit(), one batch", "ev/s"),
     ("d.raw", "(d) raw kombu publish, same bodies", "msg/s"),
     ("e.transmit", "(e) emit()+await transmit_async(), one batch", "ev/s"),
@@ -816,6 +829,8 @@ MAIN_ROWS = (
 MAIN_RATIOS: tuple[tuple[str, str, str, float | None], ...] = (
     ("(c)/(b) solo", "c.solo", "b.solo", 1.0),
     ("(c)/(b) prefork -c 2", "c.prefork", "b.prefork", 1.0),
+    ("(i)/(c) metrics on/off solo", "i.solo", "c.solo", 0.95),
+    ("(i)/(c) metrics on/off prefork", "i.prefork", "c.prefork", 0.95),
     ("(d) transmit/raw", "d.transmit", "d.raw", 0.8),
     ("(e) async transmit/raw aio-pika", "e.transmit", "e.raw", 0.8),
     ("(e)/(d) async/sync transmit", "e.transmit", "d.transmit", None),
@@ -1041,10 +1056,18 @@ def run_main(b: Bench, res: Results) -> None:
         for pool in POOLS:
             # Alternate which of (b) and (c) goes first, so slow drift on a shared machine
             # does not always favour the same one.
-            modes = ("plain", "events") if i % 2 == 0 else ("events", "plain")
-            for mode in modes:
-                drain = scenario_worker(b, mode, pool, DEFAULT_PREFETCH)
-                res.add_drain(f"{'c' if mode == 'events' else 'b'}.{pool}", drain)
+            modes = ("plain", "events", "metrics")
+            for mode in modes if i % 2 == 0 else reversed(modes):
+                drain = scenario_worker(
+                    b,
+                    "plain" if mode == "plain" else "events",
+                    pool,
+                    DEFAULT_PREFETCH,
+                    metrics=mode == "metrics",
+                )
+                res.add_drain(
+                    {"plain": "b", "events": "c", "metrics": "i"}[mode] + f".{pool}", drain
+                )
         scenario_transmit(b, res, transmit_first=i % 2 == 0)
         scenario_transmit_async(b, res, transmit_first=i % 2 == 0)
         # (f) plain, (f) inbox and (h) batch. (h) is paired with (f)'s plain run of the same
@@ -1061,6 +1084,20 @@ def scenario_batch_noop(b: Bench, res: Results, pools: Sequence[str]) -> None:
     for pool in pools:
         drain = scenario_worker(b, "events", pool, DEFAULT_PREFETCH, BATCH_HANDLER)
         res.add_drain(f"g.{pool}", drain)
+
+
+METRICS_ROWS = tuple(row for row in MAIN_ROWS if row[0][0] in "cg")
+METRICS_RATIOS = tuple(r for r in MAIN_RATIOS if r[1].startswith("i."))
+
+
+def run_metrics_pair(b: Bench, res: Results) -> None:
+    """(c) and (i) alone: the handler scenario with metrics off and on, alternating."""
+    for i in range(b.repeat):
+        print(f"metrics on/off, repeat {i + 1}/{b.repeat} ...", file=sys.stderr, flush=True)
+        for pool in POOLS:
+            for on in (False, True) if i % 2 == 0 else (True, False):
+                drain = scenario_worker(b, "events", pool, DEFAULT_PREFETCH, metrics=on)
+                res.add_drain(f"{'g' if on else 'c'}.{pool}", drain)
 
 
 def run_sweep(b: Bench, res: Results) -> None:
@@ -1086,6 +1123,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help=f"also run (b) and (c) with the solo pool at prefetch {SWEEP_PREFETCH}",
     )
     parser.add_argument("--no-main", action="store_true", help="skip the main table")
+    parser.add_argument(
+        "--metrics-pair",
+        action="store_true",
+        help="only (c) and (i): the handler scenario, metrics off and on",
+    )
     parser.add_argument(
         "--instructions",
         action="store_true",
@@ -1118,10 +1160,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+def bench_of(args: argparse.Namespace) -> Bench:
+    """The run's settings, from the command line."""
     log_dir = Path(tempfile.mkdtemp(prefix="bench-logs-"))
-    b = Bench(
+    return Bench(
         broker_url=args.broker,
         redis_url=args.redis,
         n=args.events,
@@ -1132,6 +1174,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         extra_env={"BENCH_HUB_FLUSH": "1"} if args.hub_flush else {},
         pg_url=args.pg,
     )
+
+
+def metrics_pair_main(args: argparse.Namespace) -> int:
+    """``--metrics-pair``: (c) and (i) only, then their rows and ratios."""
+    b = bench_of(args)
+    redis.Redis.from_url(b.redis_url).ping()
+    res = Results()
+    run_metrics_pair(b, res)
+    print(f"\nmetrics on/off: N={b.n}, {b.repeat} repeat(s), medians; {code_version()}")
+    print_table(res, METRICS_ROWS, b.n)
+    print_ratios(res, METRICS_RATIOS)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    return metrics_pair_main(args) if args.metrics_pair else run_all(args)
+
+
+def run_all(args: argparse.Namespace) -> int:
+    """The main table, and the runs the options add."""
+    b = bench_of(args)
+    log_dir = b.log_dir
     redis.Redis.from_url(b.redis_url).ping()  # fail now, not after the first worker run
     if not args.no_main:
         with sa.create_engine(b.pg_url).connect() as conn:  # and PostgreSQL, for (f)

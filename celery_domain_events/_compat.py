@@ -16,6 +16,8 @@ that fails on an upgrade that changes it. No other module touches a private name
   ``current_app`` proxy (``Proxy._get_current_object``); a cold shutdown in progress
   (``celery.worker.state.should_terminate``).
 - Django: ``connection.run_on_commit`` entries ``(savepoint ids, func, robust)``.
+- prometheus-client: ``prometheus_client.values.ValueClass`` (chosen once, when it is first
+  imported, from ``PROMETHEUS_MULTIPROC_DIR``) and ``values.MultiProcessValue``.
 - SQLAlchemy: ``sqlalchemy.util.await_only`` (await a coroutine from the sync code an
   ``AsyncSession`` runs in its greenlet; documented for dialect authors, not in ``__all__``).
 """
@@ -53,6 +55,7 @@ __all__ = [
     "encoded_table_size",
     "harden_amqp_decoder",
     "on_every_app",
+    "prometheus_multiprocess_values",
     "restored_current_app",
     "route_queue_control",
     "sqlalchemy_await",
@@ -460,3 +463,15 @@ def sqlalchemy_await(awaitable: Awaitable[T]) -> T:
     from sqlalchemy.util import await_only  # noqa: PLC0415 (an optional dependency)
 
     return await_only(awaitable)
+
+
+def prometheus_multiprocess_values() -> None:
+    """Have prometheus-client metrics created from now on write to ``PROMETHEUS_MULTIPROC_DIR``.
+
+    prometheus-client picks the class of its values when first imported, from that variable:
+    a worker that sets it after something imported prometheus-client switches the class here.
+    """
+    from prometheus_client import values  # noqa: PLC0415 (an optional dependency)
+
+    if not getattr(values.ValueClass, "_multiprocess", False):
+        values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]

@@ -83,6 +83,19 @@ class Settings(BaseModel):
     max_event_bytes: int = Field(default=1024 * 1024, ge=1024)
     #: Seconds an inbox remembers a handled event; the purge commands delete older rows.
     inbox_retention: float = Field(default=7 * 24 * 3600, gt=0)
+    #: Record Prometheus metrics in this process (needs prometheus-client, the metrics extra).
+    metrics: bool = False
+    #: A worker serves its metrics (all pool processes) on this HTTP port; None: no port.
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    #: The address the worker's metrics port listens on.
+    metrics_address: str = "0.0.0.0"
+    #: Seconds between two reads of the handler queue and DLQ depths by a serving worker.
+    metrics_depth_interval: float = Field(default=15.0, gt=0)
+
+    @property
+    def metrics_enabled(self) -> bool:
+        """Whether this process records metrics: ``metrics``, or a worker's metrics port."""
+        return self.metrics or self.metrics_port is not None
 
     @field_validator("service")
     @classmethod

@@ -8,6 +8,7 @@ Django canary is in tests/test_django.py, where Django is configured.
 from __future__ import annotations
 
 import inspect
+import os
 from datetime import datetime, timezone
 from typing import Any, ClassVar
 
@@ -350,3 +351,20 @@ def test_kombus_loop_polls_after_the_tick_hooks_and_keeps_ready_callbacks_in_a_s
         assert hook in hub.on_tick
     finally:
         hub.close()
+
+
+def test_prometheus_client_picks_its_value_class_from_a_module_attribute(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import prometheus_client
+    from prometheus_client import values
+
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    monkeypatch.setattr(values, "ValueClass", values.MutexValue)
+    assert values.MutexValue._multiprocess is False
+    _compat.prometheus_multiprocess_values()
+    assert values.ValueClass._multiprocess is True
+    registry = prometheus_client.CollectorRegistry()
+    prometheus_client.Counter("compat_canary", "x", registry=registry).inc()
+    assert [p.name for p in tmp_path.iterdir()] == [f"counter_{os.getpid()}.db"]
+    values.ValueClass.close_all_files()

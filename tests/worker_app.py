@@ -57,6 +57,9 @@ if os.environ.get("TEST_UNROUTED_MAX"):
     app.conf.domain_events_unrouted_max_length = int(os.environ["TEST_UNROUTED_MAX"])
 if os.environ.get("TEST_MANAGEMENT_URL"):
     app.conf.domain_events_management_url = os.environ["TEST_MANAGEMENT_URL"]
+if os.environ.get("TEST_METRICS_PORT"):  # tests/test_metrics.py: the worker's metrics port
+    app.conf.domain_events_metrics_port = int(os.environ["TEST_METRICS_PORT"])
+    app.conf.domain_events_metrics_depth_interval = 0.5
 if os.environ.get("TEST_PUBLISH_TIMEOUT"):
     app.conf.domain_events_publish_timeout = float(os.environ["TEST_PUBLISH_TIMEOUT"])
 DomainEvents(

@@ -13,7 +13,7 @@ from kombu.common import ignore_errors
 from celery_domain_events.exceptions import ConfigurationError
 from celery_domain_events.wire.dead_letter import DeadLetter, letter_from
 
-__all__ = ["declare", "depth", "process"]
+__all__ = ["declare", "depth", "depths", "process"]
 
 
 def depth(conn: Connection, queue: str) -> int | None:
@@ -26,6 +26,30 @@ def depth(conn: Connection, queue: str) -> int | None:
         return None
     finally:
         ignore_errors(conn, channel.close)
+
+
+def depths(conn: Connection, names: list[str]) -> dict[str, int | None]:
+    """Return the number of messages in each queue of ``names`` (None: it does not exist).
+
+    One channel for all of them (a passive declare each), opened again only after a missing
+    queue made the broker close it.
+    """
+    found: dict[str, int | None] = {}
+    channel: Any = None
+    try:
+        for name in names:
+            if channel is None:
+                channel = conn.channel()
+            try:
+                _, count, _ = channel.queue_declare(name, passive=True)
+                found[name] = int(count)
+            except conn.channel_errors:
+                found[name] = None
+                channel = None  # the broker closed it
+    finally:
+        if channel is not None:
+            ignore_errors(conn, channel.close)
+    return found
 
 
 def process(

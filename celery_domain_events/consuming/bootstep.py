@@ -44,7 +44,7 @@ from kombu.transport.native_delayed_delivery import (
 )
 from kombu.utils.url import maybe_sanitize_url
 
-from celery_domain_events import _compat
+from celery_domain_events import _compat, metrics
 from celery_domain_events.amqp.queues import declare, depth
 from celery_domain_events.config import QueueType
 from celery_domain_events.exceptions import ConfigurationError, EventDecodeError
@@ -55,7 +55,7 @@ from celery_domain_events.wire.dead_letter import FailureReason, dead_letter_mes
 from celery_domain_events.wire.message import OutboundMessage
 from celery_domain_events.wire.topology import transient_instance
 
-from . import dead_letter
+from . import dead_letter, exposition
 from .delivery import to_batch_task_message, to_task_message
 from .task import on_refused_dead_letter
 
@@ -136,6 +136,7 @@ class _Dispatch:
         if self.spec.transient:  # no DLQ
             dead_letter.drop(record)
             message.ack()
+            metrics.handler_outcome(self.ext.settings, self.spec.name, metrics.DROPPED)
             return
         try:
             dead_letter.send(self.ext, record)
@@ -149,6 +150,7 @@ class _Dispatch:
             message.reject(requeue=True)
             return
         message.ack()
+        metrics.handler_outcome(self.ext.settings, self.spec.name, metrics.DEAD_LETTERED)
         log.error("Poison message on %s dead-lettered: %s", self.queue, str(exc)[:500])
 
     def _dead_letter_message(self, message: Message, exc: EventDecodeError) -> OutboundMessage:
@@ -367,6 +369,7 @@ class DomainEventsStep(bootsteps.StartStopStep):
             self.handler_queues.add(name)
         self._consume_with(parent.task_consumer)
         self._watch_unrouted(ext, parent)
+        self.timers += exposition.serve(ext, parent, self._metered_queues)
         _compat.route_queue_control(parent, self.owns, self.pause, self.resume)
         for name in sorted(self.paused):
             log.warning("Domain events: handler queue %s stays paused", name)
@@ -377,6 +380,19 @@ class DomainEventsStep(bootsteps.StartStopStep):
             ext.settings.exchange,
             ", ".join(queue.name for _, queue in self.by_queue.values()),
         )
+
+    def _metered_queues(self) -> list[tuple[str, str, str | None]]:
+        # (handler, the queue consumed now, its DLQ): a transient queue's name changes.
+        assert self.ext is not None
+        return [
+            (
+                spec.name,
+                self.by_queue[name][1].name,
+                None if spec.transient else self.ext.topology.dead_letter_queue(spec).name,
+            )
+            for spec in self.ext.handlers
+            if (name := self.ext.topology.handler_queue_name(spec)) in self.by_queue
+        ]
 
     def _raise_prefetch(self, ext: DomainEvents, parent: Any) -> None:
         # A batch fills only if the broker may deliver that many unacked events: twice its
@@ -576,6 +592,20 @@ class DomainEventsTopology(bootsteps.StartStopStep):
     """
 
     label = "DomainEventsTopology"
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        # Steps are built before the pool forks: what its processes must inherit is set here.
+        try:
+            exposition.prepare(DomainEvents.of(parent.app))
+        except ConfigurationError as exc:
+            raise SystemExit(f"Error: {exc}") from None
+        super().__init__(parent, **kwargs)
+
+    def stop(self, parent: Any) -> None:
+        """Close the metrics port, if the worker serves one."""
+        exposition.close()
+
+    terminate = stop
 
     def start(self, parent: Any) -> None:
         """Declare exchanges, handler queues, bindings and DLQs over a short connection."""

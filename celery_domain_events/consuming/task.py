@@ -43,7 +43,7 @@ from celery.utils.time import get_exponential_backoff_interval
 from celery.worker.request import Request
 from kombu.transport.native_delayed_delivery import calculate_routing_key
 
-from celery_domain_events import _compat, tracing
+from celery_domain_events import _compat, metrics, tracing
 from celery_domain_events.config import QueueType
 from celery_domain_events.exceptions import (
     NON_RETRYABLE,
@@ -101,6 +101,9 @@ class DomainEventTask(Task):  # type: ignore[type-arg]
             versions=self.handler_spec.event_versions(),
             upcasters=ext.upcasters,
         )
+        metrics.handler_started(
+            ext.settings, self.handler_spec.name, self.request.id, envelope.type, envelope.time
+        )
         started = time.monotonic()
         # Events the handler emits go out only if it succeeds (a failed transmit fails this
         # attempt, which is retried like any other), and continue the emitter's trace.
@@ -119,6 +122,12 @@ class DomainEventTask(Task):  # type: ignore[type-arg]
                 self._log_duplicate(envelope, ext)
             elif tracing.event_log.isEnabledFor(logging.INFO):
                 self._log_handled(envelope, ext, traceparent, time.monotonic() - started)
+        metrics.handler_outcome(
+            ext.settings,
+            spec.name,
+            metrics.DUPLICATE if result is DUPLICATE else metrics.HANDLED,
+            self.request.id,
+        )
         return result
 
     def _run_once(self, spec: HandlerSpec, event: Any) -> Any:
@@ -201,6 +210,7 @@ class DomainEventTask(Task):  # type: ignore[type-arg]
             str(event.event_id) for event in events if str(event.event_id) not in failures
         ]
         outcome["handled"] = handled_ids
+        metrics.batch_ran(ext.settings, spec.name, events, outcome, started)
         if tracing.event_log.isEnabledFor(logging.INFO):
             tracing.event_log.info(
                 "Handled a batch of %d event(s) by %s in %.1f ms: %d done, %d retried, "
@@ -388,6 +398,7 @@ class DomainEventTask(Task):  # type: ignore[type-arg]
                 publish_error,
             )
             raise Reject(publish_error, requeue=True) from exc
+        metrics.handler_outcome(ext.settings, self.handler_spec.name, metrics.RETRIED, request.id)
         ret = Retry(exc=exc, when=countdown)  # type: ignore[arg-type]  # stubs: numbers.Real
         if throw:
             raise ret
@@ -466,6 +477,9 @@ class DomainEventTask(Task):  # type: ignore[type-arg]
                         traceback_text=traceback_text,
                     ),
                 )
+            metrics.handler_outcome(
+                ext.settings, self.handler_spec.name, metrics.DEAD_LETTERED, count=len(batch)
+            )
             return
         if not isinstance(kwargs.get("raw_event"), str):
             return
@@ -480,8 +494,12 @@ class DomainEventTask(Task):  # type: ignore[type-arg]
         )
         if self.handler_spec.transient:  # no DLQ: logged, and Celery acks the delivery
             dead_letter.drop(message)
+            metrics.handler_outcome(ext.settings, self.handler_spec.name, metrics.DROPPED, task_id)
             return
         dead_letter.send(ext, message)
+        metrics.handler_outcome(
+            ext.settings, self.handler_spec.name, metrics.DEAD_LETTERED, task_id
+        )
 
     def _dead_letter_message(
         self,

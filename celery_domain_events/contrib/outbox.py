@@ -69,6 +69,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
+from celery_domain_events import metrics
 from celery_domain_events.contrib._outbox_rows import (
     DEFAULT_TABLE_NAME,
     messages_of,
@@ -234,10 +235,11 @@ class Outbox:
             if not rows:
                 return 0
             ids = [row.id for row in rows]
+            messages = messages_of(self.ext, rows)
             try:
-                with relay_span(self.ext, rows):
+                with relay_span(self.ext, rows), metrics.publishing(self.ext.settings, messages):
                     await self.ext.publish_async(
-                        messages_of(self.ext, rows), declare=self.ext.topology.publisher_entities()
+                        messages, declare=self.ext.topology.publisher_entities()
                     )
             except PublishError as exc:
                 for statement in self._keep_unconfirmed(ids, exc):
@@ -320,10 +322,9 @@ class Outbox:
         return total
 
     def _publish(self, rows: Sequence[Any]) -> None:
-        with relay_span(self.ext, rows):
-            self.ext.publish(
-                messages_of(self.ext, rows), declare=self.ext.topology.publisher_entities()
-            )
+        messages = messages_of(self.ext, rows)
+        with relay_span(self.ext, rows), metrics.publishing(self.ext.settings, messages):
+            self.ext.publish(messages, declare=self.ext.topology.publisher_entities())
 
     def _batch(self, limit: int) -> Select[Any]:
         table = self.table

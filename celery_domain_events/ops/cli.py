@@ -3,6 +3,7 @@
 Installed as a ``celery.commands`` plugin, so ``-A`` resolves the app as for any celery command::
 
     celery -A proj domain-events dlq list [--messages]
+    celery -A proj domain-events dlq check [--max N] [--json]
     celery -A proj domain-events dlq show EVENT_ID
     celery -A proj domain-events dlq replay --handler send_welcome_email [--event 'user.#']
     celery -A proj domain-events dlq purge --id EVENT_ID --yes
@@ -38,6 +39,7 @@ from celery_domain_events.wire.topology import BindingDiff, diff_bindings
 from . import catalogue, schema_diff
 from .cli_context import (
     EXIT_FOUND_DIFFERENCE,
+    EXIT_OVER_LIMIT,
     ManagementUnavailable,
     UnreadableInput,
     broker_connection,
@@ -187,6 +189,45 @@ def list_(ctx: click.Context, handlers: tuple[str, ...], messages: bool, as_json
         click.echo(f"{queue}  ({handler}): {shown}")
         for letter in letters:
             click.echo(_line(letter))
+
+
+@dlq.command()
+@handler_option
+@click.option(
+    "--max",
+    "limit",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Messages a DLQ may hold before the check fails.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def check(ctx: click.Context, handlers: tuple[str, ...], limit: int, as_json: bool) -> None:
+    """Exit 1 if a dead-letter queue holds more than --max messages (cron, Kubernetes).
+
+    Prints one line per DLQ over the limit, and nothing when none is.
+    """
+    ext = extension_of(ctx)
+    rows: list[dict[str, Any]] = []
+    with broker_connection(ext) as conn:
+        names = {
+            spec.name: ext.topology.dead_letter_queue(spec).name
+            for spec in _handlers(ext, handlers)
+        }
+        found = queues.depths(conn, list(names.values()))
+    for handler, queue in names.items():
+        rows.append({"handler": handler, "queue": queue, "depth": found[queue]})
+    over = [row for row in rows if (row["depth"] or 0) > limit]
+    if as_json:
+        click.echo(json.dumps({"max": limit, "over": over, "queues": rows}, indent=2))
+    else:
+        for row in over:
+            click.echo(
+                f"{row['queue']}  ({row['handler']}): {row['depth']} message(s), over {limit}"
+            )
+    if over:
+        ctx.exit(EXIT_OVER_LIMIT)
 
 
 @dlq.command()

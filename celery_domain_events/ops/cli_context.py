@@ -24,6 +24,7 @@ __all__ = [
     "EXIT_BROKER",
     "EXIT_FOUND_DIFFERENCE",
     "EXIT_MANAGEMENT",
+    "EXIT_OVER_LIMIT",
     "EXIT_USAGE",
     "BrokerUnreachable",
     "ManagementUnavailable",
@@ -50,10 +51,12 @@ def extension_of(ctx: click.Context) -> DomainEvents:
         raise click.UsageError(str(exc)) from exc
 
 
-#: Exit codes (documented in docs/operations/failures.md): 0 done, 1 a difference or nothing found,
-#: 2 a usage error (click) or an unreadable input file, 3 the broker cannot be reached or refused
-#: us, 4 the management API.
+#: Exit codes (documented in docs/operations/failures.md): 0 done, 1 a difference, nothing found
+#: or a DLQ over its limit, 2 a usage error (click) or an unreadable input file, 3 the broker
+#: cannot be reached or refused us, 4 the management API.
 EXIT_FOUND_DIFFERENCE = 1
+#: ``dlq check``: a dead-letter queue holds more than ``--max`` (the code of a finding).
+EXIT_OVER_LIMIT = EXIT_FOUND_DIFFERENCE
 EXIT_USAGE = 2
 EXIT_BROKER = 3
 EXIT_MANAGEMENT = 4

@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic_core import PydanticSerializationError, to_json
 
-from celery_domain_events import tracing
+from celery_domain_events import metrics, tracing
 from celery_domain_events.config import KeyFormat
 from celery_domain_events.events import AnyEvent, DomainEvent, GenericEvent
 from celery_domain_events.exceptions import EventDefinitionError, PublishError
@@ -146,7 +146,8 @@ def publish_events(ext: DomainEvents, events: list[AnyEvent]) -> None:
     ext.check_broker()
     with _publish_span(ext, events) as traceparent:
         messages = outbound_messages(ext, events, traceparent)
-        ext.publish(messages, declare=ext.topology.publisher_entities())
+        with metrics.publishing(ext.settings, messages):
+            ext.publish(messages, declare=ext.topology.publisher_entities())
     _log_emitted(ext, events, traceparent)
 
 
@@ -160,7 +161,8 @@ async def publish_events_async(ext: DomainEvents, events: list[AnyEvent]) -> Non
     ext.check_broker()
     with _publish_span(ext, events) as traceparent:
         messages = outbound_messages(ext, events, traceparent)
-        await ext.publish_async(messages, declare=ext.topology.publisher_entities())
+        with metrics.publishing(ext.settings, messages):
+            await ext.publish_async(messages, declare=ext.topology.publisher_entities())
     _log_emitted(ext, events, traceparent)
 
 

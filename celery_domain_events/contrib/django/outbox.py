@@ -34,6 +34,7 @@ from celery import Celery
 from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections, transaction
 from django.db.models import F
 
+from celery_domain_events import metrics
 from celery_domain_events.contrib._outbox_rows import (
     messages_of,
     relay_span,
@@ -118,9 +119,10 @@ def relay_once(*, limit: int = 500, using: str | None = None, app: Celery | None
         if not rows:
             return 0
         ids = [row.id for row in rows]
+        messages = messages_of(ext, rows)
         try:
-            with relay_span(ext, rows):
-                ext.publish(messages_of(ext, rows), declare=ext.topology.publisher_entities())
+            with relay_span(ext, rows), metrics.publishing(ext.settings, messages):
+                ext.publish(messages, declare=ext.topology.publisher_entities())
         except PublishError as exc:
             confirmed, unconfirmed = split_confirmed(ids, exc)
             rows_of_db.filter(id__in=confirmed).delete()

@@ -1,0 +1,326 @@
+"""Prometheus metrics of publishing and handling events (docs/operations/metrics.md).
+
+prometheus-client is optional (the ``metrics`` extra): it is imported when a process first
+records a metric, and only if its settings ask for metrics (``domain_events_metrics``, or a
+worker's ``domain_events_metrics_port``). Metrics live in prometheus-client's default registry
+(or, with ``PROMETHEUS_MULTIPROC_DIR`` set, in its per-process files), so a publisher's own
+``/metrics`` shows them; a worker serves them itself (``consuming.exposition``).
+
+Labels are bounded: the service, the handler, the event name and the outcome, never an id. An
+event name comes from the wire, so each process keeps at most :data:`MAX_EVENT_NAMES` of them
+and counts any further name as ``other``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from .config import Settings
+from .exceptions import ConfigurationError
+
+__all__ = [
+    "DEAD_LETTERED",
+    "DROPPED",
+    "DUPLICATE",
+    "HANDLED",
+    "METRICS",
+    "OUTCOMES",
+    "RETRIED",
+    "MetricInfo",
+    "batch_ran",
+    "handler_outcome",
+    "handler_started",
+    "publishing",
+]
+
+
+@dataclass(frozen=True)
+class MetricInfo:
+    """One metric as Prometheus shows it (counters with their ``_total`` suffix)."""
+
+    name: str
+    kind: str  # counter, histogram or gauge
+    labels: tuple[str, ...]
+    help: str
+
+
+PUBLISHED = MetricInfo(
+    "domain_events_published_total",
+    "counter",
+    ("service", "event"),
+    "Events handed to the broker (transmit, transmit_async, an outbox relay).",
+)
+CONFIRMED = MetricInfo(
+    "domain_events_publish_confirmed_total",
+    "counter",
+    ("service", "event"),
+    "Published events the broker confirmed.",
+)
+FAILED = MetricInfo(
+    "domain_events_publish_failed_total",
+    "counter",
+    ("service", "event"),
+    "Published events not confirmed (PublishError).",
+)
+RUNS = MetricInfo(
+    "domain_events_handler_runs_total",
+    "counter",
+    ("service", "handler", "event", "outcome"),
+    "Handler runs by outcome; a batch handler counts each event of the batch.",
+)
+DURATION = MetricInfo(
+    "domain_events_handler_duration_seconds",
+    "histogram",
+    ("service", "handler"),
+    "Time a handler run took (a batch handler: the whole batch).",
+)
+LAG = MetricInfo(
+    "domain_events_handler_lag_seconds",
+    "histogram",
+    ("service", "handler"),
+    "Handler start minus the event's CloudEvents time, retries' delays included.",
+)
+QUEUE_DEPTH = MetricInfo(
+    "domain_events_queue_messages",
+    "gauge",
+    ("service", "handler"),
+    "Messages ready in a handler's queue, as a worker serving metrics last read it.",
+)
+DLQ_DEPTH = MetricInfo(
+    "domain_events_dead_letter_queue_messages",
+    "gauge",
+    ("service", "handler"),
+    "Messages in a handler's dead-letter queue, as a worker serving metrics last read it.",
+)
+#: Every metric of the library (the dashboard and the docs are tested against it).
+METRICS = (PUBLISHED, CONFIRMED, FAILED, RUNS, DURATION, LAG, QUEUE_DEPTH, DLQ_DEPTH)
+
+HANDLED = "handled"
+DUPLICATE = "duplicate"
+RETRIED = "retried"
+DEAD_LETTERED = "dead_lettered"
+#: A transient handler's final failure (it has no dead-letter queue).
+DROPPED = "dropped"
+OUTCOMES = (HANDLED, DUPLICATE, RETRIED, DEAD_LETTERED, DROPPED)
+
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+LAG_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 14400)
+#: Distinct event names a process labels; further ones are counted as ``other``.
+MAX_EVENT_NAMES = 500
+OTHER = "other"
+
+
+class _Metrics:
+    """The process's metric objects, and a cache of their labelled children."""
+
+    def __init__(self) -> None:
+        try:
+            import prometheus_client  # noqa: PLC0415 (an optional dependency)
+        except ImportError as exc:
+            raise ConfigurationError(
+                f"domain events metrics need prometheus-client ({exc}); "
+                "pip install 'celery-domain-events[metrics]'"
+            ) from exc
+
+        def counter(info: MetricInfo) -> Any:
+            return prometheus_client.Counter(
+                info.name.removesuffix("_total"), info.help, info.labels
+            )
+
+        self.published = counter(PUBLISHED)
+        self.confirmed = counter(CONFIRMED)
+        self.failed = counter(FAILED)
+        self.runs = counter(RUNS)
+        self.duration = prometheus_client.Histogram(
+            DURATION.name, DURATION.help, DURATION.labels, buckets=DURATION_BUCKETS
+        )
+        self.lag = prometheus_client.Histogram(LAG.name, LAG.help, LAG.labels, buckets=LAG_BUCKETS)
+        # labels() takes a lock and builds a key on every call: cache the children.
+        self._children: dict[tuple[Any, ...], Any] = {}
+        self._names: set[str] = set()
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        key = (id(metric), *labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
+
+    def event(self, name: str) -> str:
+        if name in self._names:
+            return name
+        if len(self._names) >= MAX_EVENT_NAMES:
+            return OTHER
+        self._names.add(name)
+        return name
+
+
+_lock = threading.Lock()
+_metrics: _Metrics | None = None
+
+
+def _get() -> _Metrics:
+    global _metrics  # noqa: PLW0603 (one set of metric objects per process)
+    if _metrics is None:
+        with _lock:
+            if _metrics is None:
+                _metrics = _Metrics()
+    return _metrics
+
+
+class _Publishing:
+    """Counts a batch as published, then as confirmed or failed (see :func:`publishing`)."""
+
+    __slots__ = ("messages", "service")
+
+    def __init__(self, service: str, messages: Sequence[Any]) -> None:
+        self.service = service
+        self.messages = messages
+
+    def _count(self, metric: Any, messages: Iterable[Any]) -> None:
+        m = _get()
+        by_name = Counter(msg.properties.get("type", "") for msg in messages)
+        for name, count in by_name.items():
+            m.child(metric, self.service, m.event(str(name))).inc(count)
+
+    def __enter__(self) -> None:
+        self._count(_get().published, self.messages)
+
+    def __exit__(self, typ: Any, exc: BaseException | None, tb: Any) -> None:
+        m = _get()
+        if exc is None:
+            self._count(m.confirmed, self.messages)
+            return
+        # PublishError.events holds the source of each unconfirmed message (the very objects).
+        unconfirmed = {id(e) for e in getattr(exc, "events", None) or ()}
+        failed = [
+            msg
+            for msg in self.messages
+            if not unconfirmed or id(msg if msg.source is None else msg.source) in unconfirmed
+        ]
+        self._count(m.failed, failed)
+        if len(failed) < len(self.messages):
+            failed_ids = {id(msg) for msg in failed}
+            self._count(m.confirmed, (msg for msg in self.messages if id(msg) not in failed_ids))
+
+
+class _Off:
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc_info: object) -> None:
+        return None
+
+
+_OFF = _Off()
+
+
+def publishing(settings: Settings, messages: Sequence[Any]) -> _Publishing | _Off:
+    """Wrap the publish of event ``messages`` (``OutboundMessage``, named by their ``type``).
+
+    On entry each counts as published; when the block returns, as confirmed; when it raises
+    ``PublishError``, the messages whose source it names as failed and the others as
+    confirmed (any other exception: all failed). Does nothing unless metrics are on.
+    """
+    if not settings.metrics_enabled:
+        return _OFF
+    return _Publishing(settings.service, messages)
+
+
+class _Run:
+    __slots__ = ("event", "run_id", "started")
+
+    def __init__(self, run_id: str | None, event: str, started: float) -> None:
+        self.run_id = run_id
+        self.event = event
+        self.started = started
+
+
+_current = threading.local()
+
+
+def _lag(event_time: datetime | None, now: float) -> float | None:
+    if event_time is None:
+        return None
+    return max(0.0, now - event_time.timestamp())  # a producer's clock may be ahead
+
+
+def handler_started(
+    settings: Settings, handler: str, run_id: str | None, event: str, event_time: datetime | None
+) -> None:
+    """A run of ``handler`` on ``event`` (its CloudEvents time) starts: observe its lag.
+
+    The run is remembered in this thread until :func:`handler_outcome` ends it with the same
+    ``run_id``; one with another id ends a run that never started (a run that failed to decode).
+    """
+    if not settings.metrics_enabled:
+        return
+    m = _get()
+    lag = _lag(event_time, time.time())
+    if lag is not None:
+        m.child(m.lag, settings.service, handler).observe(lag)
+    _current.run = _Run(run_id, m.event(event), time.monotonic())
+
+
+def handler_outcome(
+    settings: Settings, handler: str, outcome: str, run_id: str | None = None, count: int = 1
+) -> None:
+    """Count a run of ``handler`` that ended with ``outcome`` (observe its duration if known).
+
+    The event label is the started run's with the same ``run_id`` in this thread, else empty
+    (poison, a hard time limit seen by the worker's main process).
+    """
+    if not settings.metrics_enabled:
+        return
+    m = _get()
+    run: _Run | None = getattr(_current, "run", None)
+    event = ""
+    if run is not None and run_id is not None and run.run_id == run_id:
+        _current.run = None
+        event = run.event
+        m.child(m.duration, settings.service, handler).observe(time.monotonic() - run.started)
+    m.child(m.runs, settings.service, handler, event, outcome).inc(count)
+
+
+def batch_ran(
+    settings: Settings,
+    handler: str,
+    events: Sequence[Any],
+    outcome: Mapping[str, Sequence[Any]],
+    started: float,
+) -> None:
+    """Count each event of a batch handler's run by its outcome, lag and the run's duration.
+
+    Args:
+        settings: the app's settings.
+        handler: the batch handler's name.
+        events: the events that decoded (those that did not count with an empty event label).
+        outcome: event ids ``handled``, ``retried`` and ``dead_lettered``.
+        started: ``time.monotonic()`` when the handler was called.
+    """
+    if not settings.metrics_enabled:
+        return
+    m = _get()
+    service = settings.service
+    now = time.monotonic()
+    start_wall = time.time() - (now - started)
+    names = {str(e.event_id): e.event_name for e in events}
+    lag = m.child(m.lag, service, handler)
+    for event in events:
+        value = _lag(getattr(event, "occurred_at", None), start_wall)
+        if value is not None:
+            lag.observe(value)
+    for key, label in ((HANDLED, HANDLED), ("retried", RETRIED), ("dead_lettered", DEAD_LETTERED)):
+        by_name = Counter(names.get(str(i), "") for i in outcome.get(key, ()))
+        for name, count in by_name.items():
+            m.child(m.runs, service, handler, m.event(name), label).inc(count)
+    if events:
+        m.child(m.duration, service, handler).observe(now - started)
