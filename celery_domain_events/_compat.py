@@ -353,7 +353,9 @@ def flush_ready_before_poll(hub: Any) -> Callable[[], None]:
     """
 
     def run_ready() -> None:
-        while hub._ready:
+        # One batch per turn, as create_loop runs them: a callback that makes itself ready
+        # again must not keep the loop from polling.
+        if hub._ready:
             for callback in hub._pop_ready():
                 if callback:  # a cancelled promise is falsy, as create_loop checks
                     callback()

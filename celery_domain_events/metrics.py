@@ -13,13 +13,15 @@ and counts any further name as ``other``.
 
 from __future__ import annotations
 
+import functools
+import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, ParamSpec
 
 from .config import Settings
 from .exceptions import ConfigurationError
@@ -162,6 +164,29 @@ class _Metrics:
 
 
 _lock = threading.Lock()
+log = logging.getLogger(__name__)
+_P = ParamSpec("_P")
+_failed = False
+
+
+def _never_raises(record: Callable[_P, None]) -> Callable[_P, None]:
+    """Make a recording function log (once per process) instead of failing a handler run."""
+
+    @functools.wraps(record)
+    def safe(*args: _P.args, **kwargs: _P.kwargs) -> None:
+        global _failed  # noqa: PLW0603
+        try:
+            record(*args, **kwargs)
+        except ConfigurationError:
+            raise
+        except Exception:
+            if not _failed:
+                _failed = True
+                log.exception("Domain events: could not record a metric; handlers run on")
+
+    return safe
+
+
 _metrics: _Metrics | None = None
 
 
@@ -253,6 +278,7 @@ def _lag(event_time: datetime | None, now: float) -> float | None:
     return max(0.0, now - event_time.timestamp())  # a producer's clock may be ahead
 
 
+@_never_raises
 def handler_started(
     settings: Settings, handler: str, run_id: str | None, event: str, event_time: datetime | None
 ) -> None:
@@ -270,6 +296,7 @@ def handler_started(
     _current.run = _Run(run_id, m.event(event), time.monotonic())
 
 
+@_never_raises
 def handler_outcome(
     settings: Settings, handler: str, outcome: str, run_id: str | None = None, count: int = 1
 ) -> None:
@@ -290,6 +317,7 @@ def handler_outcome(
     m.child(m.runs, settings.service, handler, event, outcome).inc(count)
 
 
+@_never_raises
 def batch_ran(
     settings: Settings,
     handler: str,

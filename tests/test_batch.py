@@ -17,6 +17,7 @@ from celery_domain_events import (
     BatchItemsFailed,
     ConfigurationError,
     DomainEvent,
+    DomainEvents,
     DomainEventsError,
     EventDefinitionError,
     GenericEvent,
@@ -280,7 +281,7 @@ def test_in_process_an_async_batch_handler_runs_on_the_loop(topology: Topology) 
     seen: list[int] = []
 
     @domain_event_handler("batchtest.item", batch=5, retry=None, registry=registry)
-    async def sink(events: list[Item]) -> None:
+    async def async_sink(events: list[Item]) -> None:
         await asyncio.sleep(0)
         seen.extend(event.n for event in events)
 
@@ -291,7 +292,7 @@ def test_in_process_an_async_batch_handler_runs_on_the_loop(topology: Topology) 
         transmit(app)
         events.join()
     assert seen == list(range(7))
-    assert len(events.handled(sink)) == 7
+    assert len(events.handled(async_sink)) == 7
 
 
 def test_flower_shows_a_batch_by_size_names_and_ids_never_data(tmp_path: Path) -> None:
@@ -325,3 +326,45 @@ def test_flower_shows_a_batch_by_size_names_and_ids_never_data(tmp_path: Path) -
     assert "id-2" in shown
     assert "secret" not in shown
     assert task_message.headers["task"] == spec.task_name
+
+
+def test_in_process_unknown_ids_in_batch_items_failed_fail_the_whole_batch(
+    topology: Topology,
+) -> None:
+    registry = HandlerRegistry()
+
+    @domain_event_handler("batchtest.item", batch=10, retry=None, registry=registry)
+    def confused(events: list[Item]) -> None:
+        raise BatchItemsFailed({"order-42": ValueError("not an event id")})
+
+    app = topology.app("inproc4", registry=registry)
+    with capture_events(app, fail_fast=False) as events:
+        for n in range(3):
+            emit(Item(n=n))
+        transmit(app)
+        events.join()
+    assert not events.handled(confused)
+    assert len(events.dead_letters) == 3  # none acked as done
+    assert {letter.failure("exception") for letter in events.dead_letters} == {
+        "builtins.RuntimeError"
+    }
+
+
+def test_a_worker_refuses_batches_that_need_a_prefetch_above_amqps_limit(
+    topology: Topology,
+) -> None:
+    from types import SimpleNamespace
+
+    from celery_domain_events.consuming.bootstep import DomainEventsStep
+
+    registry = HandlerRegistry()
+    for n in range(4):
+        domain_event_handler("batchtest.item", name=f"big{n}", batch=9000, registry=registry)(_sink)
+    ext = DomainEvents.of(topology.app("prefetch", registry=registry))
+    qos = SimpleNamespace(value=8, increment_eventually=lambda n: None, update=lambda: None)
+    step = DomainEventsStep.__new__(DomainEventsStep)
+    with pytest.raises(SystemExit, match="65535"):
+        step._raise_prefetch(ext, SimpleNamespace(qos=qos))
+
+
+def _sink(events: list[Item]) -> None: ...

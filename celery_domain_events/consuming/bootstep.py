@@ -72,6 +72,8 @@ UNROUTED_CHECK_SECONDS = 300.0
 #: long, doubling up to HOLD_MAX_SECONDS while refusals go on: a DLQ that refuses publishes
 #: then costs the worker one publish deadline per hold, not one per delivery.
 HOLD_FIRST_SECONDS = 15.0
+#: The largest prefetch count AMQP can carry (a 16-bit field).
+MAX_PREFETCH = 65_535
 HOLD_MAX_SECONDS = 300.0
 
 
@@ -233,11 +235,12 @@ class _BatchDispatch(_Dispatch):
         return None
 
     def _take(self) -> Message:
+        task_message = to_batch_task_message(self.pending, self.spec, self.queue)
         if self.flush_entry is not None:
             self.flush_entry.cancel()
             self.flush_entry = None
-        batch, self.pending = self.pending, []
-        return to_batch_task_message(batch, self.spec, self.queue)
+        self.pending = []
+        return task_message
 
     def _flush_due(self) -> None:
         with self.lock:
@@ -400,6 +403,13 @@ class DomainEventsStep(bootsteps.StartStopStep):
         # budget. Before consuming starts, so that per-consumer QoS (quorum queues) sees it.
         extra = sum(2 * spec.batch.max_size for spec in ext.handlers if spec.batch is not None)
         qos = getattr(parent, "qos", None)
+        if extra and qos is not None and qos.value + extra > MAX_PREFETCH:
+            # AMQP's prefetch count is 16 bits; kombu would turn a larger one into 0 (no limit).
+            raise SystemExit(
+                f"Error: the batch handlers need a prefetch of {qos.value + extra} (twice each "
+                f"max_size plus Celery's {qos.value}), above AMQP's {MAX_PREFETCH}: lower "
+                "Batch.max_size, or run some batch handlers in another worker (-Q/handlers=)"
+            )
         if extra and qos is not None:
             qos.increment_eventually(extra)
             qos.update()

@@ -135,7 +135,7 @@ def domain_event_handler(
             (an int is the max size, with a 1 s wait). Raise
             :class:`~celery_domain_events.BatchItemsFailed` to fail some events alone.
         transient: instead of the durable queue, each worker consumes an exclusive queue of
-            its own, ``<service>.<name>.<worker hostname>.<random suffix>``, that exists only
+            its own, ``<service>.<name>.<worker hostname>-<6 hex digits>``, that exists only
             while the worker is connected: every running worker gets every event, events
             published while none runs are not kept, and a final failure is logged at ERROR
             and acked (no dead-letter queue). See the handlers guide.

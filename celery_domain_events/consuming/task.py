@@ -195,6 +195,14 @@ class DomainEventTask(Task):  # type: ignore[type-arg]
                             _run_coroutine(result)
                     except BatchItemsFailed as partial:
                         failures = partial.failures  # the rest succeeded: its events go out
+                        unknown = set(failures) - {str(event.event_id) for event in events}
+                        if unknown:
+                            # Not this batch's ids (an order id, say): which events failed is
+                            # unknown, so all of them did; acking them would lose them.
+                            raise RuntimeError(
+                                f"BatchItemsFailed names {len(unknown)} id(s) that are no "
+                                "event of this batch; name events or their event_id"
+                            ) from partial
                         run.failed(partial, len(failures))
             except Exception as exc:
                 failures = dict.fromkeys((str(event.event_id) for event in events), exc)
