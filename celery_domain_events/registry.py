@@ -48,7 +48,8 @@ class HandlerSpec:
         idempotent: the inbox that records the events it handled, if any.
         batch: how a batch handler gathers its events (None: one event per run).
         transient: each worker consumes a queue of its own that lives only while it is
-            connected (``<service>.<name>.<worker hostname>-<6 hex digits>``), with no dead-letter queue.
+            connected (``<service>.<name>.<worker hostname>-<6 hex digits>``), with no
+            dead-letter queue.
     """
 
     name: str
