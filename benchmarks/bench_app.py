@@ -47,7 +47,7 @@ from celery import Celery, bootsteps, shared_task
 from celery.signals import worker_ready
 from sqlalchemy.orm import sessionmaker
 
-from celery_domain_events import Batch, DomainEvent, DomainEvents, domain_event_handler
+from celery_domain_events import Batch, DomainEvent, DomainEvents, _compat, domain_event_handler
 from celery_domain_events.contrib.inbox import SqlAlchemyInbox, define_inbox_table
 
 #: The task name of the plain no-op task.
@@ -203,32 +203,22 @@ def bench_pg_batch(events: list[BenchHappened]) -> None:
 
 
 class FlushReadyBeforePoll(bootsteps.StartStopStep):
-    """EXPERIMENT, not a recommendation: run the hub's ready callbacks before it polls.
+    """The library's fix of kombu's late-ack stall, in a plain Celery worker too (``--hub-flush``).
 
-    kombu 5.7's ``Hub.create_loop`` pops ``_ready``, runs those callbacks and then polls with a
-    timeout of up to 1 s, without looking at callbacks scheduled in the meantime. The amqp
-    reader reschedules itself with ``call_soon`` and, with the solo pool, runs the task inline;
-    the late ack is ``call_soon``-ed too. When every prefetched delivery is waiting for such an
-    ack, the broker sends nothing, the socket stays quiet and the worker sleeps in ``poll``
-    until a timer fires: a stall of up to a second. An ``on_tick`` callback runs right before
-    ``poll``, so flushing ``_ready`` there shows whether that is the whole story. It touches
-    private kombu attributes; the real fix belongs in kombu (check ``_ready`` before polling).
+    kombu 5.7's ``Hub.create_loop`` runs the ready callbacks and then polls for up to 1 s
+    without looking at callbacks made ready in between; with the solo pool the late ack is one
+    of them, so a worker whose every prefetched delivery waits for its ack stalls until a timer
+    fires. ``DomainEventsStep`` installs ``_compat.flush_ready_before_poll`` in every worker
+    that runs handlers; this step installs the same hook in the plain (b) worker as well, to
+    compare the two pools without the stall. The real fix belongs in kombu.
     """
 
     requires = ("celery.worker.consumer.tasks:Tasks",)
 
     def start(self, parent: Any) -> None:
         hub = getattr(parent.controller, "hub", None)
-        if hub is None:
-            return  # no event loop (synloop): nothing to flush
-
-        def flush() -> None:
-            while hub._ready:
-                for callback in hub._pop_ready():
-                    if callback:  # a cancelled promise is falsy, as in create_loop
-                        callback()
-
-        hub.on_tick.add(flush)
+        if hub is not None:  # none with synloop: nothing to flush
+            _compat.flush_ready_before_poll(hub)
 
 
 def build_app(env: Mapping[str, str]) -> Celery:

@@ -278,16 +278,23 @@ def decoded_task_message(
     so nothing is serialized and parsed back on the way to the pool; acking the task acks the
     delivery.
     """
-    return _DecodedTaskMessage(
-        body=body,  # type: ignore[arg-type]
-        delivery_tag=delivery.delivery_tag,
-        content_type=None,
-        content_encoding=None,
-        delivery_info=delivery.delivery_info,
-        properties=properties,
-        headers=headers,
-        channel=delivery.channel,
-    )
+    return _DecodedTaskMessage(**_on_delivery(delivery, body, headers, properties))
+
+
+def _on_delivery(
+    delivery: Message, body: Any, headers: dict[str, Any], properties: dict[str, Any]
+) -> dict[str, Any]:
+    # A task message on the delivery's channel and tag, its body Python (content_type None).
+    return {
+        "body": body,
+        "delivery_tag": delivery.delivery_tag,
+        "content_type": None,
+        "content_encoding": None,
+        "delivery_info": delivery.delivery_info,
+        "properties": properties,
+        "headers": headers,
+        "channel": delivery.channel,
+    }
 
 
 class _BatchTaskMessage(_DecodedTaskMessage):
@@ -327,18 +334,7 @@ def batch_task_message(
     Celery acks, rejects or requeues it as one message (``acks_late``, worker lost): each of
     its deliveries is settled the same way, one ``basic.ack``/``basic.reject`` per delivery.
     """
-    first = deliveries[0]
-    return _BatchTaskMessage(
-        deliveries,
-        body=body,
-        delivery_tag=first.delivery_tag,
-        content_type=None,
-        content_encoding=None,
-        delivery_info=first.delivery_info,
-        properties=properties,
-        headers=headers,
-        channel=first.channel,
-    )
+    return _BatchTaskMessage(deliveries, **_on_delivery(deliveries[0], body, headers, properties))
 
 
 def flush_ready_before_poll(hub: Any) -> Callable[[], None]:

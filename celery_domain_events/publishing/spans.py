@@ -98,22 +98,8 @@ def publish(
 
     Without a recording tracer: the current trace context, else a new trace, as before.
     """
-    tr = tracer()
-    if tr is None:
-        return nullcontext(tracing.current_traceparent() or tracing.new_traceparent())
-    attributes: dict[str, Any] = {
-        "messaging.system": "rabbitmq",
-        "messaging.operation.type": "send",
-        "messaging.operation.name": "publish",
-        "messaging.destination.name": exchange,
-    }
-    if len(events) == 1:
-        attributes.update(_event_attributes(events[0], source))
-        attributes["messaging.rabbitmq.destination.routing_key"] = routing_key(events[0])
-    else:
-        attributes["messaging.batch.message_count"] = len(events)
-    return _ActiveSpan(
-        tr, f"publish {exchange}", "PRODUCER", attributes, parent=parent_context(), links=[]
+    return _producer_span(
+        "send", "publish", exchange, source=source, events=events, routing_key=routing_key
     )
 
 
@@ -122,21 +108,37 @@ def create(exchange: str, source: str, events: Sequence[AnyEvent]) -> AbstractCo
 
     The relay publishes them later, maybe elsewhere, in a span linked to this one.
     """
+    return _producer_span(
+        "create", "create", exchange, source=source, events=events, routing_key=None
+    )
+
+
+def _producer_span(
+    operation: str,
+    name: str,
+    exchange: str,
+    *,
+    source: str,
+    events: Sequence[AnyEvent],
+    routing_key: Callable[[AnyEvent], str] | None,
+) -> AbstractContextManager[str]:
     tr = tracer()
     if tr is None:
         return nullcontext(tracing.current_traceparent() or tracing.new_traceparent())
     attributes: dict[str, Any] = {
         "messaging.system": "rabbitmq",
-        "messaging.operation.type": "create",
-        "messaging.operation.name": "create",
+        "messaging.operation.type": operation,
+        "messaging.operation.name": name,
         "messaging.destination.name": exchange,
     }
     if len(events) == 1:
         attributes.update(_event_attributes(events[0], source))
+        if routing_key is not None:
+            attributes["messaging.rabbitmq.destination.routing_key"] = routing_key(events[0])
     else:
         attributes["messaging.batch.message_count"] = len(events)
     return _ActiveSpan(
-        tr, f"create {exchange}", "PRODUCER", attributes, parent=parent_context(), links=[]
+        tr, f"{name} {exchange}", "PRODUCER", attributes, parent=parent_context(), links=[]
     )
 
 

@@ -178,18 +178,23 @@ def handler_queue(spec: HandlerSpec, settings: Settings) -> Queue:
     kombu leaves ``Queue.exchange`` unset when ``bindings`` are given; the bindings themselves
     declare the exchange, so ``Queue.declare()`` creates exchange, queue and every binding.
     """
-    ex = exchange(settings)
     name = handler_queue_name(spec, settings)
     return Queue(
         name,
-        bindings=[
-            *(binding(ex, routing_key=p) for p in binding_patterns(spec, settings)),
-            binding(retry_exchange(settings), routing_key=name),
-        ],
+        bindings=_bindings(spec, settings, name),
         durable=True,
         auto_delete=False,
         queue_arguments=queue_arguments(spec, settings),
     )
+
+
+def _bindings(spec: HandlerSpec, settings: Settings, queue: str) -> list[binding]:
+    # The handler's patterns on the events exchange, and its own name on the retry exchange:
+    # a retry comes back to this queue only.
+    return [
+        *(binding(exchange(settings), routing_key=p) for p in binding_patterns(spec, settings)),
+        binding(retry_exchange(settings), routing_key=queue),
+    ]
 
 
 def retry_queue(spec: HandlerSpec, settings: Settings) -> Queue:
@@ -226,10 +231,7 @@ def transient_queue(spec: HandlerSpec, settings: Settings, instance: str) -> Que
     name = f"{handler_queue_name(spec, settings)}.{instance}"
     return Queue(
         name,
-        bindings=[
-            *(binding(exchange(settings), routing_key=p) for p in binding_patterns(spec, settings)),
-            binding(retry_exchange(settings), routing_key=name),
-        ],
+        bindings=_bindings(spec, settings, name),
         durable=False,
         exclusive=True,
         auto_delete=True,
