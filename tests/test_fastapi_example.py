@@ -173,7 +173,7 @@ def test_with_the_broker_down_the_service_keeps_answering_and_the_outbox_keeps_t
     assert response.json()["published"] is False
     assert len(health_times) > 50  # the 2 s publish deadline was spent answering probes
     assert max(health_times) < 0.05, max(health_times)
-    assert lag < 0.05
+    assert lag < 0.25  # a blocked loop lags by the publish deadline; load alone adds tens of ms
     with engine.connect() as conn:
         rows = conn.execute(sa.text(f'SELECT id FROM "{prefix}outbox"')).scalars().all()
     assert rows == [response.json()["event_id"]]

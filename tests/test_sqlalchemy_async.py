@@ -150,7 +150,9 @@ def test_a_failing_publish_after_commit_keeps_the_loop_running_and_raises_after_
     assert isinstance(error, PublishError)
     assert [e.order_id for e in error.events] == [7]  # the caller can still store them
     assert rows == [7]  # committed first
-    assert lag < 0.05, lag
+    # A blocked loop would lag by the 2 s publish deadline; on a loaded machine scheduling alone
+    # can delay a tick by tens of milliseconds.
+    assert lag < 0.25, lag
 
 
 @pytest.fixture

@@ -147,7 +147,7 @@ def test_unreachable_broker_fails_by_the_deadline_without_blocking_the_loop(
         error, elapsed, lag, left = run(main, app)
     assert isinstance(error, PublishError)
     assert 2 <= elapsed <= 3 + 1, elapsed  # retried until the deadline, and no longer
-    assert lag < 0.05, lag  # the loop kept serving other tasks meanwhile
+    assert lag < 0.25, lag  # the loop kept serving other tasks (a blocked one lags seconds)
     assert len(left) == 1  # still buffered for the caller to retry or store
     assert "127.0.0.1:5999" in str(error)
     assert "s3cretpw" not in str(error)
@@ -216,9 +216,9 @@ def test_a_broker_stopped_mid_batch_loses_nothing_and_resends_only_the_unconfirm
                 if count >= 2_000:
                     break
                 await asyncio.sleep(0.01)
-        stopped_at = time.monotonic()
+        stopping = time.monotonic()
         await asyncio.to_thread(private_node.stop_app)
-        return stopped_at
+        return time.monotonic() - stopping  # how long rabbitmqctl took (seconds on a busy box)
 
     async def main() -> tuple[list[Any], Any, float, list[Any]]:
         events = [emit("test.aio.tick", {"n": n}) for n in range(EVENTS)]
@@ -231,14 +231,14 @@ def test_a_broker_stopped_mid_batch_loses_nothing_and_resends_only_the_unconfirm
         else:
             error = None
         elapsed = time.monotonic() - started
-        await stopper
+        stopping = await stopper
         left = buffered()
         discard()
-        return events, error, elapsed, left
+        return events, error, elapsed - stopping, left
 
     events, error, elapsed, left = run(main, app)
     assert isinstance(error, PublishError)
-    assert elapsed <= DEADLINE + 1 + 10  # stop_app itself takes seconds
+    assert elapsed <= DEADLINE + 1  # not counting the time rabbitmqctl took to stop the node
     unconfirmed = list(error.events)
     assert left == unconfirmed  # exactly the unconfirmed ones, in order
     assert 0 < len(unconfirmed) < EVENTS

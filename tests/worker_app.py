@@ -382,7 +382,7 @@ def batch_peer(event: BatchItem) -> None:
     _append("batch_peer", event)
 
 
-@domain_event_handler("batch.slow", batch=Batch(max_size=20, max_wait=0.3), retry=None)
+@domain_event_handler("batch.slow", batch=Batch(max_size=20, max_wait=2.0), retry=None)
 def batch_slow(events: list[GenericEvent]) -> None:
     """Records the batch, then takes 3 s (the crash test kills the worker meanwhile)."""
     _record_batch("batch_slow", events)  # type: ignore[arg-type]
@@ -390,7 +390,7 @@ def batch_slow(events: list[GenericEvent]) -> None:
     _record("batch_slow_done", uuid.uuid4().hex, len(events))
 
 
-@domain_event_handler("batch.crash", batch=Batch(max_size=10, max_wait=0.3), retry=None)
+@domain_event_handler("batch.crash", batch=Batch(max_size=10, max_wait=2.0), retry=None)
 def batch_crash_once(events: list[GenericEvent]) -> None:
     """The first run kills its pool process; the whole batch comes again and completes."""
     _record_batch("batch_crash_once", events)  # type: ignore[arg-type]
