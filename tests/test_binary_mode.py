@@ -14,11 +14,14 @@ from datetime import datetime, timezone
 from types import SimpleNamespace
 from typing import Any, ClassVar
 
+import hypothesis
 import pytest
 from celery import Celery
 from cloudevents.core.bindings import rabbitmq
 from cloudevents.core.formats.json import JSONFormat
 from cloudevents.core.v1.event import CloudEvent
+from hypothesis import given
+from hypothesis import strategies as st
 from kombu.message import Message
 
 from celery_domain_events import (
@@ -50,6 +53,7 @@ from celery_domain_events.wire.dead_letter import (
 
 from .conftest import Topology, WorkerProcess, drain, probe, wait_for
 from .test_untrusted import POOLS, publish
+from .test_wire_conformance import FUZZ, header_values
 
 MAX_BYTES = 1024 * 1024
 RETRY_EXCHANGE = "events.retry"
@@ -317,6 +321,105 @@ def test_the_id_of_a_binary_dead_letter_is_never_read_from_its_data() -> None:
         headers=headers,
     )
     assert letter.headers[HEADER_PREFIX + "key"] == failure_key("svc.h", "the-event", 1)
+
+
+ce_values = st.one_of(
+    st.text(max_size=8),
+    st.sampled_from(["1.0", "0.3", "", "2026-12-02T06:15:39Z", "yesterday", "a b"]),
+    st.integers(-(2**40), 2**40),
+    st.booleans(),
+    header_values,
+)
+ce_names = st.one_of(
+    st.sampled_from(["time", "subject", "eventversion", "dataschema", "traceparent", "data"]),
+    st.text(max_size=6),
+)
+
+
+@st.composite
+def binary_deliveries(draw: st.DrawFn) -> tuple[Message, bytes]:
+    """A binary-mode delivery (mostly valid), and its body's bytes on the wire."""
+    headers: dict[str, Any] = {}
+    for name, usual in (("specversion", "1.0"), ("id", "e-1"), ("source", "/s"), ("type", "t")):
+        if draw(st.integers(0, 9)):
+            key = "ce-" + name
+            headers[key.upper() if draw(st.booleans()) else key] = (
+                usual if draw(st.integers(0, 4)) else draw(ce_values)
+            )
+    headers.update(draw(st.dictionaries(ce_names.map("ce-".__add__), ce_values, max_size=3)))
+    headers.update(draw(st.dictionaries(st.text(max_size=6), header_values, max_size=2)))
+    content_type = draw(
+        st.one_of(
+            st.sampled_from(
+                [
+                    "application/json",
+                    "application/json; charset=utf-8",
+                    "Application/Vnd.Acme+JSON",
+                    None,
+                    "text/plain",
+                    "application/json; charset=latin-1",
+                    "application/cloudevents+json",
+                ]
+            ),
+            st.text(max_size=20),
+        )
+    )
+    data = draw(
+        st.one_of(
+            st.recursive(
+                st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=5)),
+                lambda c: st.one_of(
+                    st.lists(c, max_size=3), st.dictionaries(st.text(max_size=4), c, max_size=3)
+                ),
+                max_leaves=6,
+            ).map(lambda v: json.dumps(v).encode()),
+            st.binary(max_size=20),
+            st.just(b""),
+            st.integers(190, 210).map(lambda n: b"[" * n + b"]" * n),
+        )
+    )
+    message = Message(
+        body=data,
+        delivery_tag=1,
+        content_type=content_type,
+        content_encoding=None,
+        delivery_info={"exchange": "events", "routing_key": "t"},
+        properties={},
+        headers=headers,
+        channel=None,
+    )
+    return message, data
+
+
+@FUZZ
+@given(delivery=binary_deliveries())
+def test_binary_deliveries_are_accepted_as_their_envelope_or_poison(
+    delivery: tuple[Message, bytes],
+) -> None:
+    message, wire = delivery
+    headers = dict(message.headers)
+    try:
+        checked = _check(message)
+    except EventDecodeError as exc:
+        hypothesis.event(f"poison: {str(exc)[:30]}")
+        return
+    assert "task" not in headers
+    envelope = json.loads(checked.text)
+    assert (envelope["id"], envelope["type"]) == (checked.event_id, checked.event_type)
+    if checked.body is None:  # read as structured (no ce-specversion, or a CloudEvents type)
+        hypothesis.event("structured")
+        assert checked.text == wire.decode()
+        return
+    hypothesis.event("binary")
+    assert checked.body == wire.decode()
+    assert envelope.get("data", None) == (json.loads(wire) if wire.strip() else None)
+    assert {"specversion", "id", "source", "type"} <= set(envelope)
+    meta = bridge.to_task_message(message, checked, SPEC, "svc.h").body[1]["meta"]
+    assert original_body(checked.text, meta) == wire
+    try:
+        wire_envelope.to_event(wire_envelope.decode(checked.text), REGISTRY)
+    except EventDecodeError:
+        hypothesis.event("poison in the pool")
 
 
 # -- Publishing binary mode, in process --------------------------------------------------------
