@@ -115,6 +115,8 @@ def test_an_sdk_binary_event_becomes_its_structured_envelope() -> None:
     checked = _check(_message(sdk))
     assert checked.body == sdk.body.decode()
     assert (checked.event_id, checked.event_type) == (event.get_id(), "bin.order.shipped")
+    assert checked.version == 2  # Flower shows v2 (inbound.summary), not the default
+    assert "'version': 2" in inbound.summary(checked)
     env = wire_envelope.decode(checked.text)
     assert (env.source, env.subject, env.eventversion) == ("/warehouse", "order-7", 2)
     assert env.datacontenttype == "application/json"

@@ -75,6 +75,7 @@ DELAYED_EXCHANGE_PREFIX = "celery_delayed_"
 #: Deepest nesting of AMQP tables and arrays in application headers.
 MAX_HEADER_DEPTH = 8
 _MAX_RETRIES = 1_000_000
+_MAX_DIGITS = 9
 # Untrusted text shown in Flower and logs is cut to this many characters.
 _SHOWN = 120
 
@@ -275,7 +276,7 @@ def check(
         text=text,
         event_id=event_id,
         event_type=event_type,
-        version=envelope.get("eventversion", 1),
+        version=_version(envelope.get("eventversion", 1)),
         source=envelope.get("source"),
         retries=retries,
         due=due,
@@ -284,6 +285,18 @@ def check(
         headers=headers,
         body=body,
     )
+
+
+def _version(value: Any) -> Any:
+    # Binary mode carries every attribute as a string: show ce-eventversion "2" as 2.
+    if (
+        isinstance(value, str)
+        and 0 < len(value) <= _MAX_DIGITS
+        and value.isascii()
+        and value.isdigit()
+    ):
+        return int(value)
+    return value
 
 
 def summary(inbound: Inbound) -> str:
