@@ -9,6 +9,7 @@ library in both modes, library to SDK in both modes, poison and retries.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from datetime import datetime, timezone
 from types import SimpleNamespace
@@ -31,6 +32,7 @@ from celery_domain_events import (
     domain_event_handler,
     emit,
     scope,
+    scope_async,
 )
 from celery_domain_events.config import ContentMode, Settings
 from celery_domain_events.consuming import delivery as bridge
@@ -708,13 +710,27 @@ def test_a_retried_binary_event_keeps_its_body_and_headers(
 
 
 @pytest.mark.rabbitmq
+@pytest.mark.parametrize("publisher", ["transmit", "transmit_async"])
 @pytest.mark.parametrize("mode", ["structured", "binary"])
-def test_library_events_in_both_modes_are_read_by_the_sdk(topology: Topology, mode: str) -> None:
+def test_library_events_in_both_modes_are_read_by_the_sdk(
+    topology: Topology, mode: str, publisher: str
+) -> None:
     app = topology.app("pub", domain_events_content_mode=mode)
     probe_queue = probe(topology, app)
-    with scope(app):
-        typed = emit(Shipped(order_id=3, carrier="dpd"))
-        untyped = emit("bin.untyped", {"n": [1, "x"]}, version=4)
+    if publisher == "transmit":
+        with scope(app):
+            typed = emit(Shipped(order_id=3, carrier="dpd"))
+            untyped = emit("bin.untyped", {"n": [1, "x"]}, version=4)
+    else:
+
+        async def publish_async() -> tuple[Any, Any]:
+            async with scope_async(app):
+                return (
+                    emit(Shipped(order_id=3, carrier="dpd")),
+                    emit("bin.untyped", {"n": [1, "x"]}, version=4),
+                )
+
+        typed, untyped = asyncio.run(publish_async())
     [raw_typed, raw_untyped] = drain(topology.broker_url, probe_queue) or [None, None]
     for raw, event, data in (
         (raw_typed, typed, {"order_id": 3, "carrier": "dpd"}),
