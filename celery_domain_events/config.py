@@ -23,7 +23,15 @@ from pydantic import (
 from .exceptions import ConfigurationError
 from .routing import validate_word
 
-__all__ = ["NOT_SETTINGS", "PREFIX", "KeyFormat", "QueueType", "Settings", "setting_name"]
+__all__ = [
+    "NOT_SETTINGS",
+    "PREFIX",
+    "ContentMode",
+    "KeyFormat",
+    "QueueType",
+    "Settings",
+    "setting_name",
+]
 
 #: Prefix of every app.conf key this library reads.
 PREFIX = "domain_events_"
@@ -49,6 +57,16 @@ class KeyFormat(str, enum.Enum):
     PETISCO = "petisco"
 
 
+@enum.unique
+class ContentMode(str, enum.Enum):
+    """How published events carry their CloudEvents attributes (docs/design/wire-format.md)."""
+
+    #: The whole event, attributes and data, is one JSON body (``application/cloudevents+json``).
+    STRUCTURED = "structured"
+    #: Attributes are ``ce-`` headers, the body is the data alone (``application/json``).
+    BINARY = "binary"
+
+
 class Settings(BaseModel):
     """Validated settings of one app; docs/operations/settings.md describes each key."""
 
@@ -69,6 +87,8 @@ class Settings(BaseModel):
     #: The deadline, in seconds, of one publish: ``transmit()``, a retry, a dead letter, one
     #: outbox batch; connecting, publishing and confirming included. Fits a web request.
     publish_timeout: float = Field(default=10.0, gt=0)
+    #: CloudEvents content mode of published events; workers accept both whatever it says.
+    content_mode: ContentMode = ContentMode.STRUCTURED
     #: Routing key format; ``petisco`` needs ``organization``.
     key_format: KeyFormat = KeyFormat.PLAIN
     #: Organization prefix of petisco-style keys (one word).

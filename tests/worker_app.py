@@ -7,6 +7,7 @@ $TEST_MARKER_DIR so the test process can see what happened inside the worker's p
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import signal
@@ -168,6 +169,47 @@ def typed_or_not(event: DomainEvent) -> None:
 def also_untyped(event: DomainEvent) -> None:
     """A second handler of probe.untyped (for pausing one and not the other)."""
     _append("also_untyped", event)
+
+
+# CloudEvents SDK interop (tests/test_binary_mode.py): each handler records what it received.
+class CeTyped(DomainEvent):
+    event_name: ClassVar[str] = "probe.ce.typed"
+    event_version: ClassVar[int] = 2
+    n: int
+    note: str
+
+
+def _record_event(name: str, event: DomainEvent | GenericEvent, fields: dict[str, object]) -> None:
+    seen = {
+        "class": type(event).__name__,
+        "id": event.event_id,
+        "version": event.event_version,
+        "occurred_at": event.occurred_at.isoformat(),
+        **fields,
+    }
+    with _marker(name, str(event.event_id)).open("a") as f:
+        f.write(json.dumps(seen) + "\n")
+
+
+@domain_event_handler("probe.ce.typed", retry=None)
+def ce_typed(event: CeTyped) -> None:
+    """A typed handler: records the event's fields."""
+    _record_event("ce_typed", event, {"n": event.n, "note": event.note})
+
+
+@domain_event_handler("probe.ce.untyped", retry=None)
+def ce_untyped(event: GenericEvent) -> None:
+    """An untyped handler: records the event's data."""
+    _record_event("ce_untyped", event, {"name": event.event_name, "data": event.data})
+
+
+@domain_event_handler(
+    "probe.ce.retry", retry=RetryPolicy(max_retries=1, backoff=False, countdown=0)
+)
+def ce_flaky(event: GenericEvent) -> None:
+    """Always fails: retried once at once, then dead-lettered."""
+    _record_event("ce_flaky", event, {"data": event.data})
+    raise RuntimeError("ce_flaky handler failed")
 
 
 # Transient handlers (tests/test_transient.py): each line names the worker (TEST_WORKER_TAG).

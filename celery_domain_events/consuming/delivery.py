@@ -78,12 +78,15 @@ def task_meta(
     content_encoding: str | None,
     properties: Mapping[str, Any],
     headers: Mapping[str, Any],
+    body: str | None = None,
 ) -> dict[str, Any]:
     """Return the ``meta`` task kwarg: what a retry or dead letter needs to rebuild the delivery.
 
-    It reaches the pool in-process (pickled by prefork), never through the broker.
+    ``body`` is a binary-mode event's original body (``raw_event`` is then the structured
+    envelope made of it): retries and dead letters re-publish it, not ``raw_event``. It
+    reaches the pool in-process (pickled by prefork), never through the broker.
     """
-    return {
+    meta = {
         "queue": queue,
         "exchange": exchange,
         "routing_key": routing_key,
@@ -92,6 +95,9 @@ def task_meta(
         "properties": {k: _plain(properties[k]) for k in KEPT_PROPERTIES if k in properties},
         "headers": dict(headers),
     }
+    if body is not None:
+        meta["body"] = body
+    return meta
 
 
 def _meta(message: Message, inbound: Inbound, queue: str) -> dict[str, Any]:
@@ -103,6 +109,7 @@ def _meta(message: Message, inbound: Inbound, queue: str) -> dict[str, Any]:
         content_encoding=message.content_encoding,
         properties=message.properties or {},
         headers=inbound.headers,
+        body=inbound.body,
     )
 
 

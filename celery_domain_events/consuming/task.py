@@ -6,12 +6,14 @@ An ``async def`` handler's coroutine runs on the process's event loop (:mod:`.ai
 the pool thread waits for it, inside the same scope, trace context, retries, dead letters and
 time limits as a plain function. Two things differ from a plain Celery task:
 
-* ``retry()`` re-publishes the *event* (the CloudEvent body byte for byte, its properties and
-  headers, plus ``x-retries``) to the handler's own queue through the service's retry exchange
-  (``<exchange>.retry``, keyed by queue name), confirmed, with the countdown as ``x-retry-at``
-  (classic queues) or through RabbitMQ's native delayed delivery (quorum queues). Celery would
-  re-publish a task message to the original exchange and routing key: every other handler
-  would run again, and the worker would have to trust a task body read from a queue.
+* ``retry()`` re-publishes the *event* (the delivery's body byte for byte, its properties and
+  headers, plus ``x-retries``; a binary-mode event's original data and ``ce-`` headers, not
+  the structured envelope the worker made of them) to the handler's own queue through the
+  service's retry exchange (``<exchange>.retry``, keyed by queue name), confirmed, with the
+  countdown as ``x-retry-at`` (classic queues) or through RabbitMQ's native delayed delivery
+  (quorum queues). Celery would re-publish a task message to the original exchange and
+  routing key: every other handler would run again, and the worker would have to trust a
+  task body read from a queue.
 * On the final failure (retries spent, or an error that is never retried), the original body
   is dead-lettered with a failure record and confirmed *before* Celery acks the delivery
   (``acks_late``). If the dead letter cannot be confirmed, the delivery is requeued instead.
@@ -69,7 +71,7 @@ from celery_domain_events.wire.message import OutboundMessage
 
 from . import dead_letter, spans
 
-__all__ = ["DomainEventTask", "HandlerRequest", "retry_message"]
+__all__ = ["DomainEventTask", "HandlerRequest", "original_body", "retry_message"]
 
 log = logging.getLogger(__name__)
 
@@ -522,7 +524,7 @@ class DomainEventTask(Task):  # type: ignore[type-arg]
     ) -> OutboundMessage:
         meta: dict[str, Any] = delivery.get("meta") or {}
         return dead_letter_message(
-            body=str(delivery["raw_event"]).encode("utf-8", "surrogatepass"),
+            body=original_body(str(delivery["raw_event"]), meta),
             queue=meta.get("queue", "")
             if self.handler_spec.transient
             else ext.topology.handler_queue_name(self.handler_spec),
@@ -629,7 +631,7 @@ def retry_message(  # noqa: PLR0917
     elif countdown > 0:
         headers[RETRY_AT_HEADER] = time.time() + countdown
     return OutboundMessage(
-        body=raw_event.encode("utf-8", "surrogatepass"),
+        body=original_body(raw_event, meta),
         exchange=exchange,
         routing_key=routing_key,
         content_type=meta.get("content_type") or wire_envelope.CONTENT_TYPE,
@@ -639,6 +641,12 @@ def retry_message(  # noqa: PLR0917
         mandatory=True,
         must_route=True,
     )
+
+
+def original_body(raw_event: str, meta: Mapping[str, Any]) -> bytes:
+    """The body a delivery had on the wire: ``raw_event``, or a binary-mode event's data."""
+    body = meta.get("body", raw_event)
+    return str(body).encode("utf-8", "surrogatepass")
 
 
 def _acks_on_timeout(task: Task[Any, Any]) -> bool:

@@ -19,7 +19,7 @@ from celery_domain_events.exceptions import PublishError
 from celery_domain_events.extension import DomainEvents
 from celery_domain_events.publishing import spans
 from celery_domain_events.publishing.send import outbound_messages
-from celery_domain_events.wire import envelope
+from celery_domain_events.wire import binary, envelope
 from celery_domain_events.wire.message import OutboundMessage
 
 __all__ = [
@@ -112,7 +112,10 @@ def messages_of(ext: DomainEvents, rows: Iterable[Any]) -> list[OutboundMessage]
             body=bytes(row.body),
             exchange=row.exchange,
             routing_key=row.routing_key,
-            content_type=envelope.CONTENT_TYPE,
+            # A row's headers say its mode: binary-mode rows have ce- headers, data as body.
+            content_type=binary.DATA_CONTENT_TYPE
+            if binary.SPECVERSION_HEADER in row.headers
+            else envelope.CONTENT_TYPE,
             properties=dict(row.properties),
             headers=dict(row.headers),
             mandatory=mandatory,

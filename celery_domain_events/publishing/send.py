@@ -10,12 +10,12 @@ from typing import Any
 from pydantic_core import PydanticSerializationError, to_json
 
 from celery_domain_events import metrics, tracing
-from celery_domain_events.config import KeyFormat
+from celery_domain_events.config import ContentMode, KeyFormat
 from celery_domain_events.events import AnyEvent, DomainEvent, GenericEvent
 from celery_domain_events.exceptions import EventDefinitionError, PublishError
 from celery_domain_events.extension import DomainEvents
 from celery_domain_events.routing import validate_event_name
-from celery_domain_events.wire import envelope
+from celery_domain_events.wire import binary, envelope
 from celery_domain_events.wire.message import OutboundMessage
 
 from . import spans
@@ -85,7 +85,8 @@ def outbound_messages(
     is in the body; the AMQP properties repeat only what brokers and tools show without
     parsing it (id, name, time and the producing service). No application headers: they
     would only repeat the body, and an AMQP header table is the most expensive part of a
-    publish to encode, on the client and on the broker.
+    publish to encode, on the client and on the broker. With ``domain_events_content_mode =
+    "binary"``, the attributes are ``ce-`` headers and the body is the data alone.
     """
     settings = ext.settings
     service = settings.service
@@ -93,6 +94,8 @@ def outbound_messages(
     mandatory = settings.unrouted_queue is None
     # Plain keys are the event names; only other formats need the per-event call.
     routing_key = None if settings.key_format is KeyFormat.PLAIN else ext.topology.routing_key
+    if settings.content_mode is ContentMode.BINARY:
+        return _binary_messages(ext, events, traceparent, routing_key)
     encode = envelope.encoder(service, traceparent=traceparent)
     content_type = envelope.CONTENT_TYPE
     messages = []
@@ -112,6 +115,38 @@ def outbound_messages(
                     "app_id": service,
                 },
                 mandatory=mandatory,
+                source=event,
+            )
+        )
+    return messages
+
+
+def _binary_messages(
+    ext: DomainEvents,
+    events: list[AnyEvent],
+    traceparent: str | None,
+    routing_key: Any,
+) -> list[OutboundMessage]:
+    settings = ext.settings
+    encode = binary.encoder(settings.service, traceparent=traceparent)
+    messages = []
+    for event in events:
+        headers, body, event_id = encode(event)
+        name = event.event_name
+        messages.append(
+            OutboundMessage(
+                body,
+                settings.exchange,
+                name if routing_key is None else routing_key(event),
+                binary.DATA_CONTENT_TYPE,
+                properties={
+                    "message_id": event_id,
+                    "type": name,
+                    "timestamp": int(event.occurred_at.timestamp()),
+                    "app_id": settings.service,
+                },
+                headers=headers,
+                mandatory=settings.unrouted_queue is None,
                 source=event,
             )
         )

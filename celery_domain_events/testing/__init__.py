@@ -62,7 +62,7 @@ from celery_domain_events.exceptions import EventDecodeError
 from celery_domain_events.extension import DomainEvents
 from celery_domain_events.registry import HandlerSpec
 from celery_domain_events.routing import matches
-from celery_domain_events.wire import envelope
+from celery_domain_events.wire import binary, envelope
 from celery_domain_events.wire.dead_letter import DeadLetter
 from celery_domain_events.wire.message import OutboundMessage
 from celery_domain_events.wire.topology import DLQ_SUFFIX
@@ -269,7 +269,7 @@ class EventCapture:
         with self._lock:
             first_letter = len(self._dead_letters)
         result = task.apply(
-            kwargs={"raw_event": message.body.decode("utf-8"), "meta": self._meta(delivery)},
+            kwargs={"raw_event": _raw_event(message), "meta": self._meta(delivery)},
             task_id=task_id_for(_event_id(message), spec.name),
             throw=False,
         )
@@ -304,7 +304,7 @@ class EventCapture:
             kwargs={
                 "batch": [
                     {
-                        "raw_event": delivery.message.body.decode("utf-8"),
+                        "raw_event": _raw_event(delivery.message),
                         "meta": self._meta(delivery),
                         "retries": 0,
                         "event_id": event_id,
@@ -339,10 +339,11 @@ class EventCapture:
             content_encoding=message.content_encoding,
             properties=message.properties,
             headers=message.headers,
+            body=_original_body(message),
         )
 
     def _decode(self, message: OutboundMessage) -> AnyEvent:
-        decoded = envelope.decode(message.body)
+        decoded = envelope.decode(_raw_event(message))
         return envelope.to_event(decoded, self.ext.events)
 
     def _receive(self, messages: Sequence[OutboundMessage]) -> None:
@@ -440,5 +441,23 @@ class CaptureTransport:
 
 
 def _event_id(message: OutboundMessage) -> str:
-    # As a worker does: the CloudEvents id from the body, whatever message_id says.
-    return envelope.peek_id(message.body) or str(message.properties.get("message_id"))
+    # As a worker does: the CloudEvents id (from the body, or ce-id), whatever message_id says.
+    if binary.is_binary(message.content_type, message.headers):
+        found = binary.event_id(message.headers)
+    else:
+        found = envelope.peek_id(message.body)
+    return found or str(message.properties.get("message_id"))
+
+
+def _raw_event(message: OutboundMessage) -> str:
+    # What a worker hands the task: the structured envelope (made of a binary-mode message).
+    try:
+        return binary.envelope_text(message.body, message.content_type, message.headers)[0]
+    except EventDecodeError:
+        return message.body.decode("utf-8", "replace")  # the task finds it is poison
+
+
+def _original_body(message: OutboundMessage) -> str | None:
+    if not binary.is_binary(message.content_type, message.headers):
+        return None
+    return message.body.decode("utf-8", "surrogateescape")

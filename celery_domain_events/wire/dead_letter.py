@@ -29,6 +29,7 @@ from typing import Any
 
 from celery_domain_events._compat import encoded_table_size
 
+from . import binary
 from .envelope import CONTENT_TYPE, peek_id
 from .inbound import (
     KEPT_PROPERTIES,
@@ -145,12 +146,26 @@ def failure_key(queue: str, event_id: str, attempts: int) -> str:
     return hashlib.blake2b(text, digest_size=16).hexdigest()
 
 
-def _id_of(properties: Mapping[str, Any] | None, body: bytes) -> str:
+def _id_of(
+    properties: Mapping[str, Any] | None,
+    body: bytes,
+    content_type: str | None = None,
+    headers: Mapping[str, Any] | None = None,
+) -> str:
     message_id = (properties or {}).get("message_id")
     if isinstance(message_id, str) and message_id:
         return message_id
-    found = peek_id(body) if len(body) <= _PEEK_BYTES else None
+    found = _body_id(body, content_type, headers)
     return found or "sha256:" + hashlib.sha256(body).hexdigest()
+
+
+def _body_id(
+    body: bytes, content_type: str | None, headers: Mapping[str, Any] | None
+) -> str | None:
+    # A binary-mode event's id is its ce-id header: its body is the data, whose "id" is not it.
+    if headers and binary.is_binary(content_type, headers):
+        return binary.event_id(headers)
+    return peek_id(body) if len(body) <= _PEEK_BYTES else None
 
 
 def dead_letter_message(
@@ -183,7 +198,7 @@ def dead_letter_message(
         "routing-key": routing_key,
         "time": datetime.now(timezone.utc).isoformat(),
         "task-id": task_id or "",
-        "key": failure_key(queue, _id_of(properties, body), attempts),
+        "key": failure_key(queue, _id_of(properties, body, content_type, headers), attempts),
     }
     failure = {HEADER_PREFIX + k: v for k, v in record.items()}
     kept, dropped = _kept_headers(headers or {})
@@ -234,12 +249,11 @@ class DeadLetter:
 
     @property
     def event_id(self) -> str:
-        """The event id: the CloudEvents ``id`` (``message_id``, else read from the body)."""
+        """The event id: the CloudEvents ``id`` (``message_id``, else the body's or ``ce-id``)."""
         message_id = self.properties.get("message_id")
         if message_id:
             return str(message_id)
-        event_id = peek_id(self.body) if len(self.body) <= _PEEK_BYTES else None
-        return event_id or "?"
+        return _body_id(self.body, self.content_type, self.headers) or "?"
 
     @property
     def event_name(self) -> str:

@@ -15,6 +15,11 @@ never executes anything from the message, never recurses without bound, and read
   non-empty string ``id`` and ``type``;
 * application headers may nest at most :data:`MAX_HEADER_DEPTH` tables deep.
 
+A binary-mode CloudEvent (attributes in ``ce-`` headers, data in the body, see
+:mod:`.binary`) gets the same checks, then becomes the equivalent structured envelope:
+:attr:`Inbound.text` is that envelope, :attr:`Inbound.body` the original body, which retries
+and dead letters re-publish.
+
 The full CloudEvents validation of the envelope and the event model runs in the pool
 (:mod:`celery_domain_events.consuming.task`), where a failure dead-letters the event as poison
 too.
@@ -38,6 +43,7 @@ from pydantic_core import from_json
 
 from celery_domain_events._compat import UNDECODABLE_HEADER
 from celery_domain_events.exceptions import EventDecodeError
+from celery_domain_events.wire import binary
 from celery_domain_events.wire.envelope import JSON_CONTENT_TYPES, json_error
 
 __all__ = [
@@ -69,6 +75,7 @@ DELAYED_EXCHANGE_PREFIX = "celery_delayed_"
 #: Deepest nesting of AMQP tables and arrays in application headers.
 MAX_HEADER_DEPTH = 8
 _MAX_RETRIES = 1_000_000
+_MAX_DIGITS = 9
 # Untrusted text shown in Flower and logs is cut to this many characters.
 _SHOWN = 120
 
@@ -77,7 +84,8 @@ _SHOWN = 120
 class Inbound:
     """A delivery that passed the main-thread checks; the pool validates the rest."""
 
-    #: The body as text (UTF-8 JSON).
+    #: The structured envelope as text (UTF-8 JSON): the body, or a binary-mode event's
+    #: attributes and data.
     text: str
     #: The CloudEvents ``id``: the delivery's identity (task ids derive from it).
     event_id: str
@@ -96,6 +104,9 @@ class Inbound:
     routing_key: str
     #: The application headers, copied (bounded depth).
     headers: dict[str, Any]
+    #: A binary-mode event's original body (its data) as text; None in structured mode,
+    #: where :attr:`text` is the body.
+    body: str | None = None
 
 
 def raw_body(body: Any, content_encoding: str | None) -> bytes:
@@ -127,10 +138,10 @@ def _media_type(content_type: Any) -> str:
     return media.strip().lower()
 
 
-def _text(message: Message, max_bytes: int) -> str:
+def _text(message: Message, max_bytes: int, *, structured: bool = True) -> str:
     content_type = message.content_type
     media = content_type if content_type in JSON_CONTENT_TYPES else _media_type(content_type)
-    if media not in JSON_CONTENT_TYPES:
+    if structured and media not in JSON_CONTENT_TYPES:
         raise EventDecodeError(
             f"content type {str(message.content_type)[:_SHOWN]!r} is not accepted; events are "
             f"JSON ({', '.join(sorted(JSON_CONTENT_TYPES))})"
@@ -155,6 +166,23 @@ def _text(message: Message, max_bytes: int) -> str:
             f"body is {size} bytes, over domain_events_max_event_bytes={max_bytes}"
         )
     return text
+
+
+def _structured(message: Message, max_bytes: int) -> tuple[str, dict[str, Any]]:
+    text = _text(message, max_bytes)
+    try:
+        envelope = from_json(text, allow_inf_nan=False)
+    except (ValueError, TypeError) as exc:  # TypeError: a str with a lone surrogate
+        raise EventDecodeError(json_error(text, exc)) from exc
+    if not isinstance(envelope, dict):
+        raise EventDecodeError(f"body must be a JSON object, got {type(envelope).__name__}")
+    event_id = envelope.get("id")
+    event_type = envelope.get("type")
+    if not isinstance(event_id, str) or not event_id:
+        raise EventDecodeError("not a CloudEvents envelope: 'id' must be a non-empty string")
+    if not isinstance(event_type, str) or not event_type:
+        raise EventDecodeError("not a CloudEvents envelope: 'type' must be a non-empty string")
+    return text, envelope
 
 
 def bounded_copy(value: Any, depth: int = 0) -> Any:
@@ -220,19 +248,22 @@ def check(
             f"AMQP headers could not be decoded: {str(raw_headers[UNDECODABLE_HEADER])[:_SHOWN]}"
         )
     headers = bounded_copy(raw_headers) if raw_headers else {}
-    text = _text(message, max_bytes)
-    try:
-        envelope = from_json(text, allow_inf_nan=False)
-    except (ValueError, TypeError) as exc:  # TypeError: a str with a lone surrogate
-        raise EventDecodeError(json_error(text, exc)) from exc
-    if not isinstance(envelope, dict):
-        raise EventDecodeError(f"body must be a JSON object, got {type(envelope).__name__}")
-    event_id = envelope.get("id")
-    event_type = envelope.get("type")
-    if not isinstance(event_id, str) or not event_id:
-        raise EventDecodeError("not a CloudEvents envelope: 'id' must be a non-empty string")
-    if not isinstance(event_type, str) or not event_type:
-        raise EventDecodeError("not a CloudEvents envelope: 'type' must be a non-empty string")
+    body: str | None = None
+    if binary.is_binary(message.content_type, headers):
+        body = _text(message, max_bytes, structured=False)
+        text, envelope = binary.to_structured(body, message.content_type, headers)
+    else:
+        try:
+            text, envelope = _structured(message, max_bytes)
+        except EventDecodeError as exc:
+            if binary.has_attribute_headers(headers):
+                raise EventDecodeError(
+                    f"{exc} (its ce- headers have no ce-specversion, so it is not read as a "
+                    "binary-mode CloudEvent)"
+                ) from exc
+            raise
+    event_id = envelope["id"]
+    event_type = envelope["type"]
     delivery_info = message.delivery_info or {}
     exchange = str(delivery_info.get("exchange") or "")
     routing_key = str(delivery_info.get("routing_key") or "")
@@ -245,14 +276,27 @@ def check(
         text=text,
         event_id=event_id,
         event_type=event_type,
-        version=envelope.get("eventversion", 1),
+        version=_version(envelope.get("eventversion", 1)),
         source=envelope.get("source"),
         retries=retries,
         due=due,
         exchange=exchange,
         routing_key=routing_key,
         headers=headers,
+        body=body,
     )
+
+
+def _version(value: Any) -> Any:
+    # Binary mode carries every attribute as a string: show ce-eventversion "2" as 2.
+    if (
+        isinstance(value, str)
+        and 0 < len(value) <= _MAX_DIGITS
+        and value.isascii()
+        and value.isdigit()
+    ):
+        return int(value)
+    return value
 
 
 def summary(inbound: Inbound) -> str:
