@@ -238,7 +238,9 @@ def test_a_broker_stopped_mid_batch_loses_nothing_and_resends_only_the_unconfirm
 
     events, error, elapsed, left = run(main, app)
     assert isinstance(error, PublishError)
-    assert elapsed <= DEADLINE + 1  # not counting the time rabbitmqctl took to stop the node
+    # Not counting the time rabbitmqctl took to stop the node: the reconnect attempts after
+    # the loss run under the deadline (a hung transmit would take minutes).
+    assert elapsed <= DEADLINE + 5
     unconfirmed = list(error.events)
     assert left == unconfirmed  # exactly the unconfirmed ones, in order
     assert 0 < len(unconfirmed) < EVENTS
