@@ -190,7 +190,6 @@ def _publish(app: Celery, event_type: str, count: int) -> tuple[list[str], dict[
 @pytest.mark.rabbitmq
 @pytest.mark.worker
 @pytest.mark.slow
-@pytest.mark.matrix
 @pytest.mark.parametrize("pool", list(POOLS))
 def test_batches_in_a_real_worker_settle_each_event_alone(
     topology: Topology, worker_process: Callable[..., WorkerProcess], pool: str
