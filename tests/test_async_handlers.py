@@ -170,7 +170,7 @@ def test_a_coroutine_ignoring_its_cancellation_is_left_after_cancel_timeout(
         try:
             await asyncio.sleep(30)
         except asyncio.CancelledError:
-            await asyncio.sleep(0.5)  # swallows the cancellation and goes on
+            await asyncio.sleep(3)  # swallows the cancellation and goes on
         finished.set()
 
     soft_time_limit_in(0.1)
@@ -180,10 +180,10 @@ def test_a_coroutine_ignoring_its_cancellation_is_left_after_cancel_timeout(
         pytest.raises(SoftTimeLimitExceeded),
     ):
         aio_loop.run(stubborn(), cancel_timeout=0.1)
-    assert time.monotonic() - started < 0.45  # did not wait for the 0.5 s
+    assert time.monotonic() - started < 2  # did not wait for the 3 s
     assert not finished.is_set()
     assert "did not finish within 0.1 s of its cancellation" in caplog.text
-    assert finished.wait(5)  # it went on running on the loop
+    assert finished.wait(10)  # it went on running on the loop
 
 
 @pytest.mark.parametrize("exc_type", [SystemExit, KeyboardInterrupt])

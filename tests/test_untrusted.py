@@ -74,14 +74,18 @@ def letters(topology: Topology, dlq: str) -> list[Any]:
 
 
 def assert_alive_and_fast(worker: WorkerProcess) -> None:
-    """The worker still runs and handles a valid event within 1 s of its publication."""
+    """The worker still runs and handles a valid event within 3 s of its publication.
+
+    3 s, not less: the version matrix runs four test sessions with their workers at once on
+    two cores.
+    """
     assert worker.proc is not None
     assert worker.proc.poll() is None, worker.log()[-3000:]
     event = envelope()
     publish_at = time.monotonic()
     publish(worker.topology, json.dumps(event).encode())
-    wait_for(lambda: worker.marker_lines("typed_or_not", event["id"]) != [], timeout=1.0)
-    assert time.monotonic() - publish_at < 1.0
+    wait_for(lambda: worker.marker_lines("typed_or_not", event["id"]) != [], timeout=3.0)
+    assert time.monotonic() - publish_at < 3.0
 
 
 @pytest.fixture(params=list(POOLS))
