@@ -845,6 +845,8 @@ MAIN_RATIOS: tuple[tuple[str, str, str, float | None], ...] = (
 CPU_RATIOS = (
     ("solo (b)/(c)", "b.solo", "c.solo"),
     ("prefork (b)/(c)", "b.prefork", "c.prefork"),
+    ("metrics off/on (c)/(i), solo", "c.solo", "i.solo"),
+    ("metrics off/on (c)/(i), prefork", "c.prefork", "i.prefork"),
     ("(f) plain/inbox, prefork", "f.plain", "f.inbox"),
     ("(g) raw consume/batch, solo", "a.consume", "g.solo"),
     ("(g) raw consume/batch, prefork", "a.consume", "g.prefork"),
@@ -1086,8 +1088,13 @@ def scenario_batch_noop(b: Bench, res: Results, pools: Sequence[str]) -> None:
         res.add_drain(f"g.{pool}", drain)
 
 
-METRICS_ROWS = tuple(row for row in MAIN_ROWS if row[0][0] in "cg")
+METRICS_ROWS = tuple(row for row in MAIN_ROWS if row[0][0] in "ci")
 METRICS_RATIOS = tuple(r for r in MAIN_RATIOS if r[1].startswith("i."))
+#: Worker CPU per run, metrics off/on: below 1.0, a run costs more CPU with metrics on.
+METRICS_CPU_RATIOS = (
+    ("solo (c)/(i)", "c.solo", "i.solo"),
+    ("prefork (c)/(i)", "c.prefork", "i.prefork"),
+)
 
 
 def run_metrics_pair(b: Bench, res: Results) -> None:
@@ -1097,7 +1104,7 @@ def run_metrics_pair(b: Bench, res: Results) -> None:
         for pool in POOLS:
             for on in (False, True) if i % 2 == 0 else (True, False):
                 drain = scenario_worker(b, "events", pool, DEFAULT_PREFETCH, metrics=on)
-                res.add_drain(f"{'g' if on else 'c'}.{pool}", drain)
+                res.add_drain(f"{'i' if on else 'c'}.{pool}", drain)
 
 
 def run_sweep(b: Bench, res: Results) -> None:
@@ -1181,10 +1188,16 @@ def metrics_pair_main(args: argparse.Namespace) -> int:
     b = bench_of(args)
     redis.Redis.from_url(b.redis_url).ping()
     res = Results()
+    digest = source_digest()
     run_metrics_pair(b, res)
     print(f"\nmetrics on/off: N={b.n}, {b.repeat} repeat(s), medians; {code_version()}")
+    if source_digest() != digest:
+        print("WARNING: the library's sources changed during the run; results mix versions")
     print_table(res, METRICS_ROWS, b.n)
     print_ratios(res, METRICS_RATIOS)
+    print_cpu_ratios(res, METRICS_CPU_RATIOS, b.n)
+    if args.json:
+        write_json(args.json, b, res, None)
     return 0
 
 
@@ -1267,20 +1280,25 @@ def run_all(args: argparse.Namespace) -> int:
 
         instructions.print_instructions(counts)
     if args.json:
-        args.json.write_text(
-            json.dumps(
-                {
-                    "n": b.n,
-                    "repeat": b.repeat,
-                    "values": res.values,
-                    "drains": {k: [asdict(d) for d in v] for k, v in res.drains.items()},
-                    "ratios": all_ratios(res, b.n),
-                    "instructions": counts,
-                },
-                indent=2,
-            )
-        )
+        write_json(args.json, b, res, counts)
     return 0
+
+
+def write_json(path: Path, b: Bench, res: Results, counts: Any) -> None:
+    """Every value, drain and ratio of the run (and the instruction counts, if any)."""
+    path.write_text(
+        json.dumps(
+            {
+                "n": b.n,
+                "repeat": b.repeat,
+                "values": res.values,
+                "drains": {k: [asdict(d) for d in v] for k, v in res.drains.items()},
+                "ratios": all_ratios(res, b.n),
+                "instructions": counts,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import sqlalchemy as sa
-from celery import Celery
+from celery import Celery, current_task
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.orm import sessionmaker
 
@@ -214,8 +214,10 @@ def ce_flaky(event: GenericEvent) -> None:
 
 # Transient handlers (tests/test_transient.py): each line names the worker (TEST_WORKER_TAG).
 def _append_tagged(name: str, event: DomainEvent) -> None:
+    # Fields: time, pid, the worker's tag, the queue the event came from.
+    queue = ((current_task.request.kwargs or {}).get("meta") or {}).get("queue", "-")
     with _marker(name, str(event.event_id)).open("a") as f:
-        f.write(f"{time.time()} {os.getpid()} {os.environ.get('TEST_WORKER_TAG', '-')}\n")
+        f.write(f"{time.time()} {os.getpid()} {os.environ.get('TEST_WORKER_TAG', '-')} {queue}\n")
 
 
 @domain_event_handler("probe.transient", transient=True, retry=None)
