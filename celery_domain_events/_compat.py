@@ -17,7 +17,8 @@ that fails on an upgrade that changes it. No other module touches a private name
   (``celery.worker.state.should_terminate``).
 - Django: ``connection.run_on_commit`` entries ``(savepoint ids, func, robust)``.
 - prometheus-client: ``prometheus_client.values.ValueClass`` (chosen once, when it is first
-  imported, from ``PROMETHEUS_MULTIPROC_DIR``) and ``values.MultiProcessValue``.
+  imported, from ``PROMETHEUS_MULTIPROC_DIR``) and ``values.MultiProcessValue``; a histogram
+  child's ``_upper_bounds``, ``_buckets`` and ``_sum`` (to add many observations at once).
 - SQLAlchemy: ``sqlalchemy.util.await_only`` (await a coroutine from the sync code an
   ``AsyncSession`` runs in its greenlet; documented for dialect authors, not in ``__all__``).
 """
@@ -54,6 +55,8 @@ __all__ = [
     "django_remove_on_commit",
     "encoded_table_size",
     "harden_amqp_decoder",
+    "histogram_add",
+    "histogram_bounds",
     "on_every_app",
     "prometheus_multiprocess_values",
     "restored_current_app",
@@ -473,3 +476,20 @@ def prometheus_multiprocess_values() -> None:
 
     if not getattr(values.ValueClass, "_multiprocess", False):
         values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
+
+
+def histogram_bounds(child: Any) -> list[float]:
+    """The upper bounds of a prometheus-client histogram child's buckets (``+Inf`` last)."""
+    return list(child._upper_bounds)
+
+
+def histogram_add(child: Any, counts: Sequence[float], total: float) -> None:
+    """Add observations to a histogram child at once: ``counts[i]`` in bucket ``i``, sum ``total``.
+
+    What as many ``observe()`` calls would record (prometheus-client stores each bucket's own
+    count, not the cumulative one), with one value write per bucket touched.
+    """
+    for bucket, count in zip(child._buckets, counts, strict=False):
+        if count:
+            bucket.inc(count)
+    child._sum.inc(total)

@@ -9,12 +9,21 @@ worker's ``domain_events_metrics_port``). Metrics live in prometheus-client's de
 Labels are bounded: the service, the handler, the event name and the outcome, never an id. An
 event name comes from the wire, so each process keeps at most :data:`MAX_EVENT_NAMES` of them
 and counts any further name as ``other``.
+
+Handler runs (outcomes, durations, lags) are counted into a buffer of the process first, which
+a daemon thread applies to prometheus-client every :data:`FLUSH_SECONDS` (and :func:`flush`,
+and the process's exit): a run then costs one uncontended lock and a few dict updates, where
+recording it directly costs five locked value writes (to mmap'd files with prefork).
+Publishing is counted directly, once per batch.
 """
 
 from __future__ import annotations
 
+import atexit
+import bisect
 import functools
 import logging
+import os
 import threading
 import time
 from collections import Counter
@@ -23,6 +32,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, ParamSpec
 
+from . import _compat
 from .config import Settings
 from .exceptions import ConfigurationError
 
@@ -30,12 +40,14 @@ __all__ = [
     "DEAD_LETTERED",
     "DROPPED",
     "DUPLICATE",
+    "FLUSH_SECONDS",
     "HANDLED",
     "METRICS",
     "OUTCOMES",
     "RETRIED",
     "MetricInfo",
     "batch_ran",
+    "flush",
     "handler_outcome",
     "handler_started",
     "publishing",
@@ -162,6 +174,88 @@ class _Metrics:
         self._names.add(name)
         return name
 
+
+#: Longest time a handler run's metrics wait in the process's buffer (see the module docstring).
+FLUSH_SECONDS = 1.0
+
+
+class _Pending:
+    """Handler-run observations of this process not yet applied to prometheus-client."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        #: counter child -> amount
+        self.counts: dict[Any, float] = {}
+        #: histogram child -> [count per bucket ..., sum]
+        self.histograms: dict[Any, list[float]] = {}
+        #: histogram child -> its buckets' upper bounds
+        self.bounds: dict[Any, list[float]] = {}
+        self.thread: threading.Thread | None = None
+
+    def inc(self, child: Any, amount: float = 1) -> None:
+        self._started()
+        with self.lock:
+            self.counts[child] = self.counts.get(child, 0) + amount
+
+    def observe(self, child: Any, value: float) -> None:
+        self._started()
+        bounds = self.bounds.get(child)
+        if bounds is None:
+            bounds = self.bounds[child] = _compat.histogram_bounds(child)
+        # prometheus-client's bucket: the first whose upper bound is >= the value.
+        index = bisect.bisect_left(bounds, value)
+        with self.lock:
+            sums = self.histograms.get(child)
+            if sums is None:
+                sums = self.histograms[child] = [0.0] * (len(bounds) + 1)
+            sums[index] += 1
+            sums[-1] += value
+
+    def flush(self) -> None:
+        with self.lock:
+            counts, histograms = self.counts, self.histograms
+            self.counts, self.histograms = {}, {}
+        # Histograms first: a scrape that sees a run counted sees its duration and lag too.
+        for child, sums in histograms.items():
+            _compat.histogram_add(child, sums[:-1], sums[-1])
+        for child, amount in counts.items():
+            child.inc(amount)
+
+    def _started(self) -> None:
+        if self.thread is None:
+            with self.lock:
+                if self.thread is None:
+                    self.thread = threading.Thread(
+                        target=self._run, name="domain-events-metrics", daemon=True
+                    )
+                    self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(FLUSH_SECONDS)
+            try:
+                self.flush()
+            except Exception:
+                log.exception("Domain events: could not apply buffered metrics")
+
+
+_pending = _Pending()
+
+
+def flush() -> None:
+    """Apply this process's buffered handler-run metrics to prometheus-client now."""
+    _pending.flush()
+
+
+def _forget_in_child() -> None:
+    # A forked process starts empty: what its parent buffered is the parent's to apply (a copy
+    # would count twice), and the parent's flushing thread does not exist here.
+    global _pending  # noqa: PLW0603
+    _pending = _Pending()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
+atexit.register(flush)
 
 _lock = threading.Lock()
 log = logging.getLogger(__name__)
@@ -292,7 +386,7 @@ def handler_started(
     m = _get()
     lag = _lag(event_time, time.time())
     if lag is not None:
-        m.child(m.lag, settings.service, handler).observe(lag)
+        _pending.observe(m.child(m.lag, settings.service, handler), lag)
     _current.run = _Run(run_id, m.event(event), time.monotonic())
 
 
@@ -313,8 +407,10 @@ def handler_outcome(
     if run is not None and run_id is not None and run.run_id == run_id:
         _current.run = None
         event = run.event
-        m.child(m.duration, settings.service, handler).observe(time.monotonic() - run.started)
-    m.child(m.runs, settings.service, handler, event, outcome).inc(count)
+        _pending.observe(
+            m.child(m.duration, settings.service, handler), time.monotonic() - run.started
+        )
+    _pending.inc(m.child(m.runs, settings.service, handler, event, outcome), count)
 
 
 @_never_raises
@@ -345,10 +441,10 @@ def batch_ran(
     for event in events:
         value = _lag(getattr(event, "occurred_at", None), start_wall)
         if value is not None:
-            lag.observe(value)
+            _pending.observe(lag, value)
+    if events:
+        _pending.observe(m.child(m.duration, service, handler), now - started)
     for key, label in ((HANDLED, HANDLED), ("retried", RETRIED), ("dead_lettered", DEAD_LETTERED)):
         by_name = Counter(names.get(str(i), "") for i in outcome.get(key, ()))
         for name, count in by_name.items():
-            m.child(m.runs, service, handler, m.event(name), label).inc(count)
-    if events:
-        m.child(m.duration, service, handler).observe(now - started)
+            _pending.inc(m.child(m.runs, service, handler, m.event(name), label), count)

@@ -368,3 +368,31 @@ def test_prometheus_client_picks_its_value_class_from_a_module_attribute(
     prometheus_client.Counter("compat_canary", "x", registry=registry).inc()
     assert [p.name for p in tmp_path.iterdir()] == [f"counter_{os.getpid()}.db"]
     values.ValueClass.close_all_files()
+
+
+def test_a_histogram_takes_many_observations_at_once_as_observe_records_them() -> None:
+    import prometheus_client
+
+    registry = prometheus_client.CollectorRegistry()
+    one_by_one = prometheus_client.Histogram("compat_h1", "x", ["l"], registry=registry)
+    at_once = prometheus_client.Histogram("compat_h2", "x", ["l"], registry=registry)
+    values = [0.001, 0.3, 0.3, 7.0, 1e9]
+    for v in values:
+        one_by_one.labels("a").observe(v)
+    child = at_once.labels("a")
+    bounds = _compat.histogram_bounds(child)
+    assert bounds[-1] == float("inf")
+    counts = [0.0] * len(bounds)
+    for v in values:
+        counts[next(i for i, bound in enumerate(bounds) if v <= bound)] += 1
+    _compat.histogram_add(child, counts, sum(values))
+
+    def samples(name: str) -> list[tuple[str, dict[str, str], float]]:
+        [family] = [m for m in registry.collect() if m.name == name]
+        return [
+            (s.name.removeprefix(name), s.labels, s.value)
+            for s in family.samples
+            if not s.name.endswith("_created")
+        ]
+
+    assert samples("compat_h2") == samples("compat_h1")

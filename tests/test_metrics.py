@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import sys
 import time
@@ -47,6 +48,7 @@ def _service() -> str:
 
 
 def value(name: str, **labels: str) -> float:
+    metrics.flush()  # handler runs reach prometheus-client through the process's buffer
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
@@ -120,6 +122,50 @@ def test_a_run_is_labelled_by_its_event_and_timed_only_when_its_id_matches() -> 
     # A producer's clock ahead of ours is no negative lag.
     metrics.handler_started(settings, "h", "run-2", "user.created", sent + timedelta(hours=1))
     assert value("domain_events_handler_lag_seconds_bucket", service=s, handler="h", le="0.01") == 1
+
+
+def test_buffered_runs_reach_prometheus_client_within_the_flush_interval() -> None:
+    settings = Settings(service=_service(), metrics=True)
+    s = settings.service
+    metrics.handler_started(settings, "h", "run-1", "user.created", datetime.now(timezone.utc))
+    metrics.handler_outcome(settings, "h", metrics.HANDLED, "run-1")
+    runs = "domain_events_handler_runs_total"
+    labels = {"service": s, "handler": "h", "event": "user.created", "outcome": "handled"}
+    started = time.monotonic()
+    # No flush() here: the process's flushing thread applies the buffer.
+    wait_for(
+        lambda: REGISTRY.get_sample_value(runs, labels) == 1, timeout=3 * metrics.FLUSH_SECONDS
+    )
+    assert time.monotonic() - started <= 3 * metrics.FLUSH_SECONDS
+    duration = "domain_events_handler_duration_seconds_count"
+    assert REGISTRY.get_sample_value(duration, {"service": s, "handler": "h"}) == 1
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork only")
+def test_a_forked_process_does_not_apply_what_its_parent_buffered() -> None:
+    settings = Settings(service=_service(), metrics=True)
+    s = settings.service
+    metrics.flush()
+    metrics.handler_outcome(settings, "h", metrics.HANDLED)  # buffered, not applied yet
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: what it applies lands in its copy of the registry
+        metrics.flush()
+        got = REGISTRY.get_sample_value(
+            "domain_events_handler_runs_total",
+            {"service": s, "handler": "h", "event": "", "outcome": "handled"},
+        )
+        os.write(write, repr(got or 0.0).encode())  # the label exists (0) from the parent
+        os._exit(0)
+    os.close(write)
+    assert os.read(read, 100) == b"0.0"  # the child had nothing of its parent's to apply
+    os.waitpid(pid, 0)
+    assert (
+        value(
+            "domain_events_handler_runs_total", service=s, handler="h", event="", outcome="handled"
+        )
+        == 1
+    )
 
 
 def test_a_batch_counts_each_event_by_outcome() -> None:

@@ -90,6 +90,7 @@ def _child_started(**_: Any) -> None:
 def _child_exits(pid: int | None = None, **_: Any) -> None:
     from prometheus_client import multiprocess  # noqa: PLC0415 (an optional dependency)
 
+    metrics.flush()  # a pool process ends with os._exit: atexit would not run
     multiprocess.mark_process_dead(pid or os.getpid())  # type: ignore[no-untyped-call]
 
 
