@@ -9,12 +9,13 @@ children inherit the variable. A child that exits cleanly is marked dead
 (``mark_process_dead``: the live gauges of any metrics of the user's own go); the counters of
 a dead child stay, so totals never go down.
 
-Queue depths are not counted by any process: the worker reads them from the broker every
-``domain_events_metrics_depth_interval`` seconds on its own connection, from its event loop's
-timer (a passive declare per handler queue and per DLQ on one channel), and a collector in the
-main process reports the last values. A scrape therefore costs no broker round trip, and
-the broker sees the same few declares whatever the scrape rate. A transient queue is
-reported under its handler; it has no DLQ.
+Queue depths are not counted by any process: a thread of the worker's main process reads
+them from the broker every ``domain_events_metrics_depth_interval`` seconds on a connection
+of its own (a passive declare per handler queue and per DLQ on one channel), and a collector
+in the main process reports the last values. Never on the consumer's connection or its event
+loop: a synchronous call there waits among the deliveries (a solo worker stalled on it). A
+scrape therefore costs no broker round trip, and the broker sees the same few declares
+whatever the scrape rate. A transient queue is reported under its handler; it has no DLQ.
 """
 
 from __future__ import annotations
@@ -23,11 +24,11 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from celery import signals
-from kombu.common import ignore_errors
 
 from celery_domain_events import _compat, metrics
 from celery_domain_events.amqp.queues import depths
@@ -122,11 +123,12 @@ def serve(
 
     Args:
         ext: the app's extension.
-        parent: Celery's consumer (its connection and timer).
-        queues: returns ``(handler, queue, DLQ or None)`` for each handler queue consumed.
+        parent: Celery's consumer (its app).
+        queues: returns ``(handler, queue, DLQ or None)`` for each handler queue consumed
+            (called from the depth reader's thread).
 
     Returns:
-        The timer entries to cancel when the consumer stops.
+        What to cancel when the consumer stops (the depth reader).
     """
     settings = ext.settings
     if settings.metrics_port is None:
@@ -134,25 +136,42 @@ def serve(
     if _state.server is None and _state.prepared:
         _open_port(settings.metrics_address, settings.metrics_port)
     service = settings.service
+    app = parent.app
 
     def refresh() -> None:
         wanted = queues()
         names = [name for _, queue, dlq in wanted for name in (queue, dlq) if name is not None]
-        found = depths(parent.connection, names)
+        with app.connection_for_read() as conn:
+            found = depths(conn, names)
         _state.depths = {
             (service, handler): (found.get(queue), None if dlq is None else found.get(dlq))
             for handler, queue, dlq in wanted
         }
 
-    ignore_errors(parent.connection, refresh)
-    timer = getattr(parent, "timer", None)
-    if timer is None:
-        return []
-    return [
-        timer.call_repeatedly(
-            settings.metrics_depth_interval, ignore_errors, (parent.connection, refresh)
-        )
-    ]
+    reader = _DepthReader(refresh, settings.metrics_depth_interval)
+    reader.start()
+    return [reader]
+
+
+class _DepthReader(threading.Thread):
+    """Calls ``refresh`` now and every ``interval`` seconds until cancelled (a timer entry)."""
+
+    def __init__(self, refresh: Callable[[], None], interval: float) -> None:
+        super().__init__(name="domain-events-queue-depths", daemon=True)
+        self.refresh = refresh
+        self.interval = interval
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                self.refresh()
+            except Exception as exc:  # the broker is away: the last depths stay, try again
+                log.debug("Domain events: could not read the queue depths: %r", exc)
+            self.stopped.wait(self.interval)
+
+    def cancel(self) -> None:
+        self.stopped.set()
 
 
 def _open_port(address: str, port: int) -> None:
