@@ -19,6 +19,8 @@ that fails on an upgrade that changes it. No other module touches a private name
 - prometheus-client: ``prometheus_client.values.ValueClass`` (chosen once, when it is first
   imported, from ``PROMETHEUS_MULTIPROC_DIR``) and ``values.MultiProcessValue``; a histogram
   child's ``_upper_bounds``, ``_buckets`` and ``_sum`` (to add many observations at once).
+- OpenTelemetry: ``opentelemetry.trace._TRACER_PROVIDER`` (whether a global tracer provider is
+  set, without the environment lookup ``get_tracer_provider()`` makes on every call).
 - SQLAlchemy: ``sqlalchemy.util.await_only`` (await a coroutine from the sync code an
   ``AsyncSession`` runs in its greenlet; documented for dialect authors, not in ``__all__``).
 """
@@ -58,6 +60,7 @@ __all__ = [
     "histogram_add",
     "histogram_bounds",
     "on_every_app",
+    "otel_provider_set",
     "prometheus_multiprocess_values",
     "restored_current_app",
     "route_queue_control",
@@ -493,3 +496,12 @@ def histogram_add(child: Any, counts: Sequence[float], total: float) -> None:
         if count:
             bucket.inc(count)
     child._sum.inc(total)
+
+
+def otel_provider_set(trace: Any) -> bool:
+    """Whether ``opentelemetry.trace`` (passed in) has a global tracer provider set.
+
+    ``trace.get_tracer_provider()`` looks ``OTEL_PYTHON_TRACER_PROVIDER`` up in ``os.environ``
+    on every call while none is set, which every handler run would pay.
+    """
+    return trace._TRACER_PROVIDER is not None

@@ -7,6 +7,7 @@ The defaults (:data:`default_events`, :data:`default_handlers`) are filled at im
 
 from __future__ import annotations
 
+import functools
 import inspect
 import threading
 import typing
@@ -71,7 +72,7 @@ class HandlerSpec:
         """
         return _event_versions(self.fn, batch=self.batch is not None)
 
-    @property
+    @functools.cached_property
     def task_name(self) -> str:
         """The Celery task name, as shown in Flower: ``domain_events.<module>.<name>``."""
         return f"domain_events.{self.fn.__module__}.{self.name}"

@@ -396,3 +396,17 @@ def test_a_histogram_takes_many_observations_at_once_as_observe_records_them() -
         ]
 
     assert samples("compat_h2") == samples("compat_h1")
+
+
+def test_opentelemetry_keeps_its_global_tracer_provider_in_a_module_attribute() -> None:
+    from opentelemetry import trace
+
+    # Set by set_tracer_provider() (once per process: another test may have); None until then.
+    assert hasattr(trace, "_TRACER_PROVIDER")
+    provider = trace.get_tracer_provider()
+    if "OTEL_PYTHON_TRACER_PROVIDER" not in os.environ:
+        assert _compat.otel_provider_set(trace) == (
+            not isinstance(provider, trace.ProxyTracerProvider)
+        )
+    if _compat.otel_provider_set(trace):
+        assert trace._TRACER_PROVIDER is provider

@@ -36,6 +36,7 @@ import traceback
 import weakref
 from collections.abc import Callable, Coroutine, Mapping
 from datetime import datetime, timezone
+from types import CoroutineType
 from typing import Any, cast
 
 from billiard.exceptions import TimeLimitExceeded
@@ -96,20 +97,20 @@ class DomainEventTask(Task):  # type: ignore[type-arg]
     def deliver(self, raw_event: str) -> Any:
         """Decode ``raw_event``, validate it into its model and call the handler with it."""
         ext = DomainEvents.of(self.app)
+        spec = self.handler_spec
         envelope = wire_envelope.decode(raw_event)
         event = wire_envelope.to_event(
-            envelope,
-            ext.events,
-            versions=self.handler_spec.event_versions(),
-            upcasters=ext.upcasters,
+            envelope, ext.events, versions=spec.event_versions(), upcasters=ext.upcasters
         )
-        metrics.handler_started(
-            ext.settings, self.handler_spec.name, self.request.id, envelope.type, envelope.time
-        )
+        settings = ext.settings
+        measured = settings.metrics_enabled  # a run without metrics makes no call for them
+        if measured:
+            metrics.handler_started(
+                settings, spec.name, self.request.id, envelope.type, envelope.time
+            )
         started = time.monotonic()
         # Events the handler emits go out only if it succeeds (a failed transmit fails this
         # attempt, which is retried like any other), and continue the emitter's trace.
-        spec = self.handler_spec
         with spans.handle(self, envelope) as traceparent:
             with publishing.handler_scope(self.app):
                 if spec.idempotent is not None:
@@ -118,18 +119,19 @@ class DomainEventTask(Task):  # type: ignore[type-arg]
                     result = self._run_once(spec, event)
                 else:
                     result = spec.fn(event)
-                    if inspect.iscoroutine(result):  # an async def handler
+                    if type(result) is CoroutineType:  # an async def handler
                         result = _run_coroutine(result)
             if result is DUPLICATE:
                 self._log_duplicate(envelope, ext)
             elif tracing.event_log.isEnabledFor(logging.INFO):
                 self._log_handled(envelope, ext, traceparent, time.monotonic() - started)
-        metrics.handler_outcome(
-            ext.settings,
-            spec.name,
-            metrics.DUPLICATE if result is DUPLICATE else metrics.HANDLED,
-            self.request.id,
-        )
+        if measured:
+            metrics.handler_outcome(
+                settings,
+                spec.name,
+                metrics.DUPLICATE if result is DUPLICATE else metrics.HANDLED,
+                self.request.id,
+            )
         return result
 
     def _run_once(self, spec: HandlerSpec, event: Any) -> Any:

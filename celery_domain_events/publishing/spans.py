@@ -11,11 +11,12 @@ of them continues the trace (docs/operations/tracing.md).
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
-from celery_domain_events import tracing
+from celery_domain_events import _compat, tracing
 from celery_domain_events.events import AnyEvent
 
 _trace: Any
@@ -38,6 +39,8 @@ __all__ = ["TRACER_NAME", "create", "publish", "relay", "tracer"]
 TRACER_NAME = "celery_domain_events"
 
 _cached: tuple[Any, Any] = (None, None)
+#: OpenTelemetry makes the provider this variable names when first asked (read once here).
+_PROVIDER_FROM_ENV = "OTEL_PYTHON_TRACER_PROVIDER" in os.environ
 
 
 def tracer() -> Any:
@@ -47,7 +50,7 @@ def tracer() -> Any:
     check runs every time, so a provider set after import (after a fork) is used from then on.
     """
     global _cached  # noqa: PLW0603 (one tracer per provider, looked up once)
-    if _trace is None:
+    if _trace is None or not (_PROVIDER_FROM_ENV or _compat.otel_provider_set(_trace)):
         return None
     provider = _trace.get_tracer_provider()
     if isinstance(provider, _NO_SDK):

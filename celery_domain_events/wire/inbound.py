@@ -80,7 +80,9 @@ _MAX_DIGITS = 9
 _SHOWN = 120
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: a frozen dataclass sets each field through object.__setattr__, and one is made
+# for every delivery. Nothing changes an Inbound once check() returned it.
+@dataclass(slots=True)
 class Inbound:
     """A delivery that passed the main-thread checks; the pool validates the rest."""
 
@@ -301,11 +303,9 @@ def _version(value: Any) -> Any:
 
 def summary(inbound: Inbound) -> str:
     """What Flower and ``celery events`` show of a handler run: never the event's data."""
-    return repr(
-        {
-            "event": inbound.event_type[:_SHOWN],
-            "version": inbound.version if type(inbound.version) is int else 1,
-            "id": inbound.event_id[:_SHOWN],
-            "source": str(inbound.source)[:_SHOWN],
-        }
+    # repr() of {"event": ..., "version": ..., "id": ..., "source": ...}, without the dict.
+    version = inbound.version if type(inbound.version) is int else 1
+    return (
+        f"{{'event': {inbound.event_type[:_SHOWN]!r}, 'version': {version!r}, "
+        f"'id': {inbound.event_id[:_SHOWN]!r}, 'source': {str(inbound.source)[:_SHOWN]!r}}}"
     )
