@@ -158,12 +158,20 @@ class _Metrics:
         # labels() takes a lock and builds a key on every call: cache the children.
         self._children: dict[tuple[Any, ...], Any] = {}
         self._names: set[str] = set()
+        self._handlers: dict[tuple[str, str], _HandlerChildren] = {}
 
     def child(self, metric: Any, *labels: str) -> Any:
         key = (id(metric), *labels)
         found = self._children.get(key)
         if found is None:
             found = self._children[key] = metric.labels(*labels)
+        return found
+
+    def handler(self, service: str, name: str) -> _HandlerChildren:
+        """The metric children of one handler (made once)."""
+        found = self._handlers.get((service, name))
+        if found is None:
+            found = self._handlers[service, name] = _HandlerChildren(self, service, name)
         return found
 
     def event(self, name: str) -> str:
@@ -173,6 +181,32 @@ class _Metrics:
             return OTHER
         self._names.add(name)
         return name
+
+
+class _HandlerChildren:
+    """One handler's histogram children (with their bounds) and its runs counters."""
+
+    __slots__ = (
+        "duration",
+        "duration_bounds",
+        "lag",
+        "lag_bounds",
+        "metrics",
+        "name",
+        "runs",
+        "service",
+    )
+
+    def __init__(self, metrics: _Metrics, service: str, name: str) -> None:
+        self.metrics = metrics
+        self.service = service
+        self.name = name
+        self.lag = metrics.child(metrics.lag, service, name)
+        self.lag_bounds = _compat.histogram_bounds(self.lag)
+        self.duration = metrics.child(metrics.duration, service, name)
+        self.duration_bounds = _compat.histogram_bounds(self.duration)
+        #: (event, outcome) -> the runs counter's child
+        self.runs: dict[tuple[str, str], Any] = {}
 
 
 #: Longest time a handler run's metrics wait in the process's buffer (see the module docstring).
@@ -205,11 +239,50 @@ class _Pending:
         # prometheus-client's bucket: the first whose upper bound is >= the value.
         index = bisect.bisect_left(bounds, value)
         with self.lock:
-            sums = self.histograms.get(child)
-            if sums is None:
-                sums = self.histograms[child] = [0.0] * (len(bounds) + 1)
-            sums[index] += 1
-            sums[-1] += value
+            self._add(child, len(bounds), index, value)
+
+    def run(
+        self,
+        handler: _HandlerChildren,
+        event: str,
+        outcome: str,
+        count: int,
+        *,
+        lag: float | None,
+        duration: float | None,
+    ) -> None:
+        """Count one handler run (``count`` events): its outcome, lag and duration, if known."""
+        # Every handler run comes here: the steps are written out, not called.
+        if self.thread is None:
+            self._started()
+        runs = handler.runs.get((event, outcome))
+        if runs is None:
+            runs = handler.runs[event, outcome] = handler.metrics.child(
+                handler.metrics.runs, handler.service, handler.name, event, outcome
+            )
+        with self.lock:
+            histograms = self.histograms  # flush() swaps it, under the lock
+            if lag is not None:
+                sums = histograms.get(handler.lag)
+                if sums is None:
+                    sums = histograms[handler.lag] = [0.0] * (len(handler.lag_bounds) + 1)
+                sums[bisect.bisect_left(handler.lag_bounds, lag)] += 1
+                sums[-1] += lag
+            if duration is not None:
+                sums = histograms.get(handler.duration)
+                if sums is None:
+                    sums = histograms[handler.duration] = [0.0] * (len(handler.duration_bounds) + 1)
+                sums[bisect.bisect_left(handler.duration_bounds, duration)] += 1
+                sums[-1] += duration
+            self.counts[runs] = self.counts.get(runs, 0) + count
+
+    def _add(self, child: Any, buckets: int, index: int, value: float) -> None:
+        # Under the lock: one observation of ``value`` in bucket ``index``.
+        sums = self.histograms.get(child)
+        if sums is None:
+            sums = self.histograms[child] = [0.0] * (buckets + 1)
+        sums[index] += 1
+        sums[-1] += value
 
     def flush(self) -> None:
         with self.lock:
@@ -268,17 +341,22 @@ def _never_raises(record: Callable[_P, None]) -> Callable[_P, None]:
 
     @functools.wraps(record)
     def safe(*args: _P.args, **kwargs: _P.kwargs) -> None:
-        global _failed  # noqa: PLW0603
         try:
             record(*args, **kwargs)
         except ConfigurationError:
             raise
         except Exception:
-            if not _failed:
-                _failed = True
-                log.exception("Domain events: could not record a metric; handlers run on")
+            _record_failed()
 
     return safe
+
+
+def _record_failed() -> None:
+    # Called from an except block: logs the exception being handled, once per process.
+    global _failed  # noqa: PLW0603
+    if not _failed:
+        _failed = True
+        log.exception("Domain events: could not record a metric; handlers run on")
 
 
 _metrics: _Metrics | None = None
@@ -355,12 +433,14 @@ def publishing(settings: Settings, messages: Sequence[Any]) -> _Publishing | _Of
 
 
 class _Run:
-    __slots__ = ("event", "run_id", "started")
+    __slots__ = ("event", "event_time", "run_id", "started", "started_wall")
 
-    def __init__(self, run_id: str | None, event: str, started: float) -> None:
+    def __init__(self, run_id: str | None, event: str, event_time: datetime | None) -> None:
         self.run_id = run_id
         self.event = event
-        self.started = started
+        self.event_time = event_time
+        self.started = time.monotonic()
+        self.started_wall = time.time()
 
 
 _current = threading.local()
@@ -372,45 +452,51 @@ def _lag(event_time: datetime | None, now: float) -> float | None:
     return max(0.0, now - event_time.timestamp())  # a producer's clock may be ahead
 
 
-@_never_raises
 def handler_started(
     settings: Settings, handler: str, run_id: str | None, event: str, event_time: datetime | None
 ) -> None:
-    """A run of ``handler`` on ``event`` (its CloudEvents time) starts: observe its lag.
+    """A run of ``handler`` on ``event`` (its CloudEvents time) starts.
 
     The run is remembered in this thread until :func:`handler_outcome` ends it with the same
-    ``run_id``; one with another id ends a run that never started (a run that failed to decode).
+    ``run_id``, which records its lag (from this moment), its duration and its outcome; one
+    with another id ends a run that never started (a run that failed to decode).
     """
-    if not settings.metrics_enabled:
-        return
-    m = _get()
-    lag = _lag(event_time, time.time())
-    if lag is not None:
-        _pending.observe(m.child(m.lag, settings.service, handler), lag)
-    _current.run = _Run(run_id, m.event(event), time.monotonic())
+    if settings.metrics_enabled:
+        _current.run = _Run(run_id, event, event_time)
 
 
-@_never_raises
 def handler_outcome(
     settings: Settings, handler: str, outcome: str, run_id: str | None = None, count: int = 1
 ) -> None:
-    """Count a run of ``handler`` that ended with ``outcome`` (observe its duration if known).
+    """Count a run of ``handler`` that ended with ``outcome``.
 
-    The event label is the started run's with the same ``run_id`` in this thread, else empty
-    (poison, a hard time limit seen by the worker's main process).
+    The run started in this thread with the same ``run_id`` gives the event label, the lag
+    and the duration; without one (poison, a hard time limit seen by the worker's main
+    process) the event label is empty and nothing is timed. Never raises (see
+    :func:`_never_raises`; written out here, as every handler run calls it).
     """
     if not settings.metrics_enabled:
         return
-    m = _get()
-    run: _Run | None = getattr(_current, "run", None)
-    event = ""
-    if run is not None and run_id is not None and run.run_id == run_id:
-        _current.run = None
-        event = run.event
-        _pending.observe(
-            m.child(m.duration, settings.service, handler), time.monotonic() - run.started
-        )
-    _pending.inc(m.child(m.runs, settings.service, handler, event, outcome), count)
+    try:
+        m = _metrics or _get()
+        children = m.handler(settings.service, handler)
+        run: _Run | None = getattr(_current, "run", None)
+        if run is not None and run_id is not None and run.run_id == run_id:
+            _current.run = None
+            _pending.run(
+                children,
+                m.event(run.event),
+                outcome,
+                count,
+                lag=_lag(run.event_time, run.started_wall),
+                duration=time.monotonic() - run.started,
+            )
+        else:
+            _pending.run(children, "", outcome, count, lag=None, duration=None)
+    except ConfigurationError:
+        raise
+    except Exception:
+        _record_failed()
 
 
 @_never_raises

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import re
 import sys
@@ -109,9 +110,11 @@ def test_a_run_is_labelled_by_its_event_and_timed_only_when_its_id_matches() -> 
     s = settings.service
     sent = datetime.now(timezone.utc) - timedelta(seconds=3)
     metrics.handler_started(settings, "h", "run-1", "user.created", sent)
-    assert value("domain_events_handler_lag_seconds_count", service=s, handler="h") == 1
-    assert value("domain_events_handler_lag_seconds_sum", service=s, handler="h") >= 3
+    assert value("domain_events_handler_lag_seconds_count", service=s, handler="h") == 0
     metrics.handler_outcome(settings, "h", metrics.RETRIED, "run-1")
+    # The run's lag is from when it started, recorded with its outcome.
+    assert value("domain_events_handler_lag_seconds_count", service=s, handler="h") == 1
+    assert 3 <= value("domain_events_handler_lag_seconds_sum", service=s, handler="h") < 4
     runs = "domain_events_handler_runs_total"
     assert value(runs, service=s, handler="h", event="user.created", outcome="retried") == 1
     assert value("domain_events_handler_duration_seconds_count", service=s, handler="h") == 1
@@ -121,7 +124,29 @@ def test_a_run_is_labelled_by_its_event_and_timed_only_when_its_id_matches() -> 
     assert value("domain_events_handler_duration_seconds_count", service=s, handler="h") == 1
     # A producer's clock ahead of ours is no negative lag.
     metrics.handler_started(settings, "h", "run-2", "user.created", sent + timedelta(hours=1))
+    metrics.handler_outcome(settings, "h", metrics.HANDLED, "run-2")
     assert value("domain_events_handler_lag_seconds_bucket", service=s, handler="h", le="0.01") == 1
+
+
+def test_a_metric_that_cannot_be_recorded_is_logged_once_and_never_fails_the_run(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = Settings(service=_service(), metrics=True)
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise OSError("the multiprocess directory is gone")
+
+    monkeypatch.setattr(metrics._pending, "run", broken)
+    monkeypatch.setattr(metrics._pending, "observe", broken)
+    monkeypatch.setattr(metrics, "_failed", False)
+    with caplog.at_level(logging.ERROR, logger=metrics.__name__):
+        for run_id in ("r1", "r2"):
+            metrics.handler_started(settings, "h", run_id, "user.created", None)
+            metrics.handler_outcome(settings, "h", metrics.HANDLED, run_id)
+        metrics.batch_ran(settings, "h", [], {"handled": []}, time.monotonic())
+    assert [r.getMessage() for r in caplog.records] == [
+        "Domain events: could not record a metric; handlers run on"
+    ]
 
 
 def test_buffered_runs_reach_prometheus_client_within_the_flush_interval() -> None:
