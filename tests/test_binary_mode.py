@@ -710,6 +710,34 @@ def test_a_retried_binary_event_keeps_its_body_and_headers(
 
 
 @pytest.mark.rabbitmq
+@pytest.mark.worker
+@pytest.mark.slow
+def test_binary_events_reach_a_batch_handler_and_fail_alone(
+    worker_process: Make, pool: tuple[str, ...]
+) -> None:
+    # batch_sink (tests/worker_app.py): batches of up to 50 typed BatchItem events; an event
+    # whose n ends in 7 fails alone, is retried once through the handler's queue, then
+    # dead-lettered.
+    worker: WorkerProcess = worker_process(["batch_sink"]).start(*pool)
+    sent = [rabbitmq.to_binary_event(sdk_event("batch.item", data={"n": n})) for n in range(20)]
+    for sdk in sent:
+        publish_sdk(worker.topology, sdk, "batch.item")
+    ids = [sdk.headers["ce-id"] for sdk in sent]
+    letters = _dead_letters(worker, "batch_sink", 2)  # n = 7 and n = 17
+    failing = {sdk.headers["ce-id"]: sdk for sdk in sent if json.loads(sdk.body)["n"] % 10 == 7}
+    runs = {i: len(worker.marker_lines("batch_sink", i)) for i in ids}
+    assert {i for i, count in runs.items() if count != 1} == set(failing)
+    assert all(runs[i] == 2 for i in failing)  # the first run and its retry, alone
+    assert {letter.event_id for letter in letters} == set(failing)
+    for letter in letters:
+        original = failing[letter.event_id]
+        assert letter.reason == FailureReason.RETRIES_EXHAUSTED.value
+        assert letter.body == original.body  # the binary body, not the structured envelope
+        assert _own_headers(letter) == original.headers
+    assert worker.topology.queue_depth(worker.queue("batch_sink")) == 0
+
+
+@pytest.mark.rabbitmq
 @pytest.mark.parametrize("publisher", ["transmit", "transmit_async"])
 @pytest.mark.parametrize("mode", ["structured", "binary"])
 def test_library_events_in_both_modes_are_read_by_the_sdk(
