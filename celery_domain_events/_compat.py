@@ -6,7 +6,8 @@ that fails on an upgrade that changes it. No other module touches a private name
 - py-amqp: the table decoder and the Basic properties decoder (hardened against hostile
   headers), the encoder (header sizes), ``Channel._basic_publish`` (publish without waiting
   for each confirm).
-- kombu: ``Connection._connection`` (the transport connection a confirm channel belongs to).
+- kombu: ``Connection._connection`` (the transport connection a confirm channel belongs to);
+  ``Message._state`` (a batch's task message settles through its deliveries, then marks itself).
 - Celery: which of ``app.amqp.queues`` its task consumer reads (``consume_from``); the worker's
   task consumer and remote control (``consume``, ``cancel_task_queue``,
   ``add_task_queue``); a task message whose body is already decoded (``content_type=None`` in
@@ -50,6 +51,7 @@ __all__ = [
     "UNDECODABLE_HEADER",
     "add_unconsumed_queue",
     "app_behind_proxy",
+    "batch_task_message",
     "current_traced_task",
     "decoded_task_message",
     "django_append_on_commit",

@@ -26,6 +26,8 @@ from celery.worker import state as worker_state
 from celery.worker.consumer.consumer import Consumer
 from kombu import Connection, Exchange, Queue
 from kombu.asynchronous.hub import Hub
+from kombu.exceptions import MessageStateError
+from kombu.message import Message
 
 from celery_domain_events import _compat
 
@@ -178,6 +180,40 @@ def test_decoded_task_message_keeps_the_delivery_and_returns_the_body_itself() -
     assert message.delivery_tag == 7
     assert message.content_type is None
     assert message.headers == {"id": "x"}
+
+
+def test_a_batch_task_message_settles_each_delivery_once_and_then_counts_as_settled() -> None:
+    # _BatchTaskMessage sets kombu's Message._state itself (it settles through its deliveries,
+    # not its own channel call): kombu must still read acknowledged from that attribute.
+    settled: list[tuple[int, str]] = []
+
+    class Delivery(Message):
+        def __init__(self, tag: int) -> None:
+            super().__init__(body=b"{}", delivery_tag=tag, channel=None)
+
+        def ack(self, multiple: bool = False) -> None:
+            settled.append((self.delivery_tag, "ack"))
+            self._state = "ACK"
+
+        def reject(self, requeue: bool = False) -> None:
+            settled.append((self.delivery_tag, f"reject requeue={requeue}"))
+            self._state = "REJECTED"
+
+    first, second, done = Delivery(1), Delivery(2), Delivery(3)
+    done._state = "ACK"  # settled already (a dead letter, say): left alone
+    body: Any = ([], {"batch": []}, {})
+    message = _compat.batch_task_message([first, second, done], body, {"id": "b"}, {})
+    assert message.decode() is body
+    assert message.content_type is None
+    message.ack()
+    assert settled == [(1, "ack"), (2, "ack")]
+    assert message.acknowledged
+    with pytest.raises(MessageStateError):
+        message.reject(requeue=True)
+    again = _compat.batch_task_message([Delivery(4)], body, {"id": "c"}, {})
+    again.reject(requeue=True)
+    assert settled[-1] == (4, "reject requeue=True")
+    assert again.acknowledged
 
 
 def test_shared_task_registration_internals_exist() -> None:

@@ -166,6 +166,18 @@ def test_settings_reject_unknown_keys_and_bad_values() -> None:
     )
 
 
+@pytest.mark.parametrize("discover", [True, False])
+def test_handler_discovery_asks_celery_for_handlers_modules_unless_turned_off(
+    discover: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = Celery("discovery", broker="memory://", set_as_current=False)
+    asked: list[dict[str, Any]] = []
+    monkeypatch.setattr(app, "autodiscover_tasks", lambda **kwargs: asked.append(kwargs))
+    DomainEvents(app, service="disc", discover_handlers=discover)
+    # Celery's own lazy discovery (Django's installed apps, or the packages it is given).
+    assert asked == ([{"related_name": "handlers"}] if discover else [])
+
+
 @pytest.mark.parametrize(
     ("key", "namespace"),
     [
