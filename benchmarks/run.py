@@ -1091,10 +1091,7 @@ def scenario_batch_noop(b: Bench, res: Results, pools: Sequence[str]) -> None:
 METRICS_ROWS = tuple(row for row in MAIN_ROWS if row[0][0] in "ci")
 METRICS_RATIOS = tuple(r for r in MAIN_RATIOS if r[1].startswith("i."))
 #: Worker CPU per run, metrics off/on: below 1.0, a run costs more CPU with metrics on.
-METRICS_CPU_RATIOS = (
-    ("solo (c)/(i)", "c.solo", "i.solo"),
-    ("prefork (c)/(i)", "c.prefork", "i.prefork"),
-)
+METRICS_CPU_RATIOS = tuple(r for r in CPU_RATIOS if r[2].startswith("i."))
 
 
 def run_metrics_pair(b: Bench, res: Results) -> None:

@@ -222,8 +222,6 @@ class _Pending:
         self.counts: dict[Any, float] = {}
         #: histogram child -> [count per bucket ..., sum]
         self.histograms: dict[Any, list[float]] = {}
-        #: histogram child -> its buckets' upper bounds
-        self.bounds: dict[Any, list[float]] = {}
         self.thread: threading.Thread | None = None
 
     def inc(self, child: Any, amount: float = 1) -> None:
@@ -231,15 +229,11 @@ class _Pending:
         with self.lock:
             self.counts[child] = self.counts.get(child, 0) + amount
 
-    def observe(self, child: Any, value: float) -> None:
+    def observe(self, child: Any, bounds: list[float], value: float) -> None:
+        """One observation of histogram ``child``, whose buckets' upper bounds are ``bounds``."""
         self._started()
-        bounds = self.bounds.get(child)
-        if bounds is None:
-            bounds = self.bounds[child] = _compat.histogram_bounds(child)
-        # prometheus-client's bucket: the first whose upper bound is >= the value.
-        index = bisect.bisect_left(bounds, value)
         with self.lock:
-            self._add(child, len(bounds), index, value)
+            self._add(child, bounds, value)
 
     def run(
         self,
@@ -252,36 +246,26 @@ class _Pending:
         duration: float | None,
     ) -> None:
         """Count one handler run (``count`` events): its outcome, lag and duration, if known."""
-        # Every handler run comes here: the steps are written out, not called.
-        if self.thread is None:
-            self._started()
+        self._started()
         runs = handler.runs.get((event, outcome))
         if runs is None:
             runs = handler.runs[event, outcome] = handler.metrics.child(
                 handler.metrics.runs, handler.service, handler.name, event, outcome
             )
         with self.lock:
-            histograms = self.histograms  # flush() swaps it, under the lock
             if lag is not None:
-                sums = histograms.get(handler.lag)
-                if sums is None:
-                    sums = histograms[handler.lag] = [0.0] * (len(handler.lag_bounds) + 1)
-                sums[bisect.bisect_left(handler.lag_bounds, lag)] += 1
-                sums[-1] += lag
+                self._add(handler.lag, handler.lag_bounds, lag)
             if duration is not None:
-                sums = histograms.get(handler.duration)
-                if sums is None:
-                    sums = histograms[handler.duration] = [0.0] * (len(handler.duration_bounds) + 1)
-                sums[bisect.bisect_left(handler.duration_bounds, duration)] += 1
-                sums[-1] += duration
+                self._add(handler.duration, handler.duration_bounds, duration)
             self.counts[runs] = self.counts.get(runs, 0) + count
 
-    def _add(self, child: Any, buckets: int, index: int, value: float) -> None:
-        # Under the lock: one observation of ``value`` in bucket ``index``.
+    def _add(self, child: Any, bounds: list[float], value: float) -> None:
+        # Under the lock (flush() swaps the dict): one observation of ``value``, in
+        # prometheus-client's bucket for it, the first whose upper bound is >= the value.
         sums = self.histograms.get(child)
         if sums is None:
-            sums = self.histograms[child] = [0.0] * (buckets + 1)
-        sums[index] += 1
+            sums = self.histograms[child] = [0.0] * (len(bounds) + 1)
+        sums[bisect.bisect_left(bounds, value)] += 1
         sums[-1] += value
 
     def flush(self) -> None:
@@ -520,16 +504,16 @@ def batch_ran(
         return
     m = _get()
     service = settings.service
+    children = m.handler(service, handler)
     now = time.monotonic()
     start_wall = time.time() - (now - started)
     names = {str(e.event_id): e.event_name for e in events}
-    lag = m.child(m.lag, service, handler)
     for event in events:
         value = _lag(getattr(event, "occurred_at", None), start_wall)
         if value is not None:
-            _pending.observe(lag, value)
+            _pending.observe(children.lag, children.lag_bounds, value)
     if events:
-        _pending.observe(m.child(m.duration, service, handler), now - started)
+        _pending.observe(children.duration, children.duration_bounds, now - started)
     for key, label in ((HANDLED, HANDLED), ("retried", RETRIED), ("dead_lettered", DEAD_LETTERED)):
         by_name = Counter(names.get(str(i), "") for i in outcome.get(key, ()))
         for name, count in by_name.items():
