@@ -15,19 +15,24 @@ that fails on an upgrade that changes it. No other module touches a private name
   ``_finalize_mutex``, ``_task_from_fun``); the task being traced (``celery._state``); the
   current app slot that ``celery.contrib.testing`` changes; the app behind the
   ``current_app`` proxy (``Proxy._get_current_object``); a cold shutdown in progress
-  (``celery.worker.state.should_terminate``).
+  (``celery.worker.state.should_terminate``); which pools hand a task its arguments as the
+  same objects (every pool but prefork: ``runs_in_process``).
 - Django: ``connection.run_on_commit`` entries ``(savepoint ids, func, robust)``.
 - prometheus-client: ``prometheus_client.values.ValueClass`` (chosen once, when it is first
   imported, from ``PROMETHEUS_MULTIPROC_DIR``) and ``values.MultiProcessValue``; a histogram
   child's ``_upper_bounds``, ``_buckets`` and ``_sum`` (to add many observations at once).
 - OpenTelemetry: ``opentelemetry.trace._TRACER_PROVIDER`` (whether a global tracer provider is
   set, without the environment lookup ``get_tracer_provider()`` makes on every call).
+- CPython: ``_sha1``, its built-in SHA-1 (``hashlib.sha1`` is OpenSSL's where it is linked,
+  and OpenSSL 3 looks the algorithm up on every call: about 4 us per task id in a worker).
 - SQLAlchemy: ``sqlalchemy.util.await_only`` (await a coroutine from the sync code an
   ``AsyncSession`` runs in its greenlet; documented for dialect authors, not in ``__all__``).
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib
 import sys
 import threading
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
@@ -66,6 +71,8 @@ __all__ = [
     "prometheus_multiprocess_values",
     "restored_current_app",
     "route_queue_control",
+    "runs_in_process",
+    "sha1",
     "sqlalchemy_await",
     "start_with_task_consumer",
     "task_from_fun",
@@ -343,6 +350,29 @@ def batch_task_message(
     its deliveries is settled the same way, one ``basic.ack``/``basic.reject`` per delivery.
     """
     return _BatchTaskMessage(deliveries, **_on_delivery(deliveries[0], body, headers, properties))
+
+
+_builtin_sha1: Callable[[bytes], Any]
+try:  # typeshed has no stub for it
+    _builtin_sha1 = importlib.import_module("_sha1").sha1
+except ImportError:  # pragma: no cover - a CPython built without its own hashes
+    _builtin_sha1 = hashlib.sha1
+
+#: SHA-1 for short inputs (task ids): CPython's own, else ``hashlib.sha1``. Not for security.
+sha1: Callable[[bytes], Any] = _builtin_sha1
+
+
+def runs_in_process(pool: Any) -> bool:
+    """Whether ``pool`` runs a task in the worker's own process, with its arguments unpickled.
+
+    Solo, threads, gevent and eventlet call the task with the objects of its request; prefork
+    pickles them to a child process. A pool not known to Celery counts as pickling.
+    """
+    if pool is None:
+        return False
+    from celery.concurrency import eventlet, gevent, solo, thread  # noqa: PLC0415 (worker only)
+
+    return isinstance(pool, solo.TaskPool | thread.TaskPool | gevent.TaskPool | eventlet.TaskPool)
 
 
 def flush_ready_before_poll(hub: Any) -> Callable[[], None]:

@@ -34,6 +34,7 @@ __all__ = [
     "child_of",
     "current_traceparent",
     "event_log",
+    "explicit_traceparent",
     "new_traceparent",
     "trace_id",
     "use_traceparent",
@@ -44,7 +45,7 @@ event_log = logging.getLogger("celery_domain_events.events")
 
 _TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
 _INVALID_TRACE_ID = "0" * 32
-_current: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+_current: contextvars.ContextVar[str | _Child | None] = contextvars.ContextVar(
     "celery_domain_events_traceparent", default=None
 )
 
@@ -76,12 +77,36 @@ def child_of(traceparent: str | None) -> str:
     return f"{traceparent[:36]}{_random_id(64):016x}{traceparent[52:]}"
 
 
-def child_context(traceparent: str | None) -> AbstractContextManager[str]:
+def child_context(traceparent: str | None) -> AbstractContextManager[None]:
     """Run a block in a child span of ``traceparent`` (a new root if it is missing or invalid).
 
-    What a handler runs in: ``use_traceparent(child_of(traceparent))``, validated once.
+    What a handler runs in: ``use_traceparent(child_of(traceparent))``, except that the child
+    is made when the block first asks for it (:func:`current_traceparent`): most handler runs
+    never do.
     """
-    return _TraceContext(child_of(traceparent))
+    return _Child(traceparent)
+
+
+class _Child:
+    # The current context inside child_context(): the child span is made on first use (a
+    # handler run that emits nothing and logs nothing never makes one), then stays the run's.
+    __slots__ = ("_token", "_value", "parent")
+
+    def __init__(self, parent: str | None) -> None:
+        self.parent = parent
+        self._value: str | None = None
+
+    def value(self) -> str:
+        value = self._value
+        if value is None:
+            value = self._value = child_of(self.parent)
+        return value
+
+    def __enter__(self) -> None:
+        self._token = _current.set(self)
+
+    def __exit__(self, *exc_info: object) -> None:
+        _current.reset(self._token)
 
 
 def _from_opentelemetry() -> str | None:
@@ -95,7 +120,13 @@ def _from_opentelemetry() -> str | None:
 
 def current_traceparent() -> str | None:
     """Return the trace context events emitted now would carry, if there is one."""
-    return _current.get() or _from_opentelemetry()
+    return explicit_traceparent() or _from_opentelemetry()
+
+
+def explicit_traceparent() -> str | None:
+    """The trace context :func:`use_traceparent` or a handler run set, not OpenTelemetry's."""
+    value = _current.get()
+    return value.value() if isinstance(value, _Child) else value
 
 
 def use_traceparent(traceparent: str | None) -> AbstractContextManager[str]:

@@ -10,7 +10,9 @@ library in both modes, library to SDK in both modes, poison and retries.
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
+import pickle
 from datetime import datetime, timezone
 from types import SimpleNamespace
 from typing import Any, ClassVar
@@ -310,6 +312,32 @@ def test_retries_and_dead_letters_of_a_binary_event_keep_its_body_and_headers() 
     replay = stored.replay_message("events.retry")
     assert replay.body == sdk.body
     assert all(replay.headers[k] == v for k, v in sdk.headers.items())
+
+
+def test_an_in_process_pool_gets_the_parsed_envelope_and_a_prefork_child_the_text() -> None:
+    structured = _message(rabbitmq.to_structured_event(sdk_event()))
+    checked = _check(structured)
+    in_process = bridge.to_task_message(structured, checked, SPEC, "svc.h", in_process=True)
+    raw_event = in_process.body[1]["raw_event"]
+    assert isinstance(raw_event, wire_envelope.ParsedText)
+    assert raw_event == checked.text
+    assert raw_event.parsed is checked.parsed
+    assert raw_event.parsed == json.loads(checked.text)
+    assert wire_envelope.decode(raw_event) == wire_envelope.decode(checked.text)
+    # Pickled to a prefork child, or copied: plain text, which the child parses itself.
+    for copied in (pickle.loads(pickle.dumps(raw_event)), copy.deepcopy(raw_event)):
+        assert type(copied) is str
+        assert copied == checked.text
+    assert json.loads(json.dumps(in_process.body[1]["raw_event"])) == checked.text
+    prefork = bridge.to_task_message(structured, checked, SPEC, "svc.h").body[1]["raw_event"]
+    assert type(prefork) is str
+    # A binary-mode event's envelope is built from headers and body: always passed as text.
+    sdk = rabbitmq.to_binary_event(sdk_event())
+    binary_message = _message(sdk, headers=dict(sdk.headers))
+    binary = bridge.to_task_message(
+        binary_message, _check(binary_message), SPEC, "svc.h", in_process=True
+    )
+    assert type(binary.body[1]["raw_event"]) is str
 
 
 def test_the_id_of_a_binary_dead_letter_is_never_read_from_its_data() -> None:

@@ -7,8 +7,10 @@ Django canary is in tests/test_django.py, where Django is configured.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import os
+import threading
 from datetime import datetime, timezone
 from typing import Any, ClassVar
 
@@ -20,10 +22,12 @@ from celery import Celery, current_app
 from celery import _state as celery_state
 from celery.app import trace
 from celery.apps import worker as celery_worker_app
+from celery.concurrency import prefork, solo, thread
 from celery.local import Proxy
 from celery.worker import control, loops
 from celery.worker import state as worker_state
 from celery.worker.consumer.consumer import Consumer
+from celery.worker.request import Request
 from kombu import Connection, Exchange, Queue
 from kombu.asynchronous.hub import Hub
 from kombu.exceptions import MessageStateError
@@ -446,3 +450,34 @@ def test_opentelemetry_keeps_its_global_tracer_provider_in_a_module_attribute() 
         )
     if _compat.otel_provider_set(trace):
         assert trace._TRACER_PROVIDER is provider
+
+
+def test_pools_in_the_workers_process_hand_a_task_its_body_as_the_same_objects() -> None:
+    # runs_in_process: the worker passes its request's body to the pool (execute_using_pool),
+    # and solo and threads call the task with those very objects (no pickling).
+    assert "self._body" in inspect.getsource(Request.execute_using_pool)
+    body = ([], {"raw_event": object()}, {})
+    for pool in (solo.TaskPool(), thread.TaskPool(limit=1)):
+        seen: list[Any] = []
+        done = threading.Event()
+
+        def target(received: Any, seen: list[Any] = seen, done: threading.Event = done) -> None:
+            seen.append(received)
+            done.set()
+
+        pool.start()
+        try:
+            pool.apply_async(target, args=(body,), callback=lambda _: None)
+            assert done.wait(5)
+        finally:
+            pool.stop()
+        assert seen[0] is body
+        assert _compat.runs_in_process(pool)
+    assert not _compat.runs_in_process(prefork.TaskPool(limit=1))
+    assert not _compat.runs_in_process(None)
+
+
+def test_cpythons_own_sha1_is_sha1() -> None:
+    data = b"\x6f\x1c" * 20 + "évent/handler".encode()
+    assert _compat.sha1(data).digest() == hashlib.sha1(data).digest()
+    assert _compat.sha1 is not hashlib.sha1  # the built-in one is there

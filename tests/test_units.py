@@ -358,6 +358,33 @@ def test_child_spans_keep_the_trace_and_flags_and_reject_invalid_parents() -> No
     assert tracing.trace_id(parent) == "4bf92f3577b34da6a3ce929d0e0e4736"
 
 
+def test_a_handler_runs_child_span_is_made_when_first_asked_for_then_kept(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    made: list[str | None] = []
+    child_of = tracing.child_of
+    monkeypatch.setattr(tracing, "child_of", lambda tp: made.append(tp) or child_of(tp))
+    with tracing.child_context(parent):
+        pass  # a run that emits and logs nothing
+    assert made == []
+    with tracing.child_context(parent):
+        first = tracing.current_traceparent()
+        assert tracing.current_traceparent() == first
+        assert tracing.explicit_traceparent() == first
+        with tracing.use_traceparent(None):
+            assert tracing.current_traceparent() != first
+        assert tracing.current_traceparent() == first
+    assert made == [parent]
+    assert first is not None
+    assert tracing.trace_id(first) == "4bf92f3577b34da6a3ce929d0e0e4736"
+    assert first != parent
+    assert tracing.explicit_traceparent() is None
+    with tracing.child_context("garbage"):
+        root = tracing.current_traceparent()
+        assert tracing.trace_id(root) not in (None, "4bf92f3577b34da6a3ce929d0e0e4736")
+
+
 def test_message_id_is_the_cloudevents_id_even_with_json_escapes() -> None:
     import json as _json
 

@@ -91,8 +91,11 @@ class _Dispatch:
         queue: str,
         on_task_received: Callable[[Message], Any],
         on_refused: Callable[[str], Any] = lambda queue: None,
+        *,
+        in_process: bool = False,
     ) -> None:
         self.ext = ext
+        self.in_process = in_process
         self.spec = spec
         self.queue = queue
         self.on_task_received = on_task_received
@@ -122,7 +125,7 @@ class _Dispatch:
 
     def task_message(self, message: Message, checked: inbound.Inbound) -> Message | None:
         """The task message to run now for ``message`` (a batch handler: once one is full)."""
-        return to_task_message(message, checked, self.spec, self.queue)
+        return to_task_message(message, checked, self.spec, self.queue, in_process=self.in_process)
 
     def stop(self) -> None:
         """Forget what this consumer holds (unacked, the broker redelivers it)."""
@@ -347,7 +350,14 @@ class DomainEventsStep(bootsteps.StartStopStep):
             else:
                 queue = ext.topology.handler_queue(spec)
             dispatch = (
-                _Dispatch(ext, spec, queue.name, on_task_received, self.hold)
+                _Dispatch(
+                    ext,
+                    spec,
+                    queue.name,
+                    on_task_received,
+                    self.hold,
+                    in_process=_compat.runs_in_process(getattr(parent, "pool", None)),
+                )
                 if spec.batch is None
                 else _BatchDispatch(
                     ext,

@@ -19,7 +19,6 @@ the worker's main thread, so it avoids per-call allocations where it can.
 
 from __future__ import annotations
 
-import hashlib
 import uuid
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
@@ -29,6 +28,7 @@ from kombu.message import Message
 
 from celery_domain_events import _compat
 from celery_domain_events.registry import HandlerSpec
+from celery_domain_events.wire.envelope import parsed_text
 from celery_domain_events.wire.inbound import KEPT_PROPERTIES, Inbound, summary
 
 __all__ = [
@@ -48,9 +48,10 @@ def task_id_for(event_id: str, handler: str) -> str:
     """Return the task id of ``handler`` running event ``event_id``.
 
     This is ``str(uuid.uuid5(TASK_ID_NAMESPACE, f"{event_id}/{handler}"))``, built without
-    the ``UUID`` object, which costs more than the hash on every delivery.
+    the ``UUID`` object, which costs more than the hash on every delivery, and hashed by
+    CPython's own SHA-1 (:func:`~celery_domain_events._compat.sha1`).
     """
-    digest = bytearray(hashlib.sha1(_NAMESPACE_BYTES + _utf8(f"{event_id}/{handler}")).digest())
+    digest = bytearray(_compat.sha1(_NAMESPACE_BYTES + _utf8(f"{event_id}/{handler}")).digest())
     digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
     digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 4122 variant
     h = digest[:16].hex()
@@ -149,13 +150,24 @@ def _task_properties(task_id: str, properties: Mapping[str, Any]) -> dict[str, A
     }
 
 
-def to_task_message(message: Message, inbound: Inbound, spec: HandlerSpec, queue: str) -> Message:
-    """Wrap a checked event delivery on ``queue`` into a task message for ``spec``'s task."""
+def to_task_message(
+    message: Message, inbound: Inbound, spec: HandlerSpec, queue: str, *, in_process: bool = False
+) -> Message:
+    """Wrap a checked event delivery on ``queue`` into a task message for ``spec``'s task.
+
+    ``in_process``: the pool runs tasks in this process, so ``raw_event`` also carries the
+    object the main thread parsed (:class:`~..wire.envelope.ParsedText`) and is not parsed
+    again.
+    """
     properties = message.properties or {}
     task_id = task_id_for(inbound.event_id, spec.name)
+    parsed = inbound.parsed
+    raw_event = (
+        inbound.text if parsed is None or not in_process else parsed_text(inbound.text, parsed)
+    )
     return _compat.decoded_task_message(
         message,
-        ([], {"raw_event": inbound.text, "meta": _meta(message, inbound, queue)}, _NO_CANVAS),
+        ([], {"raw_event": raw_event, "meta": _meta(message, inbound, queue)}, _NO_CANVAS),
         _task_headers(spec, task_id, inbound, properties),
         _task_properties(task_id, properties),
     )

@@ -23,8 +23,8 @@ from celery_domain_events.wire.inbound import ORIGIN_EXCHANGE_HEADER, ORIGIN_ROU
 __all__ = ["BatchRun", "handle", "handle_batch"]
 
 
-def handle(task: Any, envelope: Envelope) -> AbstractContextManager[str]:
-    """Run a handler inside its CONSUMER span; enter it for the run's ``traceparent``.
+def handle(task: Any, envelope: Envelope) -> AbstractContextManager[object]:
+    """Run a handler inside its CONSUMER span (inside, ``current_traceparent()`` is the run's).
 
     Without a recording tracer: :func:`~celery_domain_events.tracing.child_context`.
     """

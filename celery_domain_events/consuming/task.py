@@ -111,7 +111,7 @@ class DomainEventTask(Task):  # type: ignore[type-arg]
         started = time.monotonic()
         # Events the handler emits go out only if it succeeds (a failed transmit fails this
         # attempt, which is retried like any other), and continue the emitter's trace.
-        with spans.handle(self, envelope) as traceparent:
+        with spans.handle(self, envelope):
             with publishing.handler_scope(self.app):
                 if spec.idempotent is not None:
                     # The inbox's unit of work commits before the scope transmits: emitted
@@ -124,7 +124,7 @@ class DomainEventTask(Task):  # type: ignore[type-arg]
             if result is DUPLICATE:
                 self._log_duplicate(envelope, ext)
             elif tracing.event_log.isEnabledFor(logging.INFO):
-                self._log_handled(envelope, ext, traceparent, time.monotonic() - started)
+                self._log_handled(envelope, ext, time.monotonic() - started)
         if measured:
             metrics.handler_outcome(
                 settings,
@@ -339,9 +339,8 @@ class DomainEventTask(Task):  # type: ignore[type-arg]
             },
         )
 
-    def _log_handled(
-        self, envelope: wire_envelope.Envelope, ext: Any, traceparent: str, seconds: float
-    ) -> None:
+    def _log_handled(self, envelope: wire_envelope.Envelope, ext: Any, seconds: float) -> None:
+        # Inside the run's trace context: the child span it runs in (made now if need be).
         tracing.event_log.info(
             "Handled %s id=%s by %s in %.1f ms",
             envelope.type,
@@ -352,7 +351,7 @@ class DomainEventTask(Task):  # type: ignore[type-arg]
                 "event_id": envelope.id,
                 "event_name": envelope.type,
                 "event_version": envelope.eventversion,
-                "trace_id": tracing.trace_id(traceparent),
+                "trace_id": tracing.trace_id(tracing.current_traceparent()),
                 "service": ext.settings.service,
                 "handler": self.handler_spec.name,
                 "outcome": "handled",

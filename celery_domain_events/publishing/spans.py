@@ -87,7 +87,7 @@ def context_of(traceparent: str | None) -> Any:
 
 def parent_context() -> Any:
     """The parent of a span started now: ``use_traceparent()``'s, else OpenTelemetry's current."""
-    explicit = context_of(tracing._current.get())
+    explicit = context_of(tracing.explicit_traceparent())
     return explicit if explicit is not None else _context.get_current()
 
 

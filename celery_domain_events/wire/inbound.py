@@ -109,6 +109,8 @@ class Inbound:
     #: A binary-mode event's original body (its data) as text; None in structured mode,
     #: where :attr:`text` is the body.
     body: str | None = None
+    #: The JSON object :attr:`text` parses to, in structured mode (None in binary mode).
+    parsed: dict[str, Any] | None = None
 
 
 def raw_body(body: Any, content_encoding: str | None) -> bytes:
@@ -251,6 +253,7 @@ def check(
         )
     headers = bounded_copy(raw_headers) if raw_headers else {}
     body: str | None = None
+    parsed: dict[str, Any] | None = None
     if binary.is_binary(message.content_type, headers):
         body = _text(message, max_bytes, structured=False)
         text, envelope = binary.to_structured(body, message.content_type, headers)
@@ -264,6 +267,7 @@ def check(
                     "binary-mode CloudEvent)"
                 ) from exc
             raise
+        parsed = envelope
     event_id = envelope["id"]
     event_type = envelope["type"]
     delivery_info = message.delivery_info or {}
@@ -286,6 +290,7 @@ def check(
         routing_key=routing_key,
         headers=headers,
         body=body,
+        parsed=parsed,
     )
 
 
