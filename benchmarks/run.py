@@ -1094,14 +1094,27 @@ METRICS_RATIOS = tuple(r for r in MAIN_RATIOS if r[1].startswith("i."))
 METRICS_CPU_RATIOS = tuple(r for r in CPU_RATIOS if r[2].startswith("i."))
 
 
-def run_metrics_pair(b: Bench, res: Results) -> None:
-    """(c) and (i) alone: the handler scenario with metrics off and on, alternating."""
+PER_EVENT_ROWS = tuple(row for row in MAIN_ROWS if row[0][0] in "bc")
+PER_EVENT_RATIOS = tuple(r for r in MAIN_RATIOS if r[2].startswith("b."))
+#: Worker CPU per task, no-op/handler run: below 1.0, a handler run costs more CPU.
+PER_EVENT_CPU_RATIOS = tuple(r for r in CPU_RATIOS if r[1].startswith("b."))
+
+#: A pair run: (what it compares, its two sides as (label prefix, mode, metrics on)).
+PAIRS = {
+    "metrics": ("metrics on/off", (("c", "events", False), ("i", "events", True))),
+    "per-event": ("no-op tasks/handler runs", (("b", "plain", False), ("c", "events", False))),
+}
+
+
+def run_pair(b: Bench, res: Results, pair: str) -> None:
+    """The two sides of ``pair`` alone, with each pool, alternating which goes first."""
+    title, sides = PAIRS[pair]
     for i in range(b.repeat):
-        print(f"metrics on/off, repeat {i + 1}/{b.repeat} ...", file=sys.stderr, flush=True)
+        print(f"{title}, repeat {i + 1}/{b.repeat} ...", file=sys.stderr, flush=True)
         for pool in POOLS:
-            for on in (False, True) if i % 2 == 0 else (True, False):
-                drain = scenario_worker(b, "events", pool, DEFAULT_PREFETCH, metrics=on)
-                res.add_drain(f"{'i' if on else 'c'}.{pool}", drain)
+            for prefix, mode, metrics in sides if i % 2 == 0 else sides[::-1]:
+                drain = scenario_worker(b, mode, pool, DEFAULT_PREFETCH, metrics=metrics)
+                res.add_drain(f"{prefix}.{pool}", drain)
 
 
 def run_sweep(b: Bench, res: Results) -> None:
@@ -1131,6 +1144,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--metrics-pair",
         action="store_true",
         help="only (c) and (i): the handler scenario, metrics off and on",
+    )
+    parser.add_argument(
+        "--per-event-pair",
+        action="store_true",
+        help="only (b) and (c): plain no-op tasks and handler runs",
     )
     parser.add_argument(
         "--instructions",
@@ -1180,19 +1198,24 @@ def bench_of(args: argparse.Namespace) -> Bench:
     )
 
 
-def metrics_pair_main(args: argparse.Namespace) -> int:
-    """``--metrics-pair``: (c) and (i) only, then their rows and ratios."""
+def pair_main(args: argparse.Namespace, pair: str) -> int:
+    """``--metrics-pair``, ``--per-event-pair``: the pair's scenarios only, rows and ratios."""
+    rows, ratios, cpu_ratios = {
+        "metrics": (METRICS_ROWS, METRICS_RATIOS, METRICS_CPU_RATIOS),
+        "per-event": (PER_EVENT_ROWS, PER_EVENT_RATIOS, PER_EVENT_CPU_RATIOS),
+    }[pair]
     b = bench_of(args)
     redis.Redis.from_url(b.redis_url).ping()
     res = Results()
     digest = source_digest()
-    run_metrics_pair(b, res)
-    print(f"\nmetrics on/off: N={b.n}, {b.repeat} repeat(s), medians; {code_version()}")
+    run_pair(b, res, pair)
+    title = PAIRS[pair][0]
+    print(f"\n{title}: N={b.n}, {b.repeat} repeat(s), medians; {code_version()}")
     if source_digest() != digest:
         print("WARNING: the library's sources changed during the run; results mix versions")
-    print_table(res, METRICS_ROWS, b.n)
-    print_ratios(res, METRICS_RATIOS)
-    print_cpu_ratios(res, METRICS_CPU_RATIOS, b.n)
+    print_table(res, rows, b.n)
+    print_ratios(res, ratios)
+    print_cpu_ratios(res, cpu_ratios, b.n)
     if args.json:
         write_json(args.json, b, res, None)
     return 0
@@ -1200,7 +1223,11 @@ def metrics_pair_main(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    return metrics_pair_main(args) if args.metrics_pair else run_all(args)
+    if args.metrics_pair:
+        return pair_main(args, "metrics")
+    if args.per_event_pair:
+        return pair_main(args, "per-event")
+    return run_all(args)
 
 
 def run_all(args: argparse.Namespace) -> int:
