@@ -362,17 +362,23 @@ except ImportError:  # pragma: no cover - a CPython built without its own hashes
 sha1: Callable[[bytes], Any] = _builtin_sha1
 
 
+#: The modules of Celery's pools that run tasks in the worker's own process.
+_IN_PROCESS_POOLS = frozenset(
+    f"celery.concurrency.{name}" for name in ("solo", "thread", "gevent", "eventlet")
+)
+
+
 def runs_in_process(pool: Any) -> bool:
     """Whether ``pool`` runs a task in the worker's own process, with its arguments unpickled.
 
     Solo, threads, gevent and eventlet call the task with the objects of its request; prefork
-    pickles them to a child process. A pool not known to Celery counts as pickling.
+    pickles them to a child process. A pool not known to Celery counts as pickling. Matched by
+    class, without importing the pool modules (eventlet's and gevent's need greenlet).
     """
-    if pool is None:
-        return False
-    from celery.concurrency import eventlet, gevent, solo, thread  # noqa: PLC0415 (worker only)
-
-    return isinstance(pool, solo.TaskPool | thread.TaskPool | gevent.TaskPool | eventlet.TaskPool)
+    return any(
+        cls.__name__ == "TaskPool" and cls.__module__ in _IN_PROCESS_POOLS
+        for cls in type(pool).__mro__
+    )
 
 
 def flush_ready_before_poll(hub: Any) -> Callable[[], None]:

@@ -20,6 +20,7 @@ import contextvars
 import logging
 import random
 import re
+import threading
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -87,6 +88,9 @@ def child_context(traceparent: str | None) -> AbstractContextManager[None]:
     return _Child(traceparent)
 
 
+_child_lock = threading.Lock()
+
+
 class _Child:
     # The current context inside child_context(): the child span is made on first use (a
     # handler run that emits nothing and logs nothing never makes one), then stays the run's.
@@ -99,7 +103,10 @@ class _Child:
     def value(self) -> str:
         value = self._value
         if value is None:
-            value = self._value = child_of(self.parent)
+            with _child_lock:  # a run's threads (to_thread, an executor) must agree on one
+                value = self._value
+                if value is None:
+                    value = self._value = child_of(self.parent)
         return value
 
     def __enter__(self) -> None:

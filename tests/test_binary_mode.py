@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import json
 import pickle
+import time
 from datetime import datetime, timezone
 from types import SimpleNamespace
 from typing import Any, ClassVar
@@ -331,6 +333,10 @@ def test_an_in_process_pool_gets_the_parsed_envelope_and_a_prefork_child_the_tex
     assert json.loads(json.dumps(in_process.body[1]["raw_event"])) == checked.text
     prefork = bridge.to_task_message(structured, checked, SPEC, "svc.h").body[1]["raw_event"]
     assert type(prefork) is str
+    # A delayed retry waits in the worker until it is due: it holds the text only.
+    delayed = dataclasses.replace(checked, due=time.time() + 60)
+    held = bridge.to_task_message(structured, delayed, SPEC, "svc.h", in_process=True)
+    assert type(held.body[1]["raw_event"]) is str
     # A binary-mode event's envelope is built from headers and body: always passed as text.
     sdk = rabbitmq.to_binary_event(sdk_event())
     binary_message = _message(sdk, headers=dict(sdk.headers))

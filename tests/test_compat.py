@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import os
+import sys
 import threading
 from datetime import datetime, timezone
 from typing import Any, ClassVar
@@ -475,6 +476,17 @@ def test_pools_in_the_workers_process_hand_a_task_its_body_as_the_same_objects()
         assert _compat.runs_in_process(pool)
     assert not _compat.runs_in_process(prefork.TaskPool(limit=1))
     assert not _compat.runs_in_process(None)
+
+
+def test_telling_in_process_pools_apart_needs_no_greenlet(monkeypatch: pytest.MonkeyPatch) -> None:
+    # eventlet's and gevent's pool modules import greenlet, which a worker need not have.
+    for module in ("greenlet", "celery.concurrency.eventlet", "celery.concurrency.gevent"):
+        monkeypatch.setitem(sys.modules, module, None)
+    assert _compat.runs_in_process(solo.TaskPool())
+    assert not _compat.runs_in_process(prefork.TaskPool(limit=1))
+    assert {f"celery.concurrency.{name}" for name in ("eventlet", "gevent")} <= set(
+        _compat._IN_PROCESS_POOLS
+    )
 
 
 def test_cpythons_own_sha1_is_sha1() -> None:

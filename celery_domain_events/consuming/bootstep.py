@@ -214,6 +214,7 @@ class _BatchDispatch(_Dispatch):
         self.lock = threading.Lock()
 
     def task_message(self, message: Message, checked: inbound.Inbound) -> Message | None:
+        checked.parsed = None  # batch items go to the pool as text: hold no parsed copy
         if checked.due is not None:
             # Hold a delayed retry here, as Celery holds an ETA task: it must not count
             # against the prefetch budget meanwhile.

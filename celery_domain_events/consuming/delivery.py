@@ -157,13 +157,15 @@ def to_task_message(
 
     ``in_process``: the pool runs tasks in this process, so ``raw_event`` also carries the
     object the main thread parsed (:class:`~..wire.envelope.ParsedText`) and is not parsed
-    again.
+    again; not for a delayed retry, which the worker holds until it is due.
     """
     properties = message.properties or {}
     task_id = task_id_for(inbound.event_id, spec.name)
     parsed = inbound.parsed
     raw_event = (
-        inbound.text if parsed is None or not in_process else parsed_text(inbound.text, parsed)
+        parsed_text(inbound.text, parsed)
+        if in_process and parsed is not None and inbound.due is None
+        else inbound.text
     )
     return _compat.decoded_task_message(
         message,

@@ -87,17 +87,20 @@ class _RFC3339Time:
     def __get_pydantic_core_schema__(
         self, source: Any, handler: GetCoreSchemaHandler
     ) -> core_schema.CoreSchema:
-        return core_schema.custom_error_schema(
-            core_schema.chain_schema(
-                [
-                    core_schema.str_schema(pattern=_RFC3339_ANCHORED),
-                    core_schema.datetime_schema(tz_constraint="aware"),
-                ]
-            ),
-            custom_error_type="rfc3339",
-            custom_error_message=(
-                "time must be an RFC 3339 timestamp such as 2026-01-31T12:00:00Z"
-            ),
+        # Only the text's shape gets the custom message: an RFC 3339-shaped time out of range
+        # (February 30, hour 24) keeps pydantic's own reason.
+        return core_schema.chain_schema(
+            [
+                core_schema.custom_error_schema(
+                    core_schema.str_schema(pattern=_RFC3339_ANCHORED, strict=True),
+                    custom_error_type="rfc3339",
+                    custom_error_message=(
+                        "Value error, time must be an RFC 3339 timestamp such as "
+                        "2026-01-31T12:00:00Z"
+                    ),
+                ),
+                core_schema.datetime_schema(tz_constraint="aware"),
+            ]
         )
 
 
@@ -297,7 +300,10 @@ def decode(body: bytes | str) -> Envelope:
             f"not a CloudEvents 1.0 envelope: {validation_summary(exc)}"
         ) from None
     except ValueError as exc:  # a rule beyond the schema; the message holds no values
-        raise EventDecodeError(f"not a CloudEvents 1.0 envelope: {exc}") from None
+        # Worded as when the rule was a pydantic validator (dead-letter reasons are read).
+        raise EventDecodeError(
+            f"not a CloudEvents 1.0 envelope: <root>: Value error, {exc}"
+        ) from None
 
 
 def peek_id(body: bytes | str) -> str | None:
