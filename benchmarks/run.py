@@ -1099,16 +1099,41 @@ PER_EVENT_RATIOS = tuple(r for r in MAIN_RATIOS if r[2].startswith("b."))
 #: Worker CPU per task, no-op/handler run: below 1.0, a handler run costs more CPU.
 PER_EVENT_CPU_RATIOS = tuple(r for r in CPU_RATIOS if r[1].startswith("b."))
 
-#: A pair run: (what it compares, its two sides as (label prefix, mode, metrics on)).
+
+@dataclass(frozen=True)
+class Pair:
+    """A pair run: two scenarios alone, with more repeats than the full run affords."""
+
+    #: What it compares, for the progress lines and the table's title.
+    title: str
+    #: Its two sides: (label prefix, worker mode, metrics on).
+    sides: tuple[tuple[str, str, bool], tuple[str, str, bool]]
+    rows: tuple[tuple[str, str, str], ...]
+    ratios: tuple[tuple[str, str, str, float | None], ...]
+    cpu_ratios: tuple[tuple[str, str, str], ...]
+
+
 PAIRS = {
-    "metrics": ("metrics on/off", (("c", "events", False), ("i", "events", True))),
-    "per-event": ("no-op tasks/handler runs", (("b", "plain", False), ("c", "events", False))),
+    "metrics": Pair(
+        "metrics on/off",
+        (("c", "events", False), ("i", "events", True)),
+        METRICS_ROWS,
+        METRICS_RATIOS,
+        METRICS_CPU_RATIOS,
+    ),
+    "per-event": Pair(
+        "no-op tasks/handler runs",
+        (("b", "plain", False), ("c", "events", False)),
+        PER_EVENT_ROWS,
+        PER_EVENT_RATIOS,
+        PER_EVENT_CPU_RATIOS,
+    ),
 }
 
 
-def run_pair(b: Bench, res: Results, pair: str) -> None:
+def run_pair(b: Bench, res: Results, pair: Pair) -> None:
     """The two sides of ``pair`` alone, with each pool, alternating which goes first."""
-    title, sides = PAIRS[pair]
+    title, sides = pair.title, pair.sides
     for i in range(b.repeat):
         print(f"{title}, repeat {i + 1}/{b.repeat} ...", file=sys.stderr, flush=True)
         for pool in POOLS:
@@ -1198,24 +1223,19 @@ def bench_of(args: argparse.Namespace) -> Bench:
     )
 
 
-def pair_main(args: argparse.Namespace, pair: str) -> int:
+def pair_main(args: argparse.Namespace, pair: Pair) -> int:
     """``--metrics-pair``, ``--per-event-pair``: the pair's scenarios only, rows and ratios."""
-    rows, ratios, cpu_ratios = {
-        "metrics": (METRICS_ROWS, METRICS_RATIOS, METRICS_CPU_RATIOS),
-        "per-event": (PER_EVENT_ROWS, PER_EVENT_RATIOS, PER_EVENT_CPU_RATIOS),
-    }[pair]
     b = bench_of(args)
     redis.Redis.from_url(b.redis_url).ping()
     res = Results()
     digest = source_digest()
     run_pair(b, res, pair)
-    title = PAIRS[pair][0]
-    print(f"\n{title}: N={b.n}, {b.repeat} repeat(s), medians; {code_version()}")
+    print(f"\n{pair.title}: N={b.n}, {b.repeat} repeat(s), medians; {code_version()}")
     if source_digest() != digest:
         print("WARNING: the library's sources changed during the run; results mix versions")
-    print_table(res, rows, b.n)
-    print_ratios(res, ratios)
-    print_cpu_ratios(res, cpu_ratios, b.n)
+    print_table(res, pair.rows, b.n)
+    print_ratios(res, pair.ratios)
+    print_cpu_ratios(res, pair.cpu_ratios, b.n)
     if args.json:
         write_json(args.json, b, res, None)
     return 0
@@ -1224,9 +1244,9 @@ def pair_main(args: argparse.Namespace, pair: str) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.metrics_pair:
-        return pair_main(args, "metrics")
+        return pair_main(args, PAIRS["metrics"])
     if args.per_event_pair:
-        return pair_main(args, "per-event")
+        return pair_main(args, PAIRS["per-event"])
     return run_all(args)
 
 

@@ -352,14 +352,12 @@ def batch_task_message(
     return _BatchTaskMessage(deliveries, **_on_delivery(deliveries[0], body, headers, properties))
 
 
-_builtin_sha1: Callable[[bytes], Any]
-try:  # typeshed has no stub for it
-    _builtin_sha1 = importlib.import_module("_sha1").sha1
-except ImportError:  # pragma: no cover - a CPython built without its own hashes
-    _builtin_sha1 = hashlib.sha1
-
 #: SHA-1 for short inputs (task ids): CPython's own, else ``hashlib.sha1``. Not for security.
-sha1: Callable[[bytes], Any] = _builtin_sha1
+sha1: Callable[[bytes], Any]
+try:  # typeshed has no stub for it
+    sha1 = importlib.import_module("_sha1").sha1
+except ImportError:  # pragma: no cover - a CPython built without its own hashes
+    sha1 = hashlib.sha1
 
 
 #: The modules of Celery's pools that run tasks in the worker's own process.

@@ -341,6 +341,7 @@ class DomainEventsStep(bootsteps.StartStopStep):
             # Handler queues are several consumers of one channel: they meet kombu's late-ack
             # stall more often than Celery's single task queue (docs: performance, solo pool).
             self.ready_hook = _compat.flush_ready_before_poll(self.hub)
+        in_process = _compat.runs_in_process(getattr(parent, "pool", None))
         for spec in ext.handlers:
             name = ext.topology.handler_queue_name(spec)
             if spec.transient:
@@ -357,7 +358,7 @@ class DomainEventsStep(bootsteps.StartStopStep):
                     queue.name,
                     on_task_received,
                     self.hold,
-                    in_process=_compat.runs_in_process(getattr(parent, "pool", None)),
+                    in_process=in_process,
                 )
                 if spec.batch is None
                 else _BatchDispatch(
