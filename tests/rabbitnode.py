@@ -17,6 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from kombu import Connection
+
 __all__ = ["RabbitNode", "free_port", "node_support"]
 
 
@@ -112,6 +114,31 @@ class RabbitNode:
             except OSError:
                 time.sleep(0.2)
         raise TimeoutError(f"{self.node} did not open port {self.port}")
+
+    def wait_for_queue(self, queue: str, timeout: float = 60) -> None:
+        """Wait until a new AMQP connection can declare ``queue`` passively (it is recovered).
+
+        A restarted node accepts connections before a durable queue with many messages is
+        back; publishes routed to it wait for it, which a publisher's deadline may not cover.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with Connection(self.url, connect_timeout=5) as conn:
+                    conn.default_channel.queue_declare(queue, passive=True)
+                return
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
+    def log_tail(self, lines: int = 40) -> str:
+        """The last lines of the node's log files, for a failing test's message."""
+        tails = []
+        for log in sorted((self.dir / "log").glob("*.log")):
+            text = log.read_text(errors="replace").splitlines()[-lines:]
+            tails.append(f"== {log.name}\n" + "\n".join(text))
+        return "\n".join(tails)
 
     def stop_app(self) -> None:
         """Stop the RabbitMQ application (connections drop; the node stays up)."""

@@ -156,9 +156,15 @@ def test_a_broker_stopped_mid_batch_loses_nothing_and_resends_only_the_unconfirm
     record_property("transmit_seconds", round(outcome["elapsed"], 2))
 
     private_node.start_app()
+    # The probe queue holds ~30,000 persistent messages: the restarted node serves it a while
+    # after it accepts connections, and this test is about what is resent, not about that.
+    private_node.wait_for_queue(probe_queue)
     for event in unconfirmed:
         emit(event)
-    transmit(app)  # the re-transmit sends only what RabbitMQ had not confirmed
+    try:
+        transmit(app)  # the re-transmit sends only what RabbitMQ had not confirmed
+    except PublishError as exc:
+        raise AssertionError(f"re-transmit failed: {exc}\n{private_node.log_tail()}") from exc
 
     confirmed_ids = {e.event_id for e in events} - {e.event_id for e in unconfirmed}
     seen = copies_by_id(private_node.url, probe_queue)
