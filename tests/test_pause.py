@@ -9,15 +9,14 @@ from collections.abc import Callable
 import pytest
 
 from .conftest import Topology, WorkerProcess, wait_for
-from .test_untrusted import POOLS, envelope, publish
+from .test_untrusted import MATRIX_SOLO, POOLS, envelope, publish
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.worker, pytest.mark.slow]
 
 EVENTS = 20
 
 
-@pytest.mark.matrix
-@pytest.mark.parametrize("pool", list(POOLS))
+@pytest.mark.parametrize("pool", MATRIX_SOLO)
 def test_pause_one_handler_and_resume_it_without_losing_events(
     topology: Topology, worker_process: Callable[..., WorkerProcess], pool: str
 ) -> None:

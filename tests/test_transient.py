@@ -14,7 +14,7 @@ from kombu import Connection
 from celery_domain_events.ops.rabbitmq_api import ManagementClient
 
 from .conftest import BROKER_URL, Topology, WorkerProcess, wait_for
-from .test_untrusted import POOLS, envelope, publish
+from .test_untrusted import MATRIX_SOLO, POOLS, envelope, publish
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.worker, pytest.mark.slow]
 
@@ -53,8 +53,7 @@ def tags(worker: WorkerProcess, handler: str, event_id: str) -> list[str]:
     return sorted(line.split()[2] for line in worker.marker_lines(handler, event_id))
 
 
-@pytest.mark.matrix
-@pytest.mark.parametrize("pool", list(POOLS))
+@pytest.mark.parametrize("pool", MATRIX_SOLO)
 def test_events_published_while_no_worker_runs_are_not_kept(
     topology: Topology, worker_process: Make, pool: str
 ) -> None:

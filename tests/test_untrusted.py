@@ -93,6 +93,20 @@ def pool(request: pytest.FixtureRequest) -> tuple[str, ...]:
     return POOLS[request.param]
 
 
+#: Both pools, the solo one marked ``matrix``: the version matrix (scripts/matrix) runs a
+#: real-worker test once per combination, with the solo pool. What differs between Celery and
+#: kombu versions is the worker's main thread (consumer, strategy, request), which both pools
+#: share; the main run covers both pools on the default versions.
+MATRIX_SOLO = [pytest.param("solo", marks=pytest.mark.matrix), "prefork"]
+MATRIX_SOLO_POOL = pytest.mark.parametrize(
+    "pool",
+    [
+        pytest.param(POOLS["solo"], marks=pytest.mark.matrix, id="solo"),
+        pytest.param(POOLS["prefork"], id="prefork"),
+    ],
+)
+
+
 def canvas(kind: str, marker: Path, raw_event: str) -> bytes:
     """A Celery task body for the handler's own task that tries to chain another task."""
     plant = {
@@ -108,7 +122,7 @@ def canvas(kind: str, marker: Path, raw_event: str) -> bytes:
     return json.dumps([[], {"raw_event": raw_event, "meta": {}}, embed]).encode()
 
 
-@pytest.mark.matrix
+@MATRIX_SOLO_POOL
 def test_no_message_runs_a_task_or_a_canvas(
     topology: Topology, worker_process: Make, pool: tuple[str, ...], tmp_path: Path
 ) -> None:
@@ -156,7 +170,7 @@ def test_no_message_runs_a_task_or_a_canvas(
     assert "tests.plant_marker[" not in worker.log()  # never received, never run
 
 
-@pytest.mark.matrix
+@MATRIX_SOLO_POOL
 def test_poison_pills_never_stop_the_worker(
     topology: Topology, worker_process: Make, pool: tuple[str, ...]
 ) -> None:
