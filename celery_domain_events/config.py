@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
+from difflib import SequenceMatcher
 from typing import Any
 
 from pydantic import (
@@ -30,6 +31,7 @@ __all__ = [
     "KeyFormat",
     "QueueType",
     "Settings",
+    "misspelled_setting",
     "setting_name",
 ]
 
@@ -155,6 +157,14 @@ class Settings(BaseModel):
         given_as: dict[str, str] = {}
         for key in list(conf.keys()):
             name = setting_name(key, namespace) if isinstance(key, str) else None
+            if name is None and isinstance(key, str):
+                meant = misspelled_setting(key, namespace)
+                if meant is not None:
+                    raise ConfigurationError(
+                        f"unknown setting {key!r}: did you mean {meant!r}? Settings are "
+                        f"{PREFIX}* (or the same in upper case, with or without the Celery "
+                        "namespace)"
+                    )
             if name is None or name in NOT_SETTINGS:
                 continue
             if name not in cls.model_fields:
@@ -186,6 +196,31 @@ NOT_SETTINGS = frozenset({"celery_app"})
 _UPPER = PREFIX.upper()
 
 
+#: How alike a key's prefix must be to ``domain_events_`` (difflib's ratio) to be taken for a
+#: misspelling of it: ``domain_event_``, ``domainevents_`` and ``domain_evnets_`` are; Celery's
+#: own ``event_`` and ``task_default_`` (0.6 and less) are not.
+NEAR_MISS_RATIO = 0.85
+
+
+def misspelled_setting(key: str, namespace: str | None = None) -> str | None:
+    """Return the setting ``key`` seems meant to be, or None.
+
+    ``key`` is one :func:`setting_name` does not read: it is taken for a misspelling when it
+    ends with a setting's name and what comes before is ``domain_events_`` in another case
+    (``Domain_Events_``) or nearly it (``domain_event_``, ``DOMAINEVENTS_``). A key that merely
+    ends like a setting (``task_default_exchange``) is not.
+    """
+    lower = key.lower().replace("-", "_")
+    if namespace:
+        lower = lower.removeprefix(namespace.lower() + "_")
+    for field in _FIELDS_LONGEST_FIRST:
+        if lower.endswith(field) and len(lower) > len(field):
+            head = lower[: -len(field)]
+            if head == PREFIX or SequenceMatcher(None, head, PREFIX).ratio() >= NEAR_MISS_RATIO:
+                return PREFIX + field
+    return None
+
+
 def setting_name(key: str, namespace: str | None = None) -> str | None:
     """Return the setting ``key`` names, in any form it may take; None if it names none.
 
@@ -201,3 +236,8 @@ def setting_name(key: str, namespace: str | None = None) -> str | None:
     if key.startswith(_UPPER) and key == key.upper():
         return key[len(_UPPER) :].lower()
     return None
+
+
+# A setting whose name ends another's (``exchange``, ``retry_exchange``) is matched by the
+# longer one first.
+_FIELDS_LONGEST_FIRST = sorted(Settings.model_fields, key=len, reverse=True)

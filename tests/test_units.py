@@ -19,7 +19,7 @@ from celery import Celery
 
 import celery_domain_events as cde
 from celery_domain_events import DomainEvents, emit, exceptions, tracing, transmit
-from celery_domain_events.config import Settings
+from celery_domain_events.config import Settings, misspelled_setting
 from celery_domain_events.consuming import delivery as bridge
 from celery_domain_events.events import DomainEvent, GenericEvent
 from celery_domain_events.registry import EventRegistry, default_events
@@ -195,6 +195,35 @@ def test_settings_are_read_in_every_form_django_users_write(
     misspelled = key.replace("EXCHANGE", "EXCHNAGE").replace("exchange", "exchnage")
     with pytest.raises(cde.ConfigurationError, match=misspelled):
         Settings.from_conf({misspelled: "x"}, namespace=namespace, service="s")
+
+
+@pytest.mark.parametrize(
+    ("key", "namespace", "meant"),
+    [
+        ("domain_event_exchange", None, "domain_events_exchange"),  # the singular
+        ("domainevents_queue_type", None, "domain_events_queue_type"),
+        ("domain_evnets_exchange", None, "domain_events_exchange"),
+        ("Domain_Events_Exchange", None, "domain_events_exchange"),  # neither Celery's nor Django's
+        ("DOMAIN_EVENT_EXCHANGE", None, "domain_events_exchange"),
+        ("CELERY_DOMAIN_EVENT_EXCHANGE", "CELERY", "domain_events_exchange"),
+        ("domain_event_metrics_port", None, "domain_events_metrics_port"),  # not ..._port
+    ],
+)
+def test_a_misspelled_prefix_is_an_error_that_names_the_setting_meant(
+    key: str, namespace: str | None, meant: str
+) -> None:
+    with pytest.raises(cde.ConfigurationError, match=f"{key!r}: did you mean {meant!r}"):
+        Settings.from_conf({key: "x"}, namespace=namespace, service="s")
+
+
+def test_no_key_of_celery_itself_is_taken_for_a_misspelled_setting() -> None:
+    app = Celery("units-near-miss", broker="memory://", set_as_current=False)
+    keys = list(app.conf.keys())
+    for key in keys + [key.upper() for key in keys] + ["CELERY_" + key.upper() for key in keys]:
+        assert misspelled_setting(key, "CELERY") is None, key
+        assert misspelled_setting(key) is None, key
+    # Without the namespace, the Celery docs' Django form is someone else's key, as Celery reads it.
+    assert misspelled_setting("CELERY_DOMAIN_EVENTS_EXCHANGE") is None
 
 
 def test_a_misspelled_keyword_argument_is_an_error_too() -> None:
