@@ -319,6 +319,37 @@ def engine() -> Iterator[Any]:
     engine.dispose()
 
 
+@pytest.fixture
+def inbox_tables(engine: Any) -> Iterator[dict[str, str]]:
+    """The PostgreSQL tables of tests/worker_app.py's inbox handlers (inbox_a, inbox_b).
+
+    A side-effect table (no unique key on the event) and an inbox table, as the worker's
+    ``TEST_INBOX_ROWS`` and ``TEST_INBOX_TABLE``; dropped afterwards.
+    """
+    import sqlalchemy as sa
+
+    from celery_domain_events.contrib.inbox import define_inbox_table
+
+    uid = uuid.uuid4().hex[:8]
+    names = {"TEST_INBOX_ROWS": f"chaos_rows_{uid}", "TEST_INBOX_TABLE": f"chaos_inbox_{uid}"}
+    metadata = sa.MetaData()
+    sa.Table(
+        names["TEST_INBOX_ROWS"],
+        metadata,
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("handler", sa.String(50), nullable=False),
+        sa.Column("event_id", sa.String(64), nullable=False),
+        sa.Column("pid", sa.Integer, nullable=False),
+    )
+    define_inbox_table(metadata, names["TEST_INBOX_TABLE"])
+    try:
+        metadata.create_all(engine)
+    except sa.exc.OperationalError as exc:
+        pytest.skip(f"PostgreSQL is not usable: {exc}")
+    yield names
+    metadata.drop_all(engine)
+
+
 def probe(topology: Topology, app: Celery) -> str:
     """Bind a queue to the test exchange by ``#``: it keeps every event published there.
 

@@ -58,6 +58,7 @@ from celery_domain_events.wire.dead_letter import (
 )
 
 from .conftest import Topology, WorkerProcess, drain, probe, wait_for
+from .test_inbox_chaos import SKIPPED
 from .test_untrusted import POOLS, publish
 from .test_wire_conformance import FUZZ, header_values
 
@@ -817,3 +818,40 @@ def test_library_events_in_both_modes_are_read_by_the_sdk(
         else:
             assert props.get("content_type") == wire_envelope.CONTENT_TYPE
             assert headers == {}
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.worker
+@pytest.mark.slow
+def test_binary_events_are_upcast_deduplicated_by_the_inbox_and_reach_transient_handlers(
+    worker_process: Make, pool: tuple[str, ...], inbox_tables: dict[str, str]
+) -> None:
+    # evolve_v3 takes v3 only (a v1 event is upcast twice), inbox_a is idempotent through a
+    # PostgreSQL inbox, transient_seen consumes an exclusive queue of this worker's own.
+    handlers = ["evolve_v3", "inbox_a", "transient_seen"]
+    worker: WorkerProcess = worker_process(handlers, **inbox_tables).start(*pool)
+    old = rabbitmq.to_binary_event(
+        sdk_event("probe.evolve", eventversion=1, data={"order_id": 1, "amount": 19.9})
+    )
+    once = rabbitmq.to_binary_event(sdk_event("probe.inbox", data={"n": 1}))
+    live = rabbitmq.to_binary_event(sdk_event("probe.transient", data={"n": 2}))
+    publish_sdk(worker.topology, old, "probe.evolve")
+    publish_sdk(worker.topology, once, "probe.inbox")
+    publish_sdk(worker.topology, live, "probe.transient")
+    upcast = worker.markers / f"evolve_v3-{old.headers['ce-id']}"
+    wait_for(upcast.exists)
+    assert json.loads(upcast.read_text()) == {
+        "type": "EvolveV3",
+        "id": old.headers["ce-id"],
+        "order_id": 1,
+        "cents": 1990,
+        "currency": "EUR",
+    }
+    wait_for(lambda: len(worker.marker_lines("transient_seen", live.headers["ce-id"])) == 1)
+    runs = worker.markers / "inbox_started"  # "<handler> <event id> <pid>" per run started
+    wait_for(lambda: runs.exists() and once.headers["ce-id"] in runs.read_text())
+    publish_sdk(worker.topology, once, "probe.inbox")  # the same binary event again
+    wait_for(lambda: f"id={once.headers['ce-id']}: inbox_a {SKIPPED}" in worker.log())
+    assert runs.read_text().count(once.headers["ce-id"]) == 1  # the duplicate never ran
+    for handler in ("evolve_v3", "inbox_a"):
+        assert drain(worker.topology.broker_url, worker.queue(handler) + ".dlq") == []

@@ -12,8 +12,7 @@ import json
 import random
 import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -23,7 +22,6 @@ from kombu import Connection
 
 from celery_domain_events import DomainEvents, emit, transmit
 from celery_domain_events.consuming.delivery import task_id_for
-from celery_domain_events.contrib.inbox import define_inbox_table
 from celery_domain_events.inbox import DUPLICATE
 from celery_domain_events.wire import envelope
 from celery_domain_events.wire.dead_letter import FailureReason, dead_letter_message
@@ -40,29 +38,6 @@ TWICE = 200  # 20% of the events are published a second time, with the same id
 KILLS = 3
 REPLAYED = 25  # dead-letter copies of handled events put into inbox_a's DLQ, then replayed
 SKIPPED = "already handled it"
-
-
-@pytest.fixture
-def tables(engine: Any) -> Iterator[dict[str, str]]:
-    """The worker's side-effect table (no unique key on the event) and inbox table."""
-    uid = uuid.uuid4().hex[:8]
-    names = {"TEST_INBOX_ROWS": f"chaos_rows_{uid}", "TEST_INBOX_TABLE": f"chaos_inbox_{uid}"}
-    metadata = sa.MetaData()
-    sa.Table(
-        names["TEST_INBOX_ROWS"],
-        metadata,
-        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-        sa.Column("handler", sa.String(50), nullable=False),
-        sa.Column("event_id", sa.String(64), nullable=False),
-        sa.Column("pid", sa.Integer, nullable=False),
-    )
-    define_inbox_table(metadata, names["TEST_INBOX_TABLE"])
-    try:
-        metadata.create_all(engine)
-    except sa.exc.OperationalError as exc:
-        pytest.skip(f"PostgreSQL is not usable: {exc}")
-    yield names
-    metadata.drop_all(engine)
 
 
 def side_effects(engine: Any, table: str) -> dict[tuple[str, str], int]:
@@ -97,13 +72,13 @@ def count(engine: Any, table: str) -> int:
 def test_each_handler_commits_each_event_once_through_duplicates_replays_and_kills(
     topology: Topology,
     worker_process: Make,
-    tables: dict[str, str],
+    inbox_tables: dict[str, str],
     engine: Any,
     record_property: Any,
 ) -> None:
     started = time.monotonic()
-    worker = worker_process(list(HANDLERS), PYTHONUNBUFFERED="1", **tables).start()
-    rows, inbox = tables["TEST_INBOX_ROWS"], tables["TEST_INBOX_TABLE"]
+    worker = worker_process(list(HANDLERS), PYTHONUNBUFFERED="1", **inbox_tables).start()
+    rows, inbox = inbox_tables["TEST_INBOX_ROWS"], inbox_tables["TEST_INBOX_TABLE"]
     publisher = topology.app("pub")
     events = [emit("probe.inbox", {"n": i}) for i in range(EVENTS)]
     transmit(publisher)
@@ -219,9 +194,9 @@ def _task_events(app: Celery, hostname: str, into: list[dict[str, Any]]) -> Call
 
 @pytest.mark.matrix
 def test_a_duplicate_delivery_succeeds_with_the_result_duplicate(
-    topology: Topology, worker_process: Make, tables: dict[str, str]
+    topology: Topology, worker_process: Make, inbox_tables: dict[str, str]
 ) -> None:
-    worker = worker_process(["inbox_a"], **tables)
+    worker = worker_process(["inbox_a"], **inbox_tables)
     publisher = topology.app("pub")
     worker.start()
     # The worker's task events (celeryev exchange), as Flower receives them: its own only.
