@@ -33,10 +33,12 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import os
 import sys
 import threading
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from struct import unpack_from
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -53,10 +55,12 @@ T = TypeVar("T")
 
 __all__ = [
     "MAX_DECODED_TABLE_DEPTH",
+    "SUMMED_METRIC_FILES",
     "UNDECODABLE_HEADER",
     "add_unconsumed_queue",
     "app_behind_proxy",
     "batch_task_message",
+    "compact_metric_files",
     "current_traced_task",
     "decoded_task_message",
     "django_append_on_commit",
@@ -515,6 +519,57 @@ def prometheus_multiprocess_values() -> None:
 
     if not getattr(values.ValueClass, "_multiprocess", False):
         values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
+
+
+#: The prometheus-client multiprocess files that hold sums: one per type and process,
+#: ``<type>_<pid>.db``, and ``<type>_compacted.db`` for the merged ones of exited processes.
+SUMMED_METRIC_FILES = ("counter", "histogram")
+
+
+def compact_metric_files(directory: str, exited: Callable[[int], bool]) -> int:
+    """Merge the counter and histogram files of exited processes into one file per type.
+
+    prometheus-client's multiprocess mode keeps one file per process and type for good, so
+    the counts of exited processes stay in the totals; a worker that replaces its pool
+    processes (``worker_max_tasks_per_child``) would gather files without end, and every
+    scrape reads them all. Values of the same sample are summed, as the scrape sums them;
+    ``exited(pid)`` says which processes' files to merge. Not safe against another process
+    merging or scraping the same directory at the same time: the caller serializes.
+
+    Returns:
+        How many files were merged away.
+    """
+    from prometheus_client.mmap_dict import MmapedDict  # noqa: PLC0415 (optional dependency)
+
+    merged = 0
+    for kind in SUMMED_METRIC_FILES:
+        done: list[Path] = []
+        for path in Path(directory).glob(f"{kind}_*.db"):
+            pid = path.name[len(kind) + 1 : -len(".db")]
+            if pid.isdigit() and exited(int(pid)):
+                done.append(path)
+        if not done:
+            continue
+        target = Path(directory, f"{kind}_compacted.db")
+        totals: dict[str, list[float]] = {}
+        for path in [target, *done] if target.exists() else done:
+            for key, value, timestamp, _ in MmapedDict.read_all_values_from_file(str(path)):  # type: ignore[no-untyped-call]
+                entry = totals.setdefault(key, [0.0, 0.0])
+                entry[0] += value
+                entry[1] = max(entry[1], timestamp)
+        partial = target.with_suffix(".partial")  # not *.db: never read by a scrape
+        partial.unlink(missing_ok=True)
+        out = MmapedDict(str(partial))  # type: ignore[no-untyped-call]
+        try:
+            for key, (value, timestamp) in totals.items():
+                out.write_value(key, value, timestamp)  # type: ignore[no-untyped-call]
+        finally:
+            out.close()  # type: ignore[no-untyped-call]
+        os.replace(partial, target)
+        for path in done:
+            path.unlink(missing_ok=True)
+        merged += len(done)
+    return merged
 
 
 def histogram_bounds(child: Any) -> list[float]:

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import re
+import subprocess
 import sys
 import time
 import urllib.request
@@ -26,6 +27,7 @@ from celery_domain_events import (
     ConfigurationError,
     DomainEvents,
     PublishError,
+    _compat,
     domain_event_handler,
     emit,
     metrics,
@@ -351,6 +353,62 @@ def test_a_publisher_counts_events_the_broker_did_not_confirm() -> None:
 # -- a real worker's port ------------------------------------------------------------------------
 
 
+_CHILD = """
+import sys
+from prometheus_client import Counter, Histogram
+runs = Counter("t_runs", "runs", ["handler"])
+seconds = Histogram("t_seconds", "seconds", ["handler"], buckets=(0.1, 1.0))
+for handler, n in (("a", int(sys.argv[1])), ("b", 1)):
+    runs.labels(handler).inc(n)
+    seconds.labels(handler).observe(0.5 * n)
+"""
+
+
+def _collected(directory: Path) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    from prometheus_client import multiprocess
+
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in multiprocess.MultiProcessCollector(None, str(directory)).collect()
+        for sample in family.samples
+    }
+
+
+def test_the_files_of_exited_processes_merge_into_one_per_type_with_the_same_totals(
+    tmp_path: Path,
+) -> None:
+    # Real prometheus-client processes write the files (a canary of their format).
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+
+    def child(n: int) -> None:
+        subprocess.run([sys.executable, "-c", _CHILD, str(n)], env=env, check=True)
+
+    for n in (1, 2, 3):
+        child(n)
+    assert len(list(tmp_path.glob("counter_*.db"))) == 3
+    before = _collected(tmp_path)
+    assert before[("t_runs_total", (("handler", "a"),))] == 6
+    le_1 = ("t_seconds_bucket", (("handler", "a"), ("le", "1.0")))
+    assert before[le_1] == 2  # 0.5 and 1.0 of 0.5, 1.0 and 1.5
+
+    assert _compat.compact_metric_files(str(tmp_path), lambda pid: True) == 6
+    assert sorted(f.name for f in tmp_path.iterdir()) == [
+        "counter_compacted.db",
+        "histogram_compacted.db",
+    ]
+    assert _collected(tmp_path) == before
+
+    child(4)  # a later one merges into what was merged before
+    later = _collected(tmp_path)
+    assert later[("t_runs_total", (("handler", "a"),))] == 10
+    assert _compat.compact_metric_files(str(tmp_path), lambda pid: True) == 2
+    assert _collected(tmp_path) == later
+    # A process still running is left alone.
+    child(5)
+    assert _compat.compact_metric_files(str(tmp_path), lambda pid: False) == 0
+    assert len(list(tmp_path.glob("counter_*.db"))) == 2
+
+
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
         text = response.read().decode()
@@ -423,6 +481,50 @@ def test_a_worker_serves_outcomes_lag_and_dlq_depth_of_all_its_processes(
     multiproc_dirs = re.findall(r"multiprocess directory (\S+)\)", worker.log())
     assert multiproc_dirs
     assert not Path(multiproc_dirs[0]).exists()  # the worker's own: removed at shutdown
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.worker
+@pytest.mark.slow
+def test_a_worker_replacing_its_pool_processes_keeps_few_metric_files_and_every_count(
+    topology: Topology, worker_process: Callable[..., WorkerProcess]
+) -> None:
+    # One run per pool process (worker_max_tasks_per_child=1): each run's process exits and
+    # leaves its files; the worker merges them, and the totals stay.
+    worker = worker_process(["typed_or_not"], TEST_METRICS_PORT="0")
+    worker.start(*POOLS["prefork"], "--max-tasks-per-child", "1")
+    port = int(re.findall(r"serving metrics on http://[\d.]+:(\d+)/metrics", worker.log())[0])
+    directory = Path(re.findall(r"multiprocess directory (\S+)\)", worker.log())[0])
+    publisher = topology.app("pub")
+    runs = 12
+    for n in range(runs):
+        emit("probe.untyped", {"n": n})
+    transmit(publisher)
+    service = topology.service("proc")
+
+    def handled() -> float | None:
+        return sample(
+            scrape(port),
+            "domain_events_handler_runs_total",
+            service=service,
+            handler="typed_or_not",
+            event="probe.untyped",
+            outcome="handled",
+        )
+
+    wait_for(lambda: handled() == runs, timeout=60)
+    # The main process's, the two running children's and the merged ones: not one per run.
+    wait_for(lambda: len(list(directory.glob("counter_*.db"))) <= 4, timeout=30)
+    assert (directory / "counter_compacted.db").exists()
+    assert len(list(directory.glob("histogram_*.db"))) <= 4
+    assert handled() == runs
+    duration = sample(
+        scrape(port),
+        "domain_events_handler_duration_seconds_count",
+        service=service,
+        handler="typed_or_not",
+    )
+    assert duration == runs
 
 
 # -- dlq check on the real broker ----------------------------------------------------------------

@@ -40,6 +40,8 @@ __all__ = ["close", "prepare", "serve"]
 log = logging.getLogger(__name__)
 
 _MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
+#: How often the worker merges the metric files of its exited pool processes (seconds).
+COMPACT_SECONDS = 10.0
 
 
 class _State:
@@ -51,6 +53,10 @@ class _State:
         self.server: Any = None
         #: (service, handler) -> (handler queue depth, DLQ depth), None where unknown.
         self.depths: dict[tuple[str, str], tuple[int | None, int | None]] = {}
+        #: Held by a scrape and by the merging of exited processes' files: a scrape never
+        #: sees a file both merged and not yet removed.
+        self.files = threading.Lock()
+        self.compactor: _Periodic | None = None
 
 
 _state = _State()
@@ -148,38 +154,75 @@ def serve(
             for handler, queue, dlq in wanted
         }
 
-    reader = _DepthReader(refresh, settings.metrics_depth_interval)
+    reader = _Periodic("domain-events-queue-depths", refresh, settings.metrics_depth_interval)
     reader.start()
     return [reader]
 
 
-class _DepthReader(threading.Thread):
-    """Calls ``refresh`` now and every ``interval`` seconds until cancelled (a timer entry)."""
+class _Periodic(threading.Thread):
+    """Calls ``fn`` now and every ``interval`` seconds until cancelled (a timer entry)."""
 
-    def __init__(self, refresh: Callable[[], None], interval: float) -> None:
-        super().__init__(name="domain-events-queue-depths", daemon=True)
-        self.refresh = refresh
+    def __init__(self, name: str, fn: Callable[[], None], interval: float) -> None:
+        super().__init__(name=name, daemon=True)
+        self.fn = fn
         self.interval = interval
         self.stopped = threading.Event()
 
     def run(self) -> None:
         while not self.stopped.is_set():
             try:
-                self.refresh()
-            except Exception as exc:  # the broker is away: the last depths stay, try again
-                log.debug("Domain events: could not read the queue depths: %r", exc)
+                self.fn()
+            except Exception as exc:  # the broker is away, a file is busy: try again later
+                log.debug("Domain events: %s failed: %r", self.name, exc)
             self.stopped.wait(self.interval)
 
     def cancel(self) -> None:
         self.stopped.set()
 
 
+class _Locked:
+    """A collector that holds ``_state.files`` while it reads the multiprocess files."""
+
+    def __init__(self, collector: Any) -> None:
+        self.collector = collector
+
+    def collect(self) -> list[Any]:
+        with _state.files:
+            return list(self.collector.collect())
+
+
+def _compact(directory: str) -> None:
+    with _state.files:
+        merged = _compat.compact_metric_files(directory, _exited)
+    if merged:
+        log.debug("Domain events: merged the metric files of %d exited process(es)", merged)
+
+
+def _exited(pid: int) -> bool:
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # the pid is someone else's now: ours has exited
+        return True
+    return False  # running, or exited and not yet reaped (merged next time)
+
+
 def _open_port(address: str, port: int) -> None:
     from prometheus_client import CollectorRegistry, multiprocess, start_http_server  # noqa: PLC0415
 
     registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry, os.environ[_MULTIPROC_DIR])  # type: ignore[no-untyped-call]
+    directory = os.environ[_MULTIPROC_DIR]
+    registry.register(_Locked(multiprocess.MultiProcessCollector(None, directory)))  # type: ignore[no-untyped-call]
     registry.register(_DepthCollector())
+    if directory == _state.own_dir and _state.compactor is None:
+        # Only a directory of the worker's own: another process may read or merge a shared one.
+        _state.compactor = _Periodic(
+            "domain-events-metric-files", lambda: _compact(directory), COMPACT_SECONDS
+        )
+        _state.compactor.start()
     try:
         _state.server, _ = start_http_server(port, address, registry=registry)
     except OSError as exc:
@@ -200,6 +243,9 @@ def close() -> None:
         _state.server.shutdown()
         _state.server.server_close()
         _state.server = None
+    if _state.compactor is not None:
+        _state.compactor.cancel()
+        _state.compactor = None
     if _state.prepared:
         _child_exits(os.getpid())
     if _state.own_dir is not None:
