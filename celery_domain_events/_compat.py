@@ -523,18 +523,20 @@ def prometheus_multiprocess_values() -> None:
 
 #: The prometheus-client multiprocess files that hold sums: one per type and process,
 #: ``<type>_<pid>.db``, and ``<type>_compacted.db`` for the merged ones of exited processes.
-SUMMED_METRIC_FILES = ("counter", "histogram")
+SUMMED_METRIC_FILES = ("counter", "histogram", "summary")
 
 
 def compact_metric_files(directory: str, exited: Callable[[int], bool]) -> int:
-    """Merge the counter and histogram files of exited processes into one file per type.
+    """Merge the counter, histogram and summary files of exited processes, one file per type.
 
     prometheus-client's multiprocess mode keeps one file per process and type for good, so
     the counts of exited processes stay in the totals; a worker that replaces its pool
     processes (``worker_max_tasks_per_child``) would gather files without end, and every
     scrape reads them all. Values of the same sample are summed, as the scrape sums them;
-    ``exited(pid)`` says which processes' files to merge. Not safe against another process
-    merging or scraping the same directory at the same time: the caller serializes.
+    ``exited(pid)`` says which processes' files to merge. Each is first renamed out of the
+    scrape's sight (``*.merging``), so a process that takes the pid again starts a new file,
+    and a file merged once is never merged again. Not safe against another process merging
+    or scraping the same directory at the same time: the caller serializes.
 
     Returns:
         How many files were merged away.
@@ -543,33 +545,49 @@ def compact_metric_files(directory: str, exited: Callable[[int], bool]) -> int:
 
     merged = 0
     for kind in SUMMED_METRIC_FILES:
-        done: list[Path] = []
+        taken: list[Path] = []
         for path in Path(directory).glob(f"{kind}_*.db"):
             pid = path.name[len(kind) + 1 : -len(".db")]
             if pid.isdigit() and exited(int(pid)):
-                done.append(path)
-        if not done:
+                moved = path.with_suffix(".merging")
+                try:
+                    path.rename(moved)
+                except OSError:
+                    continue  # gone or busy: next time
+                taken.append(moved)
+        if not taken:
             continue
         target = Path(directory, f"{kind}_compacted.db")
-        totals: dict[str, list[float]] = {}
-        for path in [target, *done] if target.exists() else done:
-            for key, value, timestamp, _ in MmapedDict.read_all_values_from_file(str(path)):  # type: ignore[no-untyped-call]
-                entry = totals.setdefault(key, [0.0, 0.0])
-                entry[0] += value
-                entry[1] = max(entry[1], timestamp)
-        partial = target.with_suffix(".partial")  # not *.db: never read by a scrape
-        partial.unlink(missing_ok=True)
-        out = MmapedDict(str(partial))  # type: ignore[no-untyped-call]
         try:
-            for key, (value, timestamp) in totals.items():
-                out.write_value(key, value, timestamp)  # type: ignore[no-untyped-call]
-        finally:
-            out.close()  # type: ignore[no-untyped-call]
-        os.replace(partial, target)
-        for path in done:
+            _merge_into(target, taken, MmapedDict)
+        except BaseException:
+            for path in taken:  # back in sight, unless a process took the pid meanwhile
+                if not path.with_suffix(".db").exists():
+                    path.rename(path.with_suffix(".db"))
+            raise
+        for path in taken:
             path.unlink(missing_ok=True)
-        merged += len(done)
+        merged += len(taken)
     return merged
+
+
+def _merge_into(target: Path, sources: list[Path], mmaped_dict: Any) -> None:
+    # target := target + sources, sample by sample, replaced at once (os.replace).
+    totals: dict[str, list[float]] = {}
+    for path in [target, *sources] if target.exists() else sources:
+        for key, value, timestamp, _ in mmaped_dict.read_all_values_from_file(str(path)):
+            entry = totals.setdefault(key, [0.0, 0.0])
+            entry[0] += value
+            entry[1] = max(entry[1], timestamp)
+    partial = target.with_suffix(".partial")  # not *.db: never read by a scrape
+    partial.unlink(missing_ok=True)
+    out = mmaped_dict(str(partial))
+    try:
+        for key, (value, timestamp) in totals.items():
+            out.write_value(key, value, timestamp)
+    finally:
+        out.close()
+    os.replace(partial, target)
 
 
 def histogram_bounds(child: Any) -> list[float]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from difflib import SequenceMatcher
 from typing import Any
 
 from pydantic import (
@@ -196,19 +195,19 @@ NOT_SETTINGS = frozenset({"celery_app"})
 _UPPER = PREFIX.upper()
 
 
-#: How alike a key's prefix must be to ``domain_events_`` (difflib's ratio) to be taken for a
-#: misspelling of it: ``domain_event_``, ``domainevents_`` and ``domain_evnets_`` are; Celery's
-#: own ``event_`` and ``task_default_`` (0.6 and less) are not.
-NEAR_MISS_RATIO = 0.85
+#: ``domain_events_`` without its underscores, in lower case: a key's prefix that is one edit
+#: (a letter added, dropped, changed or two swapped) from it is taken for a misspelling.
+_SQUEEZED = PREFIX.replace("_", "")
 
 
 def misspelled_setting(key: str, namespace: str | None = None) -> str | None:
     """Return the setting ``key`` seems meant to be, or None.
 
     ``key`` is one :func:`setting_name` does not read: it is taken for a misspelling when it
-    ends with a setting's name and what comes before is ``domain_events_`` in another case
-    (``Domain_Events_``) or nearly it (``domain_event_``, ``DOMAINEVENTS_``). A key that merely
-    ends like a setting (``task_default_exchange``) is not.
+    ends with a setting's name and what comes before, underscores aside, is ``domainevents``
+    in any case or one edit from it (``Domain_Events_``, ``domain_event_``, ``DOMAINEVENTS_``,
+    ``domain_evnets_``). A key that merely ends like a setting (``task_default_exchange``,
+    ``MAIN_EVENTS_EXCHANGE``, ``MY_DOMAIN_EVENTS_SERVICE``) is not.
     """
     lower = key.lower().replace("-", "_")
     if namespace:
@@ -216,9 +215,26 @@ def misspelled_setting(key: str, namespace: str | None = None) -> str | None:
     for field in _FIELDS_LONGEST_FIRST:
         if lower.endswith(field) and len(lower) > len(field):
             head = lower[: -len(field)]
-            if head == PREFIX or SequenceMatcher(None, head, PREFIX).ratio() >= NEAR_MISS_RATIO:
+            if head.endswith("_") and _one_edit(head.replace("_", ""), _SQUEEZED):
                 return PREFIX + field
     return None
+
+
+def _one_edit(a: str, b: str) -> bool:
+    """Whether ``a`` is ``b`` or one edit from it (insert, delete, substitute, swap two)."""
+    if a == b:
+        return True
+    if abs(len(a) - len(b)) > 1:
+        return False
+    i = 0
+    while i < min(len(a), len(b)) and a[i] == b[i]:
+        i += 1
+    if len(a) == len(b):
+        return a[i + 1 :] == b[i + 1 :] or (
+            a[i : i + 2] == b[i : i + 2][::-1] and a[i + 2 :] == b[i + 2 :]
+        )
+    longer, shorter = (a, b) if len(a) > len(b) else (b, a)
+    return longer[i + 1 :] == shorter[i:]
 
 
 def setting_name(key: str, namespace: str | None = None) -> str | None:

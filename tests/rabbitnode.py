@@ -124,7 +124,9 @@ class RabbitNode:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                with Connection(self.url, connect_timeout=5) as conn:
+                # A recovering queue may not answer: bound the wait for its reply too.
+                options = {"read_timeout": 10, "write_timeout": 10}
+                with Connection(self.url, connect_timeout=5, transport_options=options) as conn:
                     conn.default_channel.queue_declare(queue, passive=True)
                 return
             except Exception:

@@ -10,9 +10,11 @@ from __future__ import annotations
 import hashlib
 import inspect
 import os
+import subprocess
 import sys
 import threading
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, ClassVar
 
 import amqp
@@ -493,3 +495,73 @@ def test_cpythons_own_sha1_is_sha1() -> None:
     data = b"\x6f\x1c" * 20 + "évent/handler".encode()
     assert _compat.sha1(data).digest() == hashlib.sha1(data).digest()
     assert _compat.sha1 is not hashlib.sha1  # the built-in one is there
+
+
+# prometheus-client's multiprocess files (merged by a worker serving metrics)
+
+_CHILD = """
+import sys
+from prometheus_client import Counter, Histogram
+runs = Counter("t_runs", "runs", ["handler"])
+seconds = Histogram("t_seconds", "seconds", ["handler"], buckets=(0.1, 1.0))
+for handler, n in (("a", int(sys.argv[1])), ("b", 1)):
+    runs.labels(handler).inc(n)
+    seconds.labels(handler).observe(0.5 * n)
+"""
+
+
+def _collected(directory: Path) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    from prometheus_client import multiprocess
+
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in multiprocess.MultiProcessCollector(None, str(directory)).collect()
+        for sample in family.samples
+    }
+
+
+def test_the_files_of_exited_processes_merge_into_one_per_type_with_the_same_totals(
+    tmp_path: Path,
+) -> None:
+    # Real prometheus-client processes write the files (a canary of their format).
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+
+    def child(n: int) -> None:
+        subprocess.run([sys.executable, "-c", _CHILD, str(n)], env=env, check=True)
+
+    for n in (1, 2, 3):
+        child(n)
+    assert len(list(tmp_path.glob("counter_*.db"))) == 3
+    before = _collected(tmp_path)
+    assert before[("t_runs_total", (("handler", "a"),))] == 6
+    le_1 = ("t_seconds_bucket", (("handler", "a"), ("le", "1.0")))
+    assert before[le_1] == 2  # 0.5 and 1.0 of 0.5, 1.0 and 1.5
+
+    assert _compat.compact_metric_files(str(tmp_path), lambda pid: True) == 6
+    assert sorted(f.name for f in tmp_path.iterdir()) == [
+        "counter_compacted.db",
+        "histogram_compacted.db",
+    ]
+    assert _collected(tmp_path) == before
+
+    child(4)  # a later one merges into what was merged before
+    later = _collected(tmp_path)
+    assert later[("t_runs_total", (("handler", "a"),))] == 10
+    assert _compat.compact_metric_files(str(tmp_path), lambda pid: True) == 2
+    assert _collected(tmp_path) == later
+    # A process still running is left alone.
+    child(5)
+    assert _compat.compact_metric_files(str(tmp_path), lambda pid: False) == 0
+    assert len(list(tmp_path.glob("counter_*.db"))) == 2
+    # A file that cannot be read stops the merge of its type, and every file is back in sight.
+    # 100 bytes used, then a 5-byte key and no value after it.
+    (tmp_path / "counter_999999.db").write_bytes(
+        b"\x64\x00\x00\x00" + b"\x00" * 4 + b"\x05\x00\x00\x00" + b"\xff" * 5
+    )
+    with pytest.raises(Exception):  # noqa: B017, PT011 (whatever the format's reader raises)
+        _compat.compact_metric_files(str(tmp_path), lambda pid: True)
+    counters = sorted(f.name for f in tmp_path.glob("counter_*.db"))
+    assert len(counters) == 3  # the merged one, the last child's, the unreadable one
+    assert {"counter_compacted.db", "counter_999999.db"} <= set(counters)
+    assert not list(tmp_path.glob("*.merging"))
+    assert not list(tmp_path.glob("*.partial"))

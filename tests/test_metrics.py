@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import re
-import subprocess
 import sys
 import time
 import urllib.request
@@ -27,7 +26,6 @@ from celery_domain_events import (
     ConfigurationError,
     DomainEvents,
     PublishError,
-    _compat,
     domain_event_handler,
     emit,
     metrics,
@@ -351,62 +349,6 @@ def test_a_publisher_counts_events_the_broker_did_not_confirm() -> None:
 
 
 # -- a real worker's port ------------------------------------------------------------------------
-
-
-_CHILD = """
-import sys
-from prometheus_client import Counter, Histogram
-runs = Counter("t_runs", "runs", ["handler"])
-seconds = Histogram("t_seconds", "seconds", ["handler"], buckets=(0.1, 1.0))
-for handler, n in (("a", int(sys.argv[1])), ("b", 1)):
-    runs.labels(handler).inc(n)
-    seconds.labels(handler).observe(0.5 * n)
-"""
-
-
-def _collected(directory: Path) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    from prometheus_client import multiprocess
-
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in multiprocess.MultiProcessCollector(None, str(directory)).collect()
-        for sample in family.samples
-    }
-
-
-def test_the_files_of_exited_processes_merge_into_one_per_type_with_the_same_totals(
-    tmp_path: Path,
-) -> None:
-    # Real prometheus-client processes write the files (a canary of their format).
-    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
-
-    def child(n: int) -> None:
-        subprocess.run([sys.executable, "-c", _CHILD, str(n)], env=env, check=True)
-
-    for n in (1, 2, 3):
-        child(n)
-    assert len(list(tmp_path.glob("counter_*.db"))) == 3
-    before = _collected(tmp_path)
-    assert before[("t_runs_total", (("handler", "a"),))] == 6
-    le_1 = ("t_seconds_bucket", (("handler", "a"), ("le", "1.0")))
-    assert before[le_1] == 2  # 0.5 and 1.0 of 0.5, 1.0 and 1.5
-
-    assert _compat.compact_metric_files(str(tmp_path), lambda pid: True) == 6
-    assert sorted(f.name for f in tmp_path.iterdir()) == [
-        "counter_compacted.db",
-        "histogram_compacted.db",
-    ]
-    assert _collected(tmp_path) == before
-
-    child(4)  # a later one merges into what was merged before
-    later = _collected(tmp_path)
-    assert later[("t_runs_total", (("handler", "a"),))] == 10
-    assert _compat.compact_metric_files(str(tmp_path), lambda pid: True) == 2
-    assert _collected(tmp_path) == later
-    # A process still running is left alone.
-    child(5)
-    assert _compat.compact_metric_files(str(tmp_path), lambda pid: False) == 0
-    assert len(list(tmp_path.glob("counter_*.db"))) == 2
 
 
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -124,6 +124,7 @@ def resend_until_sent(send: Callable[[], Any], node: Any) -> None:
         except PublishError as exc:
             if time.monotonic() > deadline:
                 raise AssertionError(f"re-transmit failed: {exc}\n{node.log_tail()}") from exc
+            time.sleep(0.5)
 
 
 @pytest.mark.slow

@@ -209,6 +209,7 @@ async def resend_until_sent_async(send: Callable[[], Awaitable[Any]], node: Any)
         except PublishError as exc:
             if time.monotonic() > deadline:
                 raise AssertionError(f"re-transmit failed: {exc}\n{node.log_tail()}") from exc
+            await asyncio.sleep(0.5)
 
 
 @pytest.mark.slow

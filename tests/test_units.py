@@ -207,6 +207,7 @@ def test_settings_are_read_in_every_form_django_users_write(
         ("DOMAIN_EVENT_EXCHANGE", None, "domain_events_exchange"),
         ("CELERY_DOMAIN_EVENT_EXCHANGE", "CELERY", "domain_events_exchange"),
         ("domain_event_metrics_port", None, "domain_events_metrics_port"),  # not ..._port
+        ("omain_events_service", None, "domain_events_service"),
     ],
 )
 def test_a_misspelled_prefix_is_an_error_that_names_the_setting_meant(
@@ -224,6 +225,24 @@ def test_no_key_of_celery_itself_is_taken_for_a_misspelled_setting() -> None:
         assert misspelled_setting(key) is None, key
     # Without the namespace, the Celery docs' Django form is someone else's key, as Celery reads it.
     assert misspelled_setting("CELERY_DOMAIN_EVENTS_EXCHANGE") is None
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "MAIN_EVENTS_EXCHANGE",  # Django settings of an app's own, read through app.conf
+        "MAIN_EVENTS_QUEUE_TYPE",
+        "DOMAIN_EVENT_BUS_EXCHANGE",
+        "DOMAIN_EVENT_BUS_SERVICE",
+        "MY_DOMAIN_EVENTS_SERVICE",
+        "APP_DOMAIN_EVENTS_EXCHANGE",
+        "OLD_DOMAIN_EVENTS_EXCHANGE",
+    ],
+)
+def test_a_key_of_its_own_that_ends_like_a_setting_is_not_a_misspelling(key: str) -> None:
+    assert misspelled_setting(key) is None
+    assert misspelled_setting(key, "CELERY") is None
+    assert Settings.from_conf({key: "x"}, namespace="CELERY", service="s").exchange
 
 
 def test_a_misspelled_keyword_argument_is_an_error_too() -> None:

@@ -7,7 +7,11 @@ a thread of the worker's main process, merges them (``MultiProcessCollector``). 
 prepared before the pool forks (:func:`prepare`, from the worker step's constructor), so the
 children inherit the variable. A child that exits cleanly is marked dead
 (``mark_process_dead``: the live gauges of any metrics of the user's own go); the counters of
-a dead child stay, so totals never go down.
+a dead child stay, so totals never go down. In the worker's own directory a thread merges the
+counter, histogram and summary files of exited children into one file per type every
+:data:`COMPACT_SECONDS` (``_compat.compact_metric_files``), under a lock the scrapes hold too:
+a worker that replaces its children (``worker_max_tasks_per_child``) keeps a few files, not
+two per child ever started.
 
 Queue depths are not counted by any process: a thread of the worker's main process reads
 them from the broker every ``domain_events_metrics_depth_interval`` seconds on a connection
@@ -57,6 +61,7 @@ class _State:
         #: sees a file both merged and not yet removed.
         self.files = threading.Lock()
         self.compactor: _Periodic | None = None
+        self.compact_failed = False
 
 
 _state = _State()
@@ -192,8 +197,19 @@ class _Locked:
 
 
 def _compact(directory: str) -> None:
-    with _state.files:
-        merged = _compat.compact_metric_files(directory, _exited)
+    try:
+        with _state.files:
+            merged = _compat.compact_metric_files(directory, _exited)
+    except Exception as exc:
+        if not _state.compact_failed:  # once: it is tried again every COMPACT_SECONDS
+            _state.compact_failed = True
+            log.warning(
+                "Domain events: could not merge the metric files of exited pool processes "
+                "in %s (%r); they are still scraped, one by one",
+                directory,
+                exc,
+            )
+        return
     if merged:
         log.debug("Domain events: merged the metric files of %d exited process(es)", merged)
 
@@ -245,6 +261,7 @@ def close() -> None:
         _state.server = None
     if _state.compactor is not None:
         _state.compactor.cancel()
+        _state.compactor.join(timeout=10)  # before its directory is removed below
         _state.compactor = None
     if _state.prepared:
         _child_exits(os.getpid())
