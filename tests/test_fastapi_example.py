@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import statistics
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -172,7 +173,10 @@ def test_with_the_broker_down_the_service_keeps_answering_and_the_outbox_keeps_t
     assert response.status_code == 202, response.text  # committed; the event waits
     assert response.json()["published"] is False
     assert len(health_times) > 50  # the 2 s publish deadline was spent answering probes
-    assert max(health_times) < 0.05, max(health_times)
+    # A probe waiting on the publish would take up to its 2 s deadline; a loaded machine
+    # (the suite's other processes and workers) delays a probe now and then by tens of ms.
+    assert statistics.median(health_times) < 0.05, sorted(health_times)[-5:]
+    assert max(health_times) < 0.5, sorted(health_times)[-5:]
     assert lag < 0.25  # a blocked loop lags by the publish deadline; load alone adds tens of ms
     with engine.connect() as conn:
         rows = conn.execute(sa.text(f'SELECT id FROM "{prefix}outbox"')).scalars().all()

@@ -22,6 +22,7 @@ from kombu import Connection
 from kombu.utils.url import maybe_sanitize_url
 
 from celery_domain_events import _compat
+from celery_domain_events.amqp.queues import declare_entity
 from celery_domain_events.exceptions import PublishError
 from celery_domain_events.wire.message import OutboundMessage
 
@@ -155,7 +156,7 @@ def _confirm_channel(conn: Connection, declare: Sequence[Any]) -> _ConfirmChanne
     for entity in declare:
         key = (type(entity).__name__, entity.name)
         if key not in cached.declared:
-            entity.declare(channel=cached.channel)
+            declare_entity(entity, cached.channel)
             cached.declared.add(key)
     return cached
 

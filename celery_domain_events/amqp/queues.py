@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -12,8 +14,11 @@ from kombu.common import ignore_errors
 
 from celery_domain_events.exceptions import ConfigurationError
 from celery_domain_events.wire.dead_letter import DeadLetter, letter_from
+from celery_domain_events.wire.topology import Auxiliary
 
-__all__ = ["declare", "depth", "depths", "process"]
+__all__ = ["declare", "declare_entity", "depth", "depths", "process"]
+
+log = logging.getLogger(__name__)
 
 
 def depth(conn: Connection, queue: str) -> int | None:
@@ -102,6 +107,33 @@ def process(
     return selected
 
 
+def declare_entity(entity: Any, channel: Any) -> None:
+    """Declare a kombu ``Exchange`` or ``Queue`` on ``channel``, or an :class:`Auxiliary` queue.
+
+    An auxiliary queue is declared on a fresh channel of ``channel``'s connection and never
+    raises: a refusal would close the channel it was declared on, so it is logged with the
+    queue's advice instead.
+    """
+    if not isinstance(entity, Auxiliary):
+        entity.declare(channel=channel)
+        return
+    new_channel = getattr(channel.connection, "channel", None)
+    aux = new_channel() if callable(new_channel) else channel  # kombu memory:// has none
+    try:
+        entity.queue.declare(channel=aux)
+    except Exception as exc:
+        log.warning(
+            "Domain events: could not declare %r (%s); carrying on without changing it. %s",
+            entity.name,
+            getattr(exc, "reply_text", exc),
+            entity.advice,
+        )
+    finally:
+        if aux is not channel:
+            with contextlib.suppress(Exception):
+                aux.close()
+
+
 def declare(entities: list[Any], channel: Any) -> None:
     """Declare ``entities`` (exchanges, queues with bindings, ``wire.topology.Auxiliary`` queues).
 
@@ -112,7 +144,7 @@ def declare(entities: list[Any], channel: Any) -> None:
     """
     for entity in entities:
         try:
-            entity.declare(channel=channel)
+            declare_entity(entity, channel)
         except PreconditionFailed as exc:
             raise ConfigurationError(
                 f"RabbitMQ refused to declare {type(entity).__name__.lower()} "

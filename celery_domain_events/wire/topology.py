@@ -30,8 +30,6 @@ patterns and, by its own name, to the retry exchange.
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -64,8 +62,6 @@ __all__ = [
     "unrouted_exchange",
     "unrouted_queue",
 ]
-
-log = logging.getLogger(__name__)
 
 #: Suffix of every dead-letter queue.
 DLQ_SUFFIX = ".dlq"
@@ -301,37 +297,24 @@ def diff_bindings(
     )
 
 
+@dataclass(frozen=True)
 class Auxiliary:
     """A queue whose declaration must never stop a publisher or worker: unrouted, DLQs.
 
-    It is declared on a channel of its own, so a refusal (it exists with other arguments, or
-    its home node of a cluster is down) cannot close the caller's channel; the refusal is
-    logged and the publisher or worker carries on.
+    :func:`celery_domain_events.amqp.queues.declare_entity` declares it on a channel of its
+    own, so a refusal (it exists with other arguments, or its home node of a cluster is down)
+    cannot close the caller's channel; the refusal is logged with :attr:`advice` and the
+    publisher or worker carries on.
     """
 
-    def __init__(self, queue: Queue, advice: str = "") -> None:
-        self.queue = queue
-        self.name = queue.name
-        #: What to tell an operator whose queue exists with other arguments.
-        self.advice = advice
+    queue: Queue
+    #: What to tell an operator whose queue exists with other arguments.
+    advice: str = ""
 
-    def declare(self, channel: Any) -> None:
-        """Declare the queue (and its binding) on a fresh channel of ``channel``'s connection."""
-        new_channel = getattr(channel.connection, "channel", None)
-        aux = new_channel() if callable(new_channel) else channel  # kombu memory:// has none
-        try:
-            self.queue.declare(channel=aux)
-        except Exception as exc:
-            log.warning(
-                "Domain events: could not declare %r (%s); carrying on without changing it. %s",
-                self.name,
-                getattr(exc, "reply_text", exc),
-                self.advice,
-            )
-        finally:
-            if aux is not channel:
-                with contextlib.suppress(Exception):
-                    aux.close()
+    @property
+    def name(self) -> str:
+        """The queue's name."""
+        return str(self.queue.name)
 
 
 class Topology:
