@@ -541,8 +541,6 @@ def compact_metric_files(directory: str, exited: Callable[[int], bool]) -> int:
     Returns:
         How many files were merged away.
     """
-    from prometheus_client.mmap_dict import MmapedDict  # noqa: PLC0415 (optional dependency)
-
     merged = 0
     for kind in SUMMED_METRIC_FILES:
         taken: list[Path] = []
@@ -559,7 +557,7 @@ def compact_metric_files(directory: str, exited: Callable[[int], bool]) -> int:
             continue
         target = Path(directory, f"{kind}_compacted.db")
         try:
-            _merge_into(target, taken, MmapedDict)
+            _merge_into(target, taken)
         except BaseException:
             for path in taken:  # back in sight, unless a process took the pid meanwhile
                 if not path.with_suffix(".db").exists():
@@ -571,22 +569,24 @@ def compact_metric_files(directory: str, exited: Callable[[int], bool]) -> int:
     return merged
 
 
-def _merge_into(target: Path, sources: list[Path], mmaped_dict: Any) -> None:
+def _merge_into(target: Path, sources: list[Path]) -> None:
     # target := target + sources, sample by sample, replaced at once (os.replace).
+    from prometheus_client.mmap_dict import MmapedDict  # noqa: PLC0415 (optional dependency)
+
     totals: dict[str, list[float]] = {}
     for path in [target, *sources] if target.exists() else sources:
-        for key, value, timestamp, _ in mmaped_dict.read_all_values_from_file(str(path)):
+        for key, value, timestamp, _ in MmapedDict.read_all_values_from_file(str(path)):  # type: ignore[no-untyped-call]
             entry = totals.setdefault(key, [0.0, 0.0])
             entry[0] += value
             entry[1] = max(entry[1], timestamp)
     partial = target.with_suffix(".partial")  # not *.db: never read by a scrape
     partial.unlink(missing_ok=True)
-    out = mmaped_dict(str(partial))
+    out = MmapedDict(str(partial))  # type: ignore[no-untyped-call]
     try:
         for key, (value, timestamp) in totals.items():
-            out.write_value(key, value, timestamp)
+            out.write_value(key, value, timestamp)  # type: ignore[no-untyped-call]
     finally:
-        out.close()
+        out.close()  # type: ignore[no-untyped-call]
     os.replace(partial, target)
 
 
