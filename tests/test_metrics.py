@@ -33,6 +33,7 @@ from celery_domain_events import (
     transmit_async,
 )
 from celery_domain_events.config import Settings
+from celery_domain_events.consuming import exposition
 from celery_domain_events.registry import HandlerRegistry
 from celery_domain_events.testing import capture_events
 from celery_domain_events.wire.message import OutboundMessage
@@ -455,8 +456,12 @@ def test_a_worker_replacing_its_pool_processes_keeps_few_metric_files_and_every_
         )
 
     wait_for(lambda: handled() == runs, timeout=60)
-    # The main process's, the two running children's and the merged ones: not one per run.
-    wait_for(lambda: len(list(directory.glob("counter_*.db"))) <= 4, timeout=30)
+    # The main process's, the two running children's and the merged ones: not one per run,
+    # within the merge interval the metrics page states (plus the last child's exit).
+    wait_for(
+        lambda: len(list(directory.glob("counter_*.db"))) <= 4,
+        timeout=exposition.COMPACT_SECONDS + 5,
+    )
     assert (directory / "counter_compacted.db").exists()
     assert len(list(directory.glob("histogram_*.db"))) <= 4
     assert handled() == runs
