@@ -254,6 +254,6 @@ def setting_name(key: str, namespace: str | None = None) -> str | None:
     return None
 
 
-# A setting whose name ends another's (``exchange``, ``retry_exchange``) is matched by the
-# longer one first.
+# Longest first, so that a setting whose name ended another's (none does today) would be
+# matched by the longer name.
 _FIELDS_LONGEST_FIRST = sorted(Settings.model_fields, key=len, reverse=True)

@@ -17,7 +17,10 @@ or, if the first rolled back, succeeds (run). The key includes the handler, beca
 handler must see each event once (MassTransit#3543).
 
 An inbox is any object with the :class:`Inbox` method (and :class:`AsyncInbox`'s, for
-``async def`` handlers).
+``async def`` handlers). An inbox that raises
+:class:`~celery_domain_events.exceptions.InboxBusy` also says how long a claim can keep it busy,
+in seconds, as ``max_retry_after`` (:class:`~.contrib.redis_inbox.RedisInbox`: its lease): a
+worker holds such a retry that long, however short the handler's own backoff.
 """
 
 from __future__ import annotations

@@ -97,6 +97,18 @@ def rejects(event: GenericEvent) -> None:
     raise RejectEvent("not for us")
 
 
+@domain_event_handler(
+    "test.narrow.#",
+    retry=RetryPolicy(
+        max_retries=3, autoretry_for=(ConnectionError,), dont_retry_for=(ConnectionRefusedError,)
+    ),
+)
+def narrow_retry(event: GenericEvent) -> None:
+    """Raises what its data names: only a ConnectionError other than a refused one is retried."""
+    RECORDER.record("narrow_retry", event)
+    raise {"value": ValueError, "refused": ConnectionRefusedError}[event.data["raise"]]("no")
+
+
 @domain_event_handler("test.poison.#", retry=RetryPolicy(max_retries=3))
 def poison_target(event: PoisonTarget) -> None:
     RECORDER.record("poison_target", event)

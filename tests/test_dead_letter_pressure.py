@@ -167,9 +167,10 @@ def test_an_unconfirmed_dead_letter_stalls_the_other_handlers_for_the_deadline_a
         )
         stalled = handled_at - failed_at
         record_property("stall_seconds", round(stalled, 2))
-        assert "holding the queue" in worker.log()
-        # The deadline, plus 2 s for the failing run to see its marker and 10 tiny handlers.
-        assert stalled <= deadline + 2, stalled
+        [held] = [line for line in worker.log().splitlines() if "holding the queue" in line]
+        assert "ERROR/" in held, held
+        # The deadline, plus 1 s for the failing run to see its marker and 10 tiny handlers.
+        assert stalled <= deadline + 1, stalled
         assert len(worker.marker_lines("fails_later", failing)) == 1  # held: not run again
     finally:
         private_node.ctl("set_vm_memory_high_watermark", "0.4")

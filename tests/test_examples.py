@@ -25,6 +25,7 @@ def test_demo_runs_every_handler_in_a_prefork_worker(topology: Topology) -> None
         "DOMAIN_EVENTS_SERVICE": service,
         "DOMAIN_EVENTS_BROKER_URL": topology.broker_url,
     }
+    dlq_depths: dict[str, int] = {}
     try:
         result = subprocess.run(
             [sys.executable, "-m", "examples.demo"],
@@ -35,6 +36,11 @@ def test_demo_runs_every_handler_in_a_prefork_worker(topology: Topology) -> None
             timeout=150,
             check=False,
         )
+        if result.returncode == 0:
+            dlq_depths = {
+                handler: topology.queue_depth(f"{service}.{handler}.dlq")
+                for handler in ("audit_trail", "book_revenue", "send_welcome_email")
+            }
     finally:
         with Connection(topology.broker_url) as conn:
             for handler in ("audit_trail", "book_revenue", "send_welcome_email"):
@@ -50,3 +56,7 @@ def test_demo_runs_every_handler_in_a_prefork_worker(topology: Topology) -> None
     poison = [line for line in result.stdout.splitlines() if "Poison message" in line]
     assert len(poison) == 2, result.stdout  # the task message, on both user.created queues
     assert all("Celery task message" in line for line in poison)
+    assert f"consuming 3 handler queue(s) of service '{service}'" in result.stdout
+    assert "7 of 7 handler runs seen" in result.stdout
+    # "The task message waits in the DLQs": one on each queue bound to user.created.
+    assert dlq_depths == {"audit_trail": 1, "book_revenue": 0, "send_welcome_email": 1}

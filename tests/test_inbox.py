@@ -6,7 +6,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from types import SimpleNamespace
 from typing import Any, ClassVar
@@ -31,12 +31,13 @@ from celery_domain_events import (
     emit,
     transmit,
 )
+from celery_domain_events.consuming.bootstep import hold_limit
 from celery_domain_events.contrib.inbox import AsyncSqlAlchemyInbox, SqlAlchemyInbox
 from celery_domain_events.contrib.redis_inbox import RedisInbox
 from celery_domain_events.ops.inbox_cli import inbox as inbox_cli
 from celery_domain_events.testing import capture_events
 
-from .conftest import DB_URL
+from .conftest import DB_URL, Topology, WorkerProcess, wait_for
 
 UID = uuid.uuid4().hex[:8]
 METADATA = sa.MetaData()
@@ -293,6 +294,45 @@ def test_redis_a_claim_in_progress_is_retried_after_its_lease_not_dead_lettered(
     assert isinstance(exc, InboxBusy)
     assert "lease expires in 30 s" in str(exc)
     assert 29 < countdown <= 31  # the lease left (+1 s), not the 1 s backoff
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.worker
+def test_redis_a_busy_retry_is_held_for_the_lease_not_the_shorter_backoff(
+    redis_keys: redis.Redis, topology: Topology, worker_process: Callable[..., WorkerProcess]
+) -> None:
+    # tests/worker_app.py's busy_lease: a 4 s lease, retries 0.5 s apart. The worker holds
+    # each retry until its x-retry-at, which it caps by the handler's longest delay: the
+    # lease's, not the backoff's, or the retries would find the claim each time and be spent.
+    worker = worker_process(["busy_lease"]).start()
+    event = emit("probe.busy", {})
+    key = f"test:busy:{topology.service('proc')}:busy_lease:{event.event_id}"
+    redis_keys.set(key, "processing", px=4_000)  # a delivery that crashed mid-handler
+    try:
+        claimed = time.time()
+        transmit(topology.app("pub"))
+        wait_for(lambda: bool(worker.marker_lines("busy_lease", event.event_id)), timeout=30)
+        [line] = worker.marker_lines("busy_lease", event.event_id)
+        assert float(line.split()[0]) - claimed >= 3.9  # after the lease, at its first retry
+        assert "lease expires in 4 s" in worker.log()
+        assert topology.queue_depth(worker.queue("busy_lease") + ".dlq") == 0
+        assert redis_keys.get(key) == b"done"
+    finally:
+        redis_keys.delete(key)
+
+
+def test_hold_limit_is_the_longer_of_the_backoff_and_a_busy_inbox() -> None:
+    spec = SimpleNamespace(
+        retry=RetryPolicy(backoff=False, countdown=0.5),
+        idempotent=RedisInbox(redis.Redis(), lease=timedelta(seconds=31)),
+    )
+    assert hold_limit(spec) == 32.0  # type: ignore[arg-type]
+    spec.retry = RetryPolicy(backoff_max=600)
+    assert hold_limit(spec) == 601.0  # type: ignore[arg-type]
+    spec.idempotent = INBOX  # a database inbox is never busy
+    assert hold_limit(spec) == 601.0  # type: ignore[arg-type]
+    spec.retry = None
+    assert hold_limit(spec) == 1.0  # type: ignore[arg-type]
 
 
 def test_redis_inbox_busy_is_retryable_by_default() -> None:

@@ -114,6 +114,29 @@ def test_reject_event_dead_letters_at_once(topology: Topology, recorder: Recorde
     assert letter.headers[HEADER_PREFIX + "exception"].endswith("RejectEvent")
 
 
+def test_an_error_the_policy_does_not_retry_dead_letters_at_once(
+    topology: Topology, recorder: Recorder
+) -> None:
+    # Not in autoretry_for (ValueError), or in dont_retry_for (a ConnectionError subclass):
+    # one attempt, reason "rejected", whatever max_retries.
+    app = topology.app(handlers=[handlers.narrow_retry])
+    queue = f"{topology.service()}.narrow_retry"
+    with running_worker(app):
+        emit("test.narrow.value", {"raise": "value"})
+        emit("test.narrow.refused", {"raise": "refused"})
+        transmit(app)
+        wait_for(lambda: topology.queue_depth(queue + ".dlq") == 2)
+    assert len(recorder.get("narrow_retry")) == 2
+    letters = drain(topology.broker_url, queue + ".dlq")
+    assert sorted(letter.headers[HEADER_PREFIX + "exception"] for letter in letters) == [
+        "builtins.ConnectionRefusedError",
+        "builtins.ValueError",
+    ]
+    for letter in letters:
+        assert letter.headers[HEADER_PREFIX + "reason"] == "rejected"
+        assert letter.headers[HEADER_PREFIX + "attempts"] == 1
+
+
 class _Evil:
     """Unpickling this creates a file: proof that nothing was unpickled if it is absent."""
 

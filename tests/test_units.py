@@ -579,3 +579,29 @@ def test_a_refused_dead_letter_holds_the_queue_15_s_doubling_to_300_s() -> None:
     step.resume("svc.h")  # an operator's add_consumer ends the hold at once
     assert step.held == {}
     assert consumer.consuming
+
+
+def test_the_default_retry_policy_backs_off_exponentially_with_jitter() -> None:
+    from celery_domain_events import RetryPolicy, domain_event_handler
+    from celery_domain_events.consuming.task import _countdown
+
+    @domain_event_handler("units.retry.default", name="units_retry_default")
+    def default_policy(event: GenericEvent) -> None: ...
+
+    app = Celery("units_retry", set_as_current=False)
+    DomainEvents(app, service="units", handlers=["units_retry_default"])
+    app.finalize()
+    task = app.tasks[DomainEvents.of(app).handlers[0].task_name]
+    # Celery's autoretry reads these: 2**n seconds (n retries made), at most 600, jittered.
+    assert (task.max_retries, task.retry_backoff, task.retry_backoff_max, task.retry_jitter) == (
+        3,
+        True,
+        600,
+        True,
+    )
+    assert set(task.autoretry_for) == {Exception}
+    # A batch handler's items are retried by the same formula, computed by the library.
+    assert [_countdown(RetryPolicy(jitter=False), n) for n in range(5)] == [1, 2, 4, 8, 16]
+    assert _countdown(RetryPolicy(jitter=False, backoff_max=5), 10) == 5
+    assert all(0 <= _countdown(RetryPolicy(), n) <= 2**n for n in range(8) for _ in range(20))
+    assert _countdown(RetryPolicy(backoff=False, countdown=7), 3) == 7

@@ -907,6 +907,38 @@ def _check(message: Message) -> inbound.Inbound:
     )
 
 
+def test_json_nesting_is_bounded_at_200_levels() -> None:
+    # Levels of tables and arrays, the outermost counted: the envelope is 1, its data object
+    # 2, and 198 arrays in it make 200, accepted; one more is poison, in the main thread and
+    # in the pool.
+    for levels, accepted in ((200, True), (201, False)):
+        body = json.dumps(_envelope(data={"x": 0})).replace(
+            '"x": 0', '"x": ' + _nested(levels - 2, "[", "]")
+        )
+        assert f'"x": {"[" * (levels - 2)}1' in body
+        if accepted:
+            assert _check(_message(body)).event_id == "crm-000123"
+            assert serialization.decode(body).id == "crm-000123"
+            continue
+        with pytest.raises(EventDecodeError, match="deeper than 200 levels"):
+            _check(_message(body))
+        with pytest.raises(EventDecodeError, match="deeper than 200 levels"):
+            serialization.decode(body)
+
+
+def test_header_nesting_is_bounded_at_8_levels() -> None:
+    # The headers table counted: a header nesting 7 tables and arrays makes 8, accepted.
+    def nested(levels: int) -> Any:
+        value: Any = "leaf"
+        for level in range(levels):
+            value = {"k": value} if level % 2 else [value]
+        return value
+
+    assert _check(_message(VALID_BODY, headers={"x": nested(7)})).headers["x"] == nested(7)
+    with pytest.raises(EventDecodeError, match="headers nest deeper than 8 levels"):
+        _check(_message(VALID_BODY, headers={"x": nested(8)}))
+
+
 def test_a_valid_delivery_passes_and_becomes_a_task() -> None:
     checked = _check(_message(VALID_BODY))
     assert (checked.event_id, checked.event_type, checked.retries, checked.due) == (

@@ -14,9 +14,11 @@ import signal
 import threading
 import time
 import uuid
+from datetime import timedelta
 from pathlib import Path
 from typing import ClassVar
 
+import redis
 import sqlalchemy as sa
 from celery import Celery, current_task
 from celery.exceptions import SoftTimeLimitExceeded
@@ -34,6 +36,7 @@ from celery_domain_events import (
 )
 from celery_domain_events.consuming import aio_loop
 from celery_domain_events.contrib.inbox import SqlAlchemyInbox
+from celery_domain_events.contrib.redis_inbox import RedisInbox
 from celery_domain_events.tracing import current_traceparent
 
 from . import evolving  # noqa: F401 (registers evolve_v3, its event versions and upcasters)
@@ -79,7 +82,7 @@ def _marker(*parts: str) -> Path:
     return Path(os.environ["TEST_MARKER_DIR"], "-".join(parts))
 
 
-def _append(name: str, event: DomainEvent) -> None:
+def _append(name: str, event: DomainEvent | GenericEvent) -> None:
     with _marker(name, str(event.event_id)).open("a") as f:
         f.write(f"{time.time()} {os.getpid()}\n")
 
@@ -116,6 +119,24 @@ def flaky(event: DomainEvent) -> None:
     """Always fails: retried twice, 1 s apart, then dead-lettered."""
     _append("flaky", event)
     raise RuntimeError("flaky handler failed")
+
+
+# tests/test_inbox.py: a Redis-idempotent handler whose backoff (0.5 s) is shorter than the
+# inbox's lease (4 s); the test holds the claim, as a delivery that crashed would.
+BUSY_INBOX = RedisInbox(
+    redis.Redis.from_url(os.environ.get("DOMAIN_EVENTS_REDIS_URL", "redis://127.0.0.1:6379/0")),
+    lease=timedelta(seconds=4),
+    prefix=f"test:busy:{os.environ['TEST_SERVICE']}:",
+)
+
+
+@domain_event_handler(
+    "probe.busy",
+    idempotent=BUSY_INBOX,
+    retry=RetryPolicy(max_retries=2, backoff=False, countdown=0.5),
+)
+def busy_lease(event: DomainEvent) -> None:
+    _append("busy_lease", event)
 
 
 @domain_event_handler("probe.fail", retry=None)

@@ -72,9 +72,23 @@ UNROUTED_CHECK_SECONDS = 300.0
 #: long, doubling up to HOLD_MAX_SECONDS while refusals go on: a DLQ that refuses publishes
 #: then costs the worker one publish deadline per hold, not one per delivery.
 HOLD_FIRST_SECONDS = 15.0
+HOLD_MAX_SECONDS = 300.0
 #: The largest prefetch count AMQP can carry (a 16-bit field).
 MAX_PREFETCH = 65_535
-HOLD_MAX_SECONDS = 300.0
+
+
+def hold_limit(spec: HandlerSpec) -> float:
+    """The longest a worker holds a delayed retry of ``spec`` (its ``x-retry-at`` is untrusted).
+
+    The handler's own longest retry delay, or a busy inbox's (``max_retry_after``, a
+    :class:`~..contrib.redis_inbox.RedisInbox`'s lease) if longer, plus a second: a retry
+    the worker published itself is never cut short.
+    """
+    policy = spec.retry.max_delay if spec.retry is not None else 0.0
+    busy = getattr(spec.idempotent, "max_retry_after", 0.0)
+    if not isinstance(busy, int | float) or isinstance(busy, bool):
+        busy = 0.0
+    return max(policy, float(busy)) + 1.0
 
 
 class _Dispatch:
@@ -102,7 +116,7 @@ class _Dispatch:
         self.on_refused = on_refused
         self.max_bytes = ext.settings.max_event_bytes
         self.retry_exchanges = frozenset({ext.topology.retry_exchange().name})
-        self.max_delay = (spec.retry.max_delay if spec.retry is not None else 0.0) + 1.0
+        self.max_delay = hold_limit(spec)
 
     def __call__(self, message: Message) -> None:
         try:

@@ -85,6 +85,11 @@ class RedisInbox:
         self.lease_ms = _ms(lease, "lease")
         self.prefix = prefix
 
+    @property
+    def max_retry_after(self) -> float:
+        """The longest ``InboxBusy.retry_after`` this inbox gives, in seconds: the lease."""
+        return self.lease_ms / 1000
+
     def key(self, handler: str, event_id: str) -> str:
         """The Redis key of ``(handler, event_id)``."""
         return f"{self.prefix}{handler}:{event_id}"
