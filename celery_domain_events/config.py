@@ -22,6 +22,7 @@ from pydantic import (
 
 from .exceptions import ConfigurationError
 from .routing import validate_word
+from .urls import RedactedURL
 
 __all__ = [
     "NOT_SETTINGS",
@@ -117,6 +118,12 @@ class Settings(BaseModel):
     def metrics_enabled(self) -> bool:
         """Whether this process records metrics: ``metrics``, or a worker's metrics port."""
         return self.metrics or self.metrics_port is not None
+
+    @field_validator("management_url", mode="before")
+    @classmethod
+    def _url_of(cls, value: Any) -> Any:
+        # DomainEvents(...) wraps the setting so that Celery's report and inspect hide it.
+        return str(value) if isinstance(value, RedactedURL) else value
 
     @field_validator("service")
     @classmethod

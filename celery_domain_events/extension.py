@@ -56,12 +56,13 @@ def _on_configure(sender: Celery, **_: Any) -> None:
     # domain_events_publish_timeout. Turning confirm_publish on for all of Celery made a
     # worker's heartbeat wait for a confirm without a deadline, and a broker memory alarm
     # stopped every handler of the worker until it cleared.
-    # Celery's report masks only the settings it knows: hide our URL's password from it too.
+    # Celery's report and inspect conf mask only the settings they know: hide our URL's
+    # password from them too.
     for key in [k for k in list(sender.conf) if isinstance(k, str)]:
         if setting_name(key, getattr(sender, "namespace", None)) != "management_url":
             continue
         url = sender.conf.get(key)
-        if isinstance(url, str) and not isinstance(url, RedactedURL):
+        if isinstance(url, str):
             sender.conf[key] = RedactedURL(url)
 
 

@@ -49,6 +49,11 @@ class RetryPolicy:
             raise ConfigurationError("RetryPolicy.max_retries must be >= 0")
         if self.backoff_max < 0 or self.countdown < 0:
             raise ConfigurationError("RetryPolicy delays must be >= 0")
+        if self.countdown and self.backoff:
+            raise ConfigurationError(
+                f"RetryPolicy(countdown={self.countdown:g}) is a fixed delay, which needs "
+                f"backoff=False: write RetryPolicy(backoff=False, countdown={self.countdown:g})"
+            )
 
     @property
     def max_delay(self) -> float:

@@ -43,16 +43,36 @@ def redact(urls: str | Sequence[str] | None, mask: str = "**") -> str:
     return ";".join(maybe_sanitize_url(url, mask=mask) for url in split(urls))
 
 
-class RedactedURL(str):
-    """A URL setting whose ``repr`` (what ``celery report`` prints) hides its password.
+class RedactedURL:
+    """A URL setting that shows itself only with its password masked.
 
-    It is the same string for everything else, so the setting keeps working.
+    ``celery report`` prints settings with ``repr``, and ``celery inspect conf`` (which Flower's
+    config page uses) sends a worker's settings as JSON, where a ``str`` goes out as it is and
+    any other value as its ``repr``: so this is not a ``str``. ``str()`` gives the URL, which
+    is how the library reads the setting.
     """
 
-    __slots__ = ()
+    __slots__ = ("_url",)
+
+    def __init__(self, url: str) -> None:
+        self._url = str(url)
+
+    def __str__(self) -> str:
+        return self._url
 
     def __repr__(self) -> str:
-        return repr(redact(str(self), mask="********"))
+        return repr(redact(self._url, mask="********"))
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, RedactedURL | str):
+            return self._url == str(other)
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._url)
+
+    def __reduce__(self) -> tuple[type[RedactedURL], tuple[str]]:
+        return RedactedURL, (self._url,)
 
 
 def default_management_url(broker: str | Sequence[str] | None) -> str:

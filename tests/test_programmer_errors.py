@@ -14,6 +14,7 @@ from celery_domain_events import (
     DomainEvent,
     EventDefinitionError,
     GenericEvent,
+    RetryPolicy,
     domain_event_handler,
     emit,
 )
@@ -118,3 +119,60 @@ def test_a_worker_without_handlers_says_so(worker_process: Callable[..., WorkerP
     worker = worker_process([]).start("-P", "solo")
     assert "has no handlers, so this worker consumes no events" in worker.log()
     assert "WARNING" in worker.log().split("has no handlers")[0].splitlines()[-1]
+
+
+def test_retry_mistakes_fail_at_decoration_and_say_what_to_write() -> None:
+    registry = HandlerRegistry()
+
+    def handle(event: GenericEvent) -> None: ...
+
+    with pytest.raises(ConfigurationError, match=r"write retry=RetryPolicy\(max_retries=3\)"):
+        domain_event_handler("programmer.x", retry=3, registry=registry)(handle)  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match=r"max_retries belong in retry=RetryPolicy"):
+        domain_event_handler("programmer.x", max_retries=5, registry=registry)(handle)
+    with pytest.raises(ConfigurationError, match=r"name, retry, idempotent, batch, transient"):
+        domain_event_handler("programmer.x", queue="q", registry=registry)(handle)
+    with pytest.raises(ConfigurationError, match=r"RetryPolicy\(backoff=False, countdown=10\)"):
+        RetryPolicy(countdown=10)
+    assert RetryPolicy(backoff=False, countdown=10).max_delay == 10.0
+    assert registry.all() == []
+
+
+def test_a_bare_decorator_says_to_give_patterns() -> None:
+    with pytest.raises(ConfigurationError, match=r"@domain_event_handler\('user.\*'\)"):
+
+        @domain_event_handler  # type: ignore[arg-type]
+        def forgot(event: GenericEvent) -> None: ...
+
+
+class Declared(DomainEvent):
+    event_name: ClassVar[str] = "programmer.declared"
+    order_id: int
+
+
+def test_untyped_emit_of_a_declared_event_is_checked_against_its_model() -> None:
+    with pytest.raises(EventDefinitionError) as info:
+        emit("programmer.declared", {"order_id": "s3cret"})
+    message = str(info.value)
+    assert "Declared declares that event" in message
+    assert "order_id: Input should be a valid integer" in message
+    assert "emit Declared(...) instead" in message
+    assert "s3cret" not in message  # never the data's values
+    with pytest.raises(EventDefinitionError, match="unknown: Extra inputs are not permitted"):
+        emit("programmer.declared", {"order_id": 1, "unknown": 2})  # as strict as Declared(...)
+    emit("programmer.declared", {"order_id": 1})  # valid: buffered as it is
+    emit("programmer.declared", {"order_id": "x"}, version=2)  # no model for v2 here
+    assert [e.event_version for e in buffered()] == [1, 2]
+
+
+@pytest.mark.parametrize("version", [0, -1, 1.5, True, "1"])
+def test_untyped_emit_refuses_a_version_that_is_not_a_positive_integer(version: Any) -> None:
+    with pytest.raises(EventDefinitionError, match="a version is a positive integer"):
+        emit("programmer.untyped", {}, version=version)
+    assert buffered() == []
+
+
+def test_untyped_emit_refuses_data_that_is_not_a_mapping() -> None:
+    with pytest.raises(EventDefinitionError, match=r"data is a mapping .* not list"):
+        emit("programmer.untyped", [1, 2])  # type: ignore[arg-type]
+    assert buffered() == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections.abc import Callable
@@ -10,10 +11,12 @@ import pytest
 from celery import Celery
 
 from celery_domain_events import ConfigurationError, DomainEvents, emit, transmit
+from celery_domain_events.config import Settings
 from celery_domain_events.ops.rabbitmq_api import ManagementClient
 from celery_domain_events.urls import RedactedURL, default_management_url, redact
 
 from .conftest import ROOT, WorkerProcess
+from .test_untrusted import POOLS
 
 
 def test_redact_masks_every_url_of_a_failover_list() -> None:
@@ -22,6 +25,11 @@ def test_redact_masks_every_url_of_a_failover_list() -> None:
     assert redact(urls.split(";")) == redact(urls)
     assert repr(RedactedURL("http://u:pw3@h:15672")) == "'http://u:********@h:15672/'"
     assert RedactedURL("http://u:pw3@h:15672") == "http://u:pw3@h:15672"  # still the URL
+    assert not isinstance(RedactedURL("http://u:pw3@h:15672"), str)  # JSON takes its repr
+    settings = Settings.from_conf(
+        {"domain_events_service": "s", "domain_events_management_url": RedactedURL("http://u:p@h")}
+    )
+    assert settings.management_url == "http://u:p@h"  # what the library reads
 
 
 def test_the_management_url_follows_the_broker_or_refuses_to_guess() -> None:
@@ -74,3 +82,31 @@ def test_celery_report_masks_every_password(
     assert "domain_events_management_url" in result.stdout
     assert "m4nagement" not in result.stdout + result.stderr
     assert "f4ilover" not in result.stdout + result.stderr
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.worker
+def test_inspect_conf_of_a_running_worker_masks_the_management_password(
+    worker_process: Callable[..., WorkerProcess],
+) -> None:
+    # What Flower's config page shows: the worker's settings, sent as JSON by remote control.
+    worker = worker_process(
+        ["typed_or_not"], TEST_MANAGEMENT_URL="http://admin:m4nagement@127.0.0.1:15672"
+    ).start(*POOLS["solo"])
+    result = subprocess.run(
+        [
+            *(sys.executable, "-m", "celery", "-A", "tests.worker_app", "inspect", "conf"),
+            *("--destination", worker.hostname, "--json", "--timeout", "10"),
+        ],
+        cwd=ROOT,
+        env=worker.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    [conf] = json.loads(result.stdout).values()
+    assert conf["domain_events_management_url"] == "'http://admin:********@127.0.0.1:15672/'"
+    assert "m4nagement" not in result.stdout + result.stderr
+    assert "m4nagement" not in worker.log()

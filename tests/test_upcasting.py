@@ -149,10 +149,13 @@ def test_a_failing_upcaster_makes_the_event_poison_with_its_error() -> None:
     app = app_with(up_v3)
     RECEIVED.clear()
     with capture_events(app, fail_fast=False) as events:
+        # A producer without the model (emit("up.order.placed", ...) checks it here).
         emit(
-            "up.order.placed",
-            {"order_id": 5, "amount": "not a number", "currency": "EUR"},
-            version=2,
+            GenericEvent(
+                event_name="up.order.placed",
+                event_version=2,
+                data={"order_id": 5, "amount": "not a number", "currency": "EUR"},
+            )
         )
         transmit(app)
         events.join()
@@ -219,9 +222,11 @@ def test_no_failure_record_repeats_the_data_that_failed_validation() -> None:
     app = app_with(up_v3)
     with capture_events(app, fail_fast=False) as events:
         emit(
-            "up.order.placed",
-            {"order_id": 6, "cents": "s3cret-value", "currency": "EUR"},
-            version=3,
+            GenericEvent(
+                event_name="up.order.placed",
+                event_version=3,
+                data={"order_id": 6, "cents": "s3cret-value", "currency": "EUR"},
+            )
         )
         transmit(app)
         events.join()

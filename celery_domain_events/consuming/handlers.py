@@ -72,6 +72,24 @@ TASK_OPTIONS = frozenset(
 )
 
 _DEFAULT_RETRY = RetryPolicy()
+#: Celery's retry options, and RetryPolicy's own names, given to the decorator by mistake.
+_RETRY_OPTIONS = frozenset(
+    {
+        "max_retries",
+        "autoretry_for",
+        "dont_autoretry_for",
+        "retry_backoff",
+        "retry_backoff_max",
+        "retry_jitter",
+        "default_retry_delay",
+        "retry_kwargs",
+        "dont_retry_for",
+        "backoff",
+        "backoff_max",
+        "jitter",
+        "countdown",
+    }
+)
 
 
 class Handler(Generic[P, R]):
@@ -152,13 +170,30 @@ def domain_event_handler(
     """
     if not patterns:
         raise ConfigurationError("domain_event_handler() needs at least one routing pattern")
+    if callable(patterns[0]) and not isinstance(patterns[0], str):
+        raise ConfigurationError(
+            "@domain_event_handler needs its routing patterns: write "
+            "@domain_event_handler('user.*'), not a bare @domain_event_handler"
+        )
     for pattern in patterns:
         validate_pattern(pattern)
+    if retry is not None and not isinstance(retry, RetryPolicy):
+        raise ConfigurationError(
+            f"retry= takes a RetryPolicy or None, not {retry!r}"
+            + (f": write retry=RetryPolicy(max_retries={retry})" if type(retry) is int else "")
+        )
     unknown = set(task_options) - TASK_OPTIONS
     if unknown:
+        retry_options = sorted(unknown & _RETRY_OPTIONS)
+        hint = (
+            f"; {', '.join(retry_options)} belong in retry=RetryPolicy(...)"
+            if retry_options
+            else ""
+        )
         raise ConfigurationError(
-            f"unknown handler option(s) {', '.join(sorted(unknown))}; "
-            f"allowed: {', '.join(sorted(TASK_OPTIONS))}"
+            f"unknown handler option(s) {', '.join(sorted(unknown))}{hint}; handler options "
+            "are name, retry, idempotent, batch, transient and the Celery task options "
+            f"{', '.join(sorted(TASK_OPTIONS))}"
         )
     batch_policy = None if batch is None else Batch.of(batch)
     if batch_policy is not None and idempotent is not None:

@@ -7,11 +7,19 @@ from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from typing import Any
 
+from pydantic import ValidationError
 from pydantic_core import PydanticSerializationError, to_json
 
 from celery_domain_events import metrics, tracing
 from celery_domain_events.config import ContentMode, KeyFormat
-from celery_domain_events.events import AnyEvent, DomainEvent, GenericEvent
+from celery_domain_events.events import (
+    METADATA_FIELDS,
+    AnyEvent,
+    DomainEvent,
+    GenericEvent,
+    default_events,
+    validation_summary,
+)
 from celery_domain_events.exceptions import EventDefinitionError, PublishError
 from celery_domain_events.extension import DomainEvents
 from celery_domain_events.routing import validate_event_name
@@ -42,14 +50,24 @@ def as_event(
     Raises:
         InvalidRoutingPattern: an untyped event name is not dotted words.
         TypeError: ``data`` was given with a typed event, or ``event`` is not an event.
-        EventDefinitionError: the event's class has no ``event_name``, or an untyped event's
-            data holds a value JSON cannot carry.
+        EventDefinitionError: the event's class has no ``event_name``; or an untyped event's
+            version is not a positive integer, its data is not a mapping, holds a value JSON
+            cannot carry, or fails the model this process declares for its name and version.
     """
     if isinstance(event, str):
-        generic = GenericEvent(
-            event_name=validate_event_name(event), event_version=version, data=dict(data or {})
-        )
+        name = validate_event_name(event)
+        if type(version) is not int or version < 1:
+            raise EventDefinitionError(
+                f"emit({name!r}, version={version!r}): a version is a positive integer"
+            )
+        if data is not None and not isinstance(data, Mapping):
+            raise EventDefinitionError(
+                f"emit({name!r}, data): data is a mapping (a JSON object), not "
+                f"{type(data).__name__}"
+            )
+        generic = GenericEvent(event_name=name, event_version=version, data=dict(data or {}))
         _check_json(generic)
+        _check_declared(generic)
         return generic
     if data is not None:
         raise TypeError("data= is only for untyped events: emit('name', {...})")
@@ -64,6 +82,24 @@ def as_event(
             'declare one: event_name: ClassVar[str] = "thing.happened"'
         )
     return event
+
+
+def _check_declared(event: GenericEvent) -> None:
+    # A model of this process declares the name and version: consumers that share it would
+    # dead-letter data it refuses, so refuse it here, where the mistake is made.
+    model = default_events.get(event.event_name, event.event_version)
+    if model is None:
+        return
+    fields = {k: v for k, v in event.data.items() if k not in METADATA_FIELDS}
+    try:
+        model.__pydantic_validator__.validate_python(fields)
+    except ValidationError as exc:
+        # Not chained: pydantic's own text repeats the data's values.
+        raise EventDefinitionError(
+            f"emit({event.event_name!r}, data, version={event.event_version}): "
+            f"{model.__module__}.{model.__qualname__} declares that event, and the data fails "
+            f"it: {validation_summary(exc)}; emit {model.__qualname__}(...) instead"
+        ) from None
 
 
 def _check_json(event: GenericEvent) -> None:
