@@ -7,6 +7,7 @@ cannot silently fall back to a default. Every field is listed in docs/operations
 
 from __future__ import annotations
 
+import difflib
 import enum
 from collections.abc import Mapping
 from typing import Any
@@ -138,6 +139,16 @@ class Settings(BaseModel):
         return value
 
     @model_validator(mode="after")
+    def _delivery_limit_needs_quorum(self) -> Settings:
+        # Classic queues have no delivery limit: the setting would protect nothing.
+        if self.delivery_limit is not None and self.queue_type is not QueueType.QUORUM:
+            raise ValueError(
+                "domain_events_delivery_limit needs domain_events_queue_type='quorum' (classic "
+                "queues have no delivery limit)"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _petisco_needs_organization(self) -> Settings:
         if self.key_format is KeyFormat.PETISCO:
             if not self.organization:
@@ -174,6 +185,14 @@ class Settings(BaseModel):
             if name is None or name in NOT_SETTINGS:
                 continue
             if name not in cls.model_fields:
+                close = difflib.get_close_matches(name, list(cls.model_fields), n=1, cutoff=0.8)
+                if close:
+                    meant_key = key[: len(key) - len(name)] + (
+                        close[0].upper() if key.isupper() else close[0]
+                    )
+                    raise ConfigurationError(
+                        f"unknown setting {key!r}: did you mean {meant_key!r}?"
+                    )
                 raise ConfigurationError(
                     f"unknown setting {key!r}; known: "
                     + ", ".join(PREFIX + f for f in cls.model_fields)
@@ -193,7 +212,22 @@ class Settings(BaseModel):
         try:
             return cls.model_validate(values)
         except ValidationError as exc:
-            raise ConfigurationError(f"invalid domain events settings: {exc}") from exc
+            # One line, naming each setting as it was written; never the values (a URL's
+            # password). Not chained: pydantic's own text repeats them.
+            problems = "; ".join(_problem(error, given_as) for error in exc.errors())
+            raise ConfigurationError(f"invalid domain events settings: {problems}") from None
+
+
+def _problem(error: Any, given_as: Mapping[str, str]) -> str:
+    field = str(error["loc"][0]) if error["loc"] else ""
+    if not field:  # a rule across settings: its message names them
+        return str(error["msg"]).removeprefix("Value error, ")
+    key = given_as.get(field, PREFIX + field)
+    if error["type"] == "missing":
+        return f"{key} is required" + (
+            ' (DomainEvents(app, service="billing"), or the setting)' if field == "service" else ""
+        )
+    return f"{key}: {str(error['msg']).removeprefix('Value error, ')}"
 
 
 #: ``DOMAIN_EVENTS_*`` names that are not settings of ours but Django settings read elsewhere

@@ -63,6 +63,10 @@ def test_list_show_replay_and_purge_dead_letters(
 
     none = cli(worker, "dlq", "replay", "--event", "other.#").stdout
     assert "0 dead letter(s) replayed" in none
+    spent = cli(worker, "dlq", "replay", "--reason", "retries-exhausted", "--dry-run").stdout
+    assert "2 dead letter(s) would be replayed" in spent
+    poison = cli(worker, "dlq", "replay", "--reason", "poison", "--dry-run").stdout
+    assert "0 dead letter(s) would be replayed" in poison
 
     out = cli(worker, "dlq", "replay", "--handler", "flaky", "--id", str(first.event_id)).stdout
     assert "1 dead letter(s) replayed" in out
@@ -146,3 +150,31 @@ def test_every_command_that_prints_data_has_json(
     assert replayed == {"dry_run": True, "replayed": []}
     purged = json.loads(cli(worker, "dlq", "purge", "--dry-run", "--json").stdout)
     assert purged == {"dry_run": True, "purged": []}
+
+
+@pytest.mark.parametrize("command", [("dlq", "list"), ("dlq", "check"), ("topology", "show")])
+def test_an_invalid_setting_is_a_one_line_usage_error(
+    worker_process: Callable[..., WorkerProcess], command: tuple[str, ...]
+) -> None:
+    # Not started: the commands read the app's settings (a delivery limit on classic queues).
+    worker = worker_process(["flaky"], TEST_DELIVERY_LIMIT="3")
+    result = cli(worker, *command, check=False)
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines[-1] == (
+        "Error: invalid domain events settings: domain_events_delivery_limit needs "
+        "domain_events_queue_type='quorum' (classic queues have no delivery limit)"
+    ), result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_an_unknown_reason_is_a_usage_error_not_an_empty_selection(
+    worker_process: Callable[..., WorkerProcess],
+) -> None:
+    worker = worker_process(["flaky"])
+    result = cli(worker, "dlq", "replay", "--reason", "retries_exhausted", "--dry-run", check=False)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "did you mean 'retries-exhausted'?" in result.stderr
+    result = cli(worker, "dlq", "purge", "--reason", "bogus", "--dry-run", check=False)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Reasons: retries-exhausted, rejected, poison, or broker:<why>" in result.stderr

@@ -160,6 +160,54 @@ def test_settings_reject_unknown_keys_and_bad_values() -> None:
         Settings.from_conf({"domain_events_queue_type": "lazy"}, service="s")
     settings = Settings.from_conf({"domain_events_exchange": "ev"}, service="billing")
     assert settings.exchange == "ev"
+
+
+@pytest.mark.parametrize(
+    ("conf", "message"),
+    [
+        (
+            {},
+            "invalid domain events settings: domain_events_service is required "
+            '(DomainEvents(app, service="billing"), or the setting)',
+        ),
+        (
+            {"DOMAIN_EVENTS_SERVICE": "s", "DOMAIN_EVENTS_QUEUE_TYPE": "Quorum"},
+            "invalid domain events settings: DOMAIN_EVENTS_QUEUE_TYPE: "
+            "Input should be 'classic' or 'quorum'",
+        ),
+        (
+            {"domain_events_service": "s", "domain_events_delivery_limit": 3},
+            "invalid domain events settings: domain_events_delivery_limit needs "
+            "domain_events_queue_type='quorum' (classic queues have no delivery limit)",
+        ),
+        (
+            {"domain_events_service": "s", "domain_events_exchnage": "x"},
+            "unknown setting 'domain_events_exchnage': did you mean 'domain_events_exchange'?",
+        ),
+        (
+            {"DOMAIN_EVENTS_SERVICE": "s", "DOMAIN_EVENTS_QUEUETYPE": "x"},
+            "unknown setting 'DOMAIN_EVENTS_QUEUETYPE': did you mean 'DOMAIN_EVENTS_QUEUE_TYPE'?",
+        ),
+    ],
+)
+def test_a_settings_error_is_one_line_naming_the_setting_as_written(
+    conf: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(cde.ConfigurationError) as info:
+        Settings.from_conf(conf)
+    assert str(info.value) == message
+    assert info.value.__cause__ is None  # pydantic's text repeats the values
+
+
+def test_a_settings_error_never_shows_a_value() -> None:
+    with pytest.raises(cde.ConfigurationError) as info:
+        Settings.from_conf(
+            {"domain_events_service": "s", "domain_events_management_url": ["http://u:s3cret@h"]}
+        )
+    assert "domain_events_management_url: Input should be a valid string" in str(info.value)
+    assert "s3cret" not in str(info.value)
+    quorum = {"domain_events_queue_type": "quorum", "domain_events_delivery_limit": 3}
+    assert Settings.from_conf(quorum, service="s").delivery_limit == 3
     assert (
         Settings.from_conf({"domain_events_exchange": "ev"}, service="b", exchange="o").exchange
         == "o"

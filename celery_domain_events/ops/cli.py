@@ -19,6 +19,7 @@ Installed as a ``celery.commands`` plugin, so ``-A`` resolves the app as for any
 
 from __future__ import annotations
 
+import difflib
 import json
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -33,7 +34,7 @@ from celery_domain_events.exceptions import CatalogueError, ConfigurationError
 from celery_domain_events.extension import DomainEvents
 from celery_domain_events.registry import HandlerSpec
 from celery_domain_events.routing import matches, validate_pattern
-from celery_domain_events.wire.dead_letter import HEADER_PREFIX, DeadLetter
+from celery_domain_events.wire.dead_letter import HEADER_PREFIX, DeadLetter, FailureReason
 from celery_domain_events.wire.topology import BindingDiff, diff_bindings
 
 from . import catalogue, schema_diff
@@ -130,11 +131,30 @@ filter_options = [
     handler_option,
     click.option("--event", help="Only events whose name matches this AMQP pattern."),
     click.option("--id", "ids", multiple=True, help="Only this event id (repeatable)."),
-    click.option("--reason", help="Only this reason (retries-exhausted, rejected, poison, ...)."),
+    click.option(
+        "--reason",
+        callback=lambda ctx, param, value: _reason(value),
+        help="Only this reason: retries-exhausted, rejected, poison, or broker:<why> (a "
+        "broker's dead letter, such as broker:delivery_limit).",
+    ),
     click.option("--limit", type=click.IntRange(min=1), help="At most this many per queue."),
     click.option("--dry-run", is_flag=True, help="Show what would be done; change nothing."),
     click.option("--json", "as_json", is_flag=True, help="Print JSON."),
 ]
+
+
+def _reason(value: str | None) -> str | None:
+    # A reason no dead letter can have would match nothing and look like an empty DLQ.
+    known = [reason.value for reason in FailureReason]
+    if value is None or value in known or value.startswith("broker:"):
+        return value
+    close = difflib.get_close_matches(value.replace("_", "-"), known, n=1)
+    raise click.BadParameter(
+        f"{value!r} is no reason"
+        + (f"; did you mean {close[0]!r}?" if close else "")
+        + f" Reasons: {', '.join(known)}, or broker:<why> (broker:delivery_limit)",
+        param_hint="--reason",
+    )
 
 
 def _with_filters(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -40,15 +40,17 @@ def extension_of(ctx: click.Context) -> DomainEvents:
     """Return the ``DomainEvents`` of the app ``celery -A`` named, its handlers imported.
 
     Raises:
-        click.UsageError: the app has no ``DomainEvents``.
+        click.UsageError: the app has no ``DomainEvents``, or its settings are invalid.
     """
     app: Celery = ctx.obj.app
     # Handlers register when their modules are imported, as the worker does on start.
     app.loader.import_default_modules()
     try:
-        return DomainEvents.of(app)
+        ext = DomainEvents.of(app)
+        ext.settings  # noqa: B018 (read now: an invalid setting is a usage error, in one line)
     except DomainEventsError as exc:
-        raise click.UsageError(str(exc)) from exc
+        raise click.UsageError(str(exc)) from None
+    return ext
 
 
 #: Exit codes (documented in docs/operations/failures.md): 0 done, 1 a difference, nothing found
