@@ -327,6 +327,10 @@ class DomainEvents:
             raise ConfigurationError(f"unknown handler(s): {', '.join(missing)}")
         return [known[n] for n in sorted(set(self._handler_names))]
 
+    def _consume_only(self, names: Iterable[str]) -> None:
+        # A worker started with -Q naming handler queues runs those handlers only.
+        self._handler_names = sorted(set(names))
+
     @property
     def published_events(self) -> list[type[DomainEvent]]:
         """The event classes this service publishes, ordered by name and version.

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from kombu import Connection
 
 from celery_domain_events import emit, transmit
 
@@ -178,3 +179,25 @@ def test_an_unknown_reason_is_a_usage_error_not_an_empty_selection(
     result = cli(worker, "dlq", "purge", "--reason", "bogus", "--dry-run", check=False)
     assert result.returncode == 2, result.stdout + result.stderr
     assert "Reasons: retries-exhausted, rejected, poison, or broker:<why>" in result.stderr
+
+
+@pytest.mark.parametrize("with_task_queue", [False, True])
+def test_a_worker_given_handler_queues_with_q_runs_only_those_handlers(
+    topology: Topology, worker_process: Callable[..., WorkerProcess], with_task_queue: bool
+) -> None:
+    # Celery declared a -Q queue as a plain task queue, which RabbitMQ refused (its
+    # dead-letter arguments differ), and the worker stopped.
+    worker = worker_process(["flaky", "sibling"])
+    queues = [worker.queue("sibling"), *([topology.tasks] if with_task_queue else [])]
+    worker.start("-P", "solo", "-Q", ",".join(queues))
+    assert "runs only their handlers" in worker.log()
+    event = emit("probe.retry", {"n": 1})
+    transmit(topology.app("pub"))
+    wait_for(lambda: bool(worker.marker_lines("sibling", event.event_id)), timeout=30)
+    assert worker.marker_lines("flaky", event.event_id) == []  # not this worker's handler
+    assert worker.proc is not None
+    assert worker.proc.poll() is None
+    assert "PRECONDITION_FAILED" not in worker.log()
+    # No stray exchange named after the queue, as Celery declares for a queue of its own.
+    with Connection(topology.broker_url) as conn, pytest.raises(conn.channel_errors):
+        conn.channel().exchange_declare(worker.queue("sibling"), "direct", passive=True)
