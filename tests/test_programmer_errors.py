@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import os
+import signal
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
@@ -21,7 +24,7 @@ from celery_domain_events import (
 from celery_domain_events.publishing.api import buffered
 from celery_domain_events.registry import HandlerRegistry
 
-from .conftest import WorkerProcess
+from .conftest import ROOT, Topology, WorkerProcess, read_log, spawn_worker
 
 
 class Base(DomainEvent):
@@ -119,6 +122,24 @@ def test_a_worker_without_handlers_says_so(worker_process: Callable[..., WorkerP
     worker = worker_process([]).start("-P", "solo")
     assert "has no handlers, so this worker consumes no events" in worker.log()
     assert "WARNING" in worker.log().split("has no handlers")[0].splitlines()[-1]
+
+
+def test_a_worker_of_an_app_with_handlers_but_no_extension_says_so(
+    topology: Topology, tmp_path: Path
+) -> None:
+    env = {**os.environ, "TEST_BROKER_URL": topology.broker_url, "TEST_TASK_QUEUE": topology.tasks}
+    log_path = tmp_path / "worker.log"
+    proc, _ = spawn_worker(
+        "tests.no_extension_app", "-P", "solo", cwd=ROOT, env=env, log_path=log_path
+    )
+    try:
+        [line] = [row for row in read_log(log_path).splitlines() if "no DomainEvents" in row]
+        assert "ERROR/" in line
+        assert "Celery app 'no_extension' has domain event handlers (forgotten)" in line
+        assert line.endswith("call DomainEvents(app, service=...)")
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
 
 
 def test_retry_mistakes_fail_at_decoration_and_say_what_to_write() -> None:

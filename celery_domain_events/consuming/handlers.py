@@ -30,6 +30,7 @@ A batch handler (``batch=``) takes a list of events and runs as one Celery task 
 from __future__ import annotations
 
 import inspect
+import logging
 import types
 import typing
 from collections.abc import Callable
@@ -37,11 +38,13 @@ from typing import Any, Generic, ParamSpec, TypeVar, cast
 
 from celery import Celery, Task
 from celery import current_app as _current_app
+from celery.signals import celeryd_after_setup
 
 from celery_domain_events import _compat
 from celery_domain_events.batching import Batch
 from celery_domain_events.events import DomainEvent, GenericEvent
 from celery_domain_events.exceptions import ConfigurationError, EventDefinitionError
+from celery_domain_events.extension import DomainEvents
 from celery_domain_events.inbox import AsyncInbox, Inbox
 from celery_domain_events.registry import (
     BATCH_ANNOTATIONS,
@@ -53,6 +56,8 @@ from celery_domain_events.retry import RetryPolicy
 from celery_domain_events.routing import validate_pattern, validate_word
 
 from .task import DomainEventTask
+
+log = logging.getLogger(__name__)
 
 __all__ = ["TASK_OPTIONS", "Handler", "domain_event_handler"]
 
@@ -374,3 +379,28 @@ def bind_task(app: Celery, spec: HandlerSpec) -> Task[Any, Any]:
     # the final outcome, once retries are spent.
     cast(DomainEventTask, task).guard_run()
     return task
+
+
+@celeryd_after_setup.connect(weak=False)
+def _warn_without_extension(instance: Any = None, **_: Any) -> None:
+    # Handler tasks are bound to every app, as @shared_task's are: an app without DomainEvents
+    # lists them in its banner and consumes none of their queues. (Sent once the worker's
+    # logging is set up.)
+    app = getattr(instance, "app", None)
+    if app is None:
+        return
+    try:
+        DomainEvents.of(app)
+    except ConfigurationError:
+        names = sorted(
+            task.handler_spec.name
+            for task in list(app.tasks.values())
+            if isinstance(task, DomainEventTask)
+        )
+        if names:
+            log.error(
+                "Celery app %r has domain event handlers (%s) but no DomainEvents, so this "
+                "worker consumes none of their queues: call DomainEvents(app, service=...)",
+                app.main,
+                ", ".join(names),
+            )
