@@ -197,3 +197,27 @@ def test_untyped_emit_refuses_data_that_is_not_a_mapping() -> None:
     with pytest.raises(EventDefinitionError, match=r"data is a mapping .* not list"):
         emit("programmer.untyped", [1, 2])  # type: ignore[arg-type]
     assert buffered() == []
+
+
+def test_a_handler_typed_for_events_its_patterns_never_match_fails_at_decoration() -> None:
+    registry = HandlerRegistry()
+
+    def orders(event: Declared) -> None: ...
+
+    with pytest.raises(
+        EventDefinitionError,
+        match=r"takes Declared \(programmer.declared\), which none of its patterns \(user\.\*\)",
+    ):
+        domain_event_handler("user.*", registry=registry)(orders)
+
+    def batch(events: list[Declared]) -> None: ...
+
+    with pytest.raises(EventDefinitionError, match="none of its patterns"):
+        domain_event_handler("user.*", batch=10, registry=registry)(batch)
+
+    def either(event: Declared | Named) -> None: ...
+
+    domain_event_handler("programmer.named", registry=registry)(either)  # one of them matches
+    domain_event_handler("programmer.#", registry=registry)(orders)
+    domain_event_handler("user.*", name="untyped", registry=registry)(lambda event: None)
+    assert len(registry.all()) == 3

@@ -53,7 +53,7 @@ from celery_domain_events.registry import (
     default_handlers,
 )
 from celery_domain_events.retry import RetryPolicy
-from celery_domain_events.routing import validate_pattern, validate_word
+from celery_domain_events.routing import matches, validate_pattern, validate_word
 
 from .task import DomainEventTask
 
@@ -227,7 +227,7 @@ def domain_event_handler(
                 f"{getattr(fn, '__qualname__', fn)!r} is an async generator function (it "
                 "yields); a handler is a plain or an async def function"
             )
-        _check_signature(fn, batch=batch_policy is not None)
+        _check_signature(fn, batch=batch_policy is not None, patterns=patterns)
         handler_name = name or fn.__name__
         validate_word(handler_name, "handler name")  # queue names are <service>.<handler>
         _check_inbox(fn, idempotent)
@@ -272,14 +272,17 @@ def _check_inbox(fn: Callable[..., Any], inbox: Any) -> None:
         )
 
 
-def _check_signature(fn: Callable[..., Any], *, batch: bool = False) -> None:
+def _check_signature(
+    fn: Callable[..., Any], *, batch: bool = False, patterns: tuple[str, ...] = ()
+) -> None:
     """Refuse, at decoration, a handler that cannot take one event (a batch handler: a list).
 
     Raises:
         EventDefinitionError: it does not take exactly one argument, or that argument is
             annotated with a type that is no event (for a batch handler: no ``list[E]`` of
-            an event type E). An unresolvable forward reference is let through: the worker
-            checks nothing more about it.
+            an event type E), or only with event classes none of ``patterns`` matches. An
+            unresolvable forward reference is let through: the worker checks nothing more
+            about it.
     """
     name = getattr(fn, "__qualname__", repr(fn))
     try:
@@ -298,11 +301,19 @@ def _check_signature(fn: Callable[..., Any], *, batch: bool = False) -> None:
         return
     if batch:
         _check_batch_annotation(name, first.name, annotation)
-        return
-    if not _is_event_type(annotation):
+        args = typing.get_args(annotation)
+        annotation = args[0] if len(args) == 1 else Any
+    elif not _is_event_type(annotation):
         raise EventDefinitionError(
             f"handler {name} takes {first.name}: {annotation!r}, which is no event type; "
             "annotate it with a DomainEvent subclass, GenericEvent, or a union of them"
+        )
+    named = _named_events(annotation)
+    if named and not any(matches(p, model.event_name) for model in named for p in patterns):
+        events = ", ".join(f"{m.__qualname__} ({m.event_name})" for m in named)
+        raise EventDefinitionError(
+            f"handler {name} takes {events}, which none of its patterns "
+            f"({', '.join(patterns)}) matches: it would receive other events, untyped"
         )
 
 
@@ -321,6 +332,28 @@ def _check_batch_annotation(name: str, argument: str, annotation: Any) -> None:
         "of events: annotate it list[E], with E a DomainEvent subclass, GenericEvent, or a "
         "union of them"
     )
+
+
+def _named_events(annotation: Any) -> list[type[DomainEvent]]:
+    # The event classes an annotation accepts, if it accepts only classes with an event_name
+    # (not GenericEvent, Any or an abstract base, which take events of any name).
+    members = (
+        typing.get_args(annotation)
+        if typing.get_origin(annotation) in (typing.Union, types.UnionType)
+        else (annotation,)
+    )
+    named: list[type[DomainEvent]] = []
+    for member in members:
+        if member is type(None):
+            continue
+        if not (
+            isinstance(member, type)
+            and issubclass(member, DomainEvent)
+            and isinstance(getattr(member, "event_name", None), str)
+        ):
+            return []
+        named.append(member)
+    return named
 
 
 def _is_event_type(annotation: Any) -> bool:
