@@ -36,6 +36,7 @@ def cli(worker: WorkerProcess, *args: str, check: bool = True) -> subprocess.Com
 
 def depths(worker: WorkerProcess) -> dict[str, Any]:
     listing = json.loads(cli(worker, "dlq", "list", "--json").stdout)
+    assert all("messages" not in row for row in listing)  # only with --messages
     return {row["handler"]: row["depth"] for row in listing}
 
 

@@ -6,6 +6,8 @@ import asyncio
 import inspect
 import os
 import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, ClassVar
@@ -221,3 +223,26 @@ def test_a_handler_typed_for_events_its_patterns_never_match_fails_at_decoration
     domain_event_handler("programmer.#", registry=registry)(orders)
     domain_event_handler("user.*", name="untyped", registry=registry)(lambda event: None)
     assert len(registry.all()) == 3
+
+
+@pytest.mark.parametrize(
+    ("script", "warned"),
+    [
+        ("emit('programmer.forgot', {'n': 1})", True),
+        ("emit('programmer.forgot', {'n': 1}); discard()", False),
+        ("pass", False),
+    ],
+)
+def test_a_process_that_exits_with_untransmitted_events_says_so(script: str, warned: bool) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", f"from celery_domain_events import emit, discard\n{script}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    expected = (
+        "1 event(s) emitted but never transmitted (the first: programmer.forgot); they are "
+        "dropped: call transmit(app) after your transaction commits, or emit inside scope(app)"
+    )
+    assert result.stderr.strip() == (expected if warned else "")

@@ -196,7 +196,9 @@ def list_(ctx: click.Context, handlers: tuple[str, ...], messages: bool, as_json
         click.echo(
             json.dumps(
                 [
-                    {"handler": h, "queue": q, "depth": c, "messages": [_summary(x) for x in ls]}
+                    # "messages" only with --messages: an empty list read as an empty DLQ.
+                    {"handler": h, "queue": q, "depth": c}
+                    | ({"messages": [_summary(x) for x in ls]} if messages else {})
                     for h, q, c, ls in rows
                 ],
                 indent=2,

@@ -6,7 +6,9 @@ buffer left open around a task never collects that task's events (see :mod:`.tas
 
 from __future__ import annotations
 
+import atexit
 import contextvars
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -126,6 +128,20 @@ def replace(pending: Buffer | None) -> None:
     current there becomes current here, as if it had run here.
     """
     _buffer.set(pending)
+
+
+@atexit.register
+def _warn_untransmitted() -> None:
+    # A script that emits and exits without transmit() would drop its events without a trace.
+    # Only the main thread's own context is visible here; threads and tasks end before.
+    pending = _buffer.get()
+    if pending:
+        logging.getLogger("celery_domain_events").warning(
+            "%d event(s) emitted but never transmitted (the first: %s); they are dropped: "
+            "call transmit(app) after your transaction commits, or emit inside scope(app)",
+            len(pending),
+            pending[0].event_name,
+        )
 
 
 def start(owner: Any = None) -> tuple[Buffer, contextvars.Token[Buffer | None]]:
