@@ -551,7 +551,7 @@ def consumer(
 
 up_v3 = handler("up_v3", "up.order.placed", PlacedV3)
 up_any = handler("up_any", "up.order.*")
-up_shipped = handler("up_shipped", "up.order.shipped", PlacedV3)
+up_shipped = handler("up_shipped", "up.order.shipped")
 
 
 def test_check_reports_a_version_a_bound_handler_cannot_decode() -> None:

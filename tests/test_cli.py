@@ -162,8 +162,8 @@ def test_an_invalid_setting_is_a_one_line_usage_error(
     worker = worker_process(["flaky"], TEST_DELIVERY_LIMIT="3")
     result = cli(worker, *command, check=False)
     assert result.returncode == 2, result.stdout + result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert lines[-1] == (
+    [line] = [line for line in result.stderr.splitlines() if line.strip()]
+    assert line == (
         "Error: invalid domain events settings: domain_events_delivery_limit needs "
         "domain_events_queue_type='quorum' (classic queues have no delivery limit)"
     ), result.stderr

@@ -195,12 +195,12 @@ def test_the_session_exists_only_inside_a_run() -> None:
 def test_an_inbox_that_cannot_serve_the_handler_is_refused_at_decoration() -> None:
     with pytest.raises(ConfigurationError, match="has no claim"):
 
-        @domain_event_handler("ib.x", idempotent=object())  # type: ignore[arg-type]
+        @domain_event_handler("ib.#", idempotent=object())  # type: ignore[arg-type]
         def not_an_inbox(event: InboxOrder) -> None: ...
 
     with pytest.raises(ConfigurationError, match="has no aclaim"):
 
-        @domain_event_handler("ib.x", idempotent=INBOX)
+        @domain_event_handler("ib.#", idempotent=INBOX)
         async def sync_inbox_for_async(event: InboxOrder) -> None: ...
 
 

@@ -40,16 +40,20 @@ def extension_of(ctx: click.Context) -> DomainEvents:
     """Return the ``DomainEvents`` of the app ``celery -A`` named, its handlers imported.
 
     Raises:
-        click.UsageError: the app has no ``DomainEvents``, or its settings are invalid.
+        click.UsageError: the app has no ``DomainEvents``.
+        InvalidSettings: its settings are invalid.
     """
     app: Celery = ctx.obj.app
     # Handlers register when their modules are imported, as the worker does on start.
     app.loader.import_default_modules()
     try:
         ext = DomainEvents.of(app)
-        ext.settings  # noqa: B018 (read now: an invalid setting is a usage error, in one line)
     except DomainEventsError as exc:
-        raise click.UsageError(str(exc)) from None
+        raise click.UsageError(str(exc)) from exc
+    try:
+        ext.settings  # noqa: B018 (read now: an invalid setting is one line, exit 2)
+    except DomainEventsError as exc:
+        raise InvalidSettings(str(exc)) from None
     return ext
 
 
@@ -68,6 +72,12 @@ class BrokerUnreachable(click.ClickException):
     """The broker could not be reached within the publish deadline, or refused the login."""
 
     exit_code = EXIT_BROKER
+
+
+class InvalidSettings(click.ClickException):
+    """The app's domain-events settings are invalid (the message says which and why)."""
+
+    exit_code = EXIT_USAGE
 
 
 class UnreadableInput(click.ClickException):
