@@ -253,6 +253,22 @@ class WorkerProcess:
     def log(self) -> str:
         return read_log(self.log_path)
 
+    def celery(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """Run ``celery -A tests.worker_app ARGS`` with this worker's environment."""
+        result = subprocess.run(
+            [sys.executable, "-m", "celery", "-A", "tests.worker_app", *args],
+            cwd=ROOT,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
+        if check:
+            assert result.returncode == 0, result.stdout + result.stderr
+        return result
+
     def kill(self) -> None:
         """SIGKILL the worker and its pool processes (a power cut, not a shutdown)."""
         assert self.proc is not None

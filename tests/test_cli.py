@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -13,25 +12,13 @@ from kombu import Connection
 
 from celery_domain_events import emit, transmit
 
-from .conftest import ROOT, Topology, WorkerProcess, wait_for
+from .conftest import Topology, WorkerProcess, wait_for
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.worker, pytest.mark.slow]
 
 
 def cli(worker: WorkerProcess, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(
-        [sys.executable, "-m", "celery", "-A", "tests.worker_app", "domain-events", *args],
-        cwd=ROOT,
-        env=worker.env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
-    if check:
-        assert result.returncode == 0, result.stdout + result.stderr
-    return result
+    return worker.celery("domain-events", *args, check=check)
 
 
 def depths(worker: WorkerProcess) -> dict[str, Any]:

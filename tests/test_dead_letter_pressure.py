@@ -8,8 +8,6 @@ dead letter whose confirm timed out are listed once and removed together.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -20,7 +18,7 @@ from kombu import Connection
 
 from celery_domain_events.consuming.bootstep import HOLD_FIRST_SECONDS
 
-from .conftest import ROOT, Topology, WorkerProcess, unwritable_dlq, wait_for
+from .conftest import Topology, WorkerProcess, unwritable_dlq, wait_for
 from .test_cli import cli
 from .test_untrusted import POOLS, envelope, publish
 
@@ -109,26 +107,7 @@ def test_a_refused_poison_dead_letter_holds_only_its_queue(
 
 
 def subprocess_control(worker: WorkerProcess, *args: str) -> None:
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "tests.worker_app",
-            "control",
-            *args,
-            "-d",
-            worker.hostname,
-        ],
-        cwd=ROOT,
-        env=worker.env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    worker.celery("control", *args, "-d", worker.hostname)
 
 
 @pytest.fixture

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections.abc import Callable
 
 import pytest
@@ -15,7 +13,7 @@ from celery_domain_events.config import Settings
 from celery_domain_events.ops.rabbitmq_api import ManagementClient
 from celery_domain_events.urls import RedactedURL, default_management_url, redact
 
-from .conftest import ROOT, WorkerProcess
+from .conftest import WorkerProcess
 from .test_untrusted import POOLS
 
 
@@ -69,16 +67,7 @@ def test_celery_report_masks_every_password(
         TEST_MANAGEMENT_URL="http://admin:m4nagement@127.0.0.1:15672",
         TEST_BROKER_URL=f"{broker_url};{broker_url.replace('guest:guest', 'guest:f4ilover')}",
     )
-    result = subprocess.run(
-        [sys.executable, "-m", "celery", "-A", "tests.worker_app", "report"],
-        cwd=ROOT,
-        env=worker.env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
+    result = worker.celery("report")
     assert "domain_events_management_url" in result.stdout
     assert "m4nagement" not in result.stdout + result.stderr
     assert "f4ilover" not in result.stdout + result.stderr
@@ -93,19 +82,9 @@ def test_inspect_conf_of_a_running_worker_masks_the_management_password(
     worker = worker_process(
         ["typed_or_not"], TEST_MANAGEMENT_URL="http://admin:m4nagement@127.0.0.1:15672"
     ).start(*POOLS["solo"])
-    result = subprocess.run(
-        [
-            *(sys.executable, "-m", "celery", "-A", "tests.worker_app", "inspect", "conf"),
-            *("--destination", worker.hostname, "--json", "--timeout", "10"),
-        ],
-        cwd=ROOT,
-        env=worker.env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+    result = worker.celery(
+        "inspect", "conf", "--destination", worker.hostname, "--json", "--timeout", "10"
     )
-    assert result.returncode == 0, result.stdout + result.stderr
     [conf] = json.loads(result.stdout).values()
     assert conf["domain_events_management_url"] == "'http://admin:********@127.0.0.1:15672/'"
     assert "m4nagement" not in result.stdout + result.stderr
