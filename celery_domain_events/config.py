@@ -208,6 +208,7 @@ class Settings(BaseModel):
         for name in overrides:
             if name not in cls.model_fields:
                 raise ConfigurationError(f"unknown DomainEvents option {name!r}")
+            given_as[name] = f"DomainEvents({name}=...)"
         values.update(overrides)
         try:
             return cls.model_validate(values)

@@ -327,6 +327,11 @@ class DomainEvents:
             raise ConfigurationError(f"unknown handler(s): {', '.join(missing)}")
         return [known[n] for n in sorted(set(self._handler_names))]
 
+    @staticmethod
+    def installed_anywhere() -> bool:
+        """Whether any Celery app of this process has a ``DomainEvents``."""
+        return bool(_installed)
+
     def _consume_only(self, names: Iterable[str]) -> None:
         # A worker started with -Q naming handler queues runs those handlers only.
         self._handler_names = sorted(set(names))

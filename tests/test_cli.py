@@ -169,16 +169,23 @@ def test_an_unknown_reason_is_a_usage_error_not_an_empty_selection(
     assert "Reasons: retries-exhausted, rejected, poison, or broker:<why>" in result.stderr
 
 
-@pytest.mark.parametrize("with_task_queue", [False, True])
+@pytest.mark.parametrize(
+    ("with_task_queue", "missing_queues"), [(False, True), (True, True), (True, False)]
+)
 def test_a_worker_given_handler_queues_with_q_runs_only_those_handlers(
-    topology: Topology, worker_process: Callable[..., WorkerProcess], with_task_queue: bool
+    topology: Topology,
+    worker_process: Callable[..., WorkerProcess],
+    with_task_queue: bool,
+    missing_queues: bool,
 ) -> None:
     # Celery declared a -Q queue as a plain task queue, which RabbitMQ refused (its
-    # dead-letter arguments differ), and the worker stopped.
-    worker = worker_process(["flaky", "sibling"])
+    # dead-letter arguments differ), and the worker stopped; with task_create_missing_queues
+    # off, Celery refused the name at once.
+    env = {} if missing_queues else {"TEST_NO_MISSING_QUEUES": "1"}
+    worker = worker_process(["flaky", "sibling"], **env)
     queues = [worker.queue("sibling"), *([topology.tasks] if with_task_queue else [])]
     worker.start("-P", "solo", "-Q", ",".join(queues))
-    assert "runs only their handlers" in worker.log()
+    assert "this worker runs sibling" in worker.log()
     event = emit("probe.retry", {"n": 1})
     transmit(topology.app("pub"))
     wait_for(lambda: bool(worker.marker_lines("sibling", event.event_id)), timeout=30)
@@ -189,3 +196,17 @@ def test_a_worker_given_handler_queues_with_q_runs_only_those_handlers(
     # No stray exchange named after the queue, as Celery declares for a queue of its own.
     with Connection(topology.broker_url) as conn, pytest.raises(conn.channel_errors):
         conn.channel().exchange_declare(worker.queue("sibling"), "direct", passive=True)
+
+
+@pytest.mark.parametrize("with_q", [False, True])
+def test_a_worker_given_a_handler_queue_with_x_runs_the_other_handlers(
+    topology: Topology, worker_process: Callable[..., WorkerProcess], with_q: bool
+) -> None:
+    worker = worker_process(["flaky", "sibling"])
+    selection = ("-Q", topology.tasks) if with_q else ()
+    worker.start("-P", "solo", *selection, "-X", worker.queue("flaky"))
+    assert "this worker runs sibling" in worker.log()
+    event = emit("probe.retry", {"n": 1})
+    transmit(topology.app("pub"))
+    wait_for(lambda: bool(worker.marker_lines("sibling", event.event_id)), timeout=30)
+    assert worker.marker_lines("flaky", event.event_id) == []

@@ -206,6 +206,9 @@ def test_a_settings_error_never_shows_a_value() -> None:
         )
     assert "domain_events_management_url: Input should be a valid string" in str(info.value)
     assert "s3cret" not in str(info.value)
+    with pytest.raises(cde.ConfigurationError) as info:
+        Settings.from_conf({"domain_events_publish_timeout": 5}, service="s", publish_timeout=-1)
+    assert "DomainEvents(publish_timeout=...): Input should be greater than 0" in str(info.value)
     quorum = {"domain_events_queue_type": "quorum", "domain_events_delivery_limit": 3}
     assert Settings.from_conf(quorum, service="s").delivery_limit == 3
     assert (

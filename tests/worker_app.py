@@ -57,6 +57,8 @@ app.conf.update(
     if os.environ.get("TEST_DELIVERY_LIMIT")
     else None,
 )
+if os.environ.get("TEST_NO_MISSING_QUEUES"):  # tests/test_cli.py: -Q with handler queues
+    app.conf.task_create_missing_queues = False
 if os.environ.get("TEST_UNROUTED_MAX"):
     app.conf.domain_events_unrouted_max_length = int(os.environ["TEST_UNROUTED_MAX"])
 if os.environ.get("TEST_MANAGEMENT_URL"):

@@ -57,6 +57,7 @@ from celery_domain_events.wire.topology import transient_instance
 
 from . import dead_letter, exposition
 from .delivery import to_batch_task_message, to_task_message
+from .queue_options import select_handlers
 from .task import on_refused_dead_letter
 
 __all__ = ["DomainEventsStep", "DomainEventsTopology"]
@@ -619,32 +620,6 @@ def _bind_for_native_delay(ext: DomainEvents, connection: Any) -> None:
             )
 
 
-def _select_by_queue_option(ext: DomainEvents) -> None:
-    """``-Q`` naming handler queues: this worker runs those handlers only.
-
-    Celery has applied ``-Q`` by now (the worker builds its steps after selecting its queues)
-    and would consume a handler queue named there as a task queue: declared without its
-    dead-letter arguments, which RabbitMQ refuses, so the worker stopped. The handler queues
-    leave Celery's selection; the handlers they belong to are the ones this worker consumes
-    (with their DLQs, retries and bootstep as always). ``-Q`` naming no handler queue changes
-    nothing: every handler runs.
-    """
-    queues = ext.app.amqp.queues
-    selected = queues.consume_from
-    by_queue = {ext.topology.handler_queue_name(spec): spec.name for spec in ext.handlers}
-    named = [name for name in list(selected) if name in by_queue]
-    if not named:
-        return
-    queues.deselect(named)
-    for name in named:
-        queues.pop(name, None)  # never declared by Celery (nor its exchange)
-    ext._consume_only(by_queue[name] for name in named)
-    log.info(
-        "Domain events: -Q names handler queue(s) %s: this worker runs only their handlers",
-        ", ".join(named),
-    )
-
-
 class DomainEventsTopology(bootsteps.StartStopStep):
     """Worker step: declare the topology before the consumer blueprint starts.
 
@@ -659,7 +634,7 @@ class DomainEventsTopology(bootsteps.StartStopStep):
         # Steps are built before the pool forks: what its processes must inherit is set here.
         try:
             ext = DomainEvents.of(parent.app)
-            _select_by_queue_option(ext)
+            select_handlers(ext)
             exposition.prepare(ext)
         except ConfigurationError as exc:
             raise SystemExit(f"Error: {exc}") from None

@@ -42,7 +42,7 @@ from celery.signals import celeryd_after_setup
 
 from celery_domain_events import _compat
 from celery_domain_events.batching import Batch
-from celery_domain_events.events import DomainEvent, GenericEvent
+from celery_domain_events.events import DomainEvent, GenericEvent, default_events
 from celery_domain_events.exceptions import ConfigurationError, EventDefinitionError
 from celery_domain_events.extension import DomainEvents
 from celery_domain_events.inbox import AsyncInbox, Inbox
@@ -55,6 +55,7 @@ from celery_domain_events.registry import (
 from celery_domain_events.retry import RetryPolicy
 from celery_domain_events.routing import matches, validate_pattern, validate_word
 
+from . import queue_options  # noqa: F401 (connects the worker's -Q/-X handling)
 from .task import DomainEventTask
 
 log = logging.getLogger(__name__)
@@ -309,11 +310,19 @@ def _check_signature(
             "annotate it with a DomainEvent subclass, GenericEvent, or a union of them"
         )
     named = _named_events(annotation)
-    if named and not any(matches(p, model.event_name) for model in named for p in patterns):
+    # A model declared so far that the patterns match and the annotation takes (a subclass of
+    # an annotated event class counts) makes the annotation right.
+    receivable = [
+        model
+        for model in [*named, *default_events.all()]
+        if any(matches(p, model.event_name) for p in patterns) and issubclass(model, tuple(named))
+    ]
+    if named and not receivable:
         events = ", ".join(f"{m.__qualname__} ({m.event_name})" for m in named)
         raise EventDefinitionError(
             f"handler {name} takes {events}, which none of its patterns "
-            f"({', '.join(patterns)}) matches: it would receive other events, untyped"
+            f"({', '.join(patterns)}) matches: it would receive other events, untyped; "
+            "annotate it with the event classes it receives"
         )
 
 
@@ -349,7 +358,7 @@ def _named_events(annotation: Any) -> list[type[DomainEvent]]:
         if not (
             isinstance(member, type)
             and issubclass(member, DomainEvent)
-            and isinstance(getattr(member, "event_name", None), str)
+            and "event_name" in vars(member)  # its own, as models are registered
         ):
             return []
         named.append(member)
@@ -422,18 +431,18 @@ def _warn_without_extension(instance: Any = None, **_: Any) -> None:
     app = getattr(instance, "app", None)
     if app is None:
         return
-    try:
-        DomainEvents.of(app)
-    except ConfigurationError:
-        names = sorted(
-            task.handler_spec.name
-            for task in list(app.tasks.values())
-            if isinstance(task, DomainEventTask)
+    if DomainEvents.installed_anywhere():
+        return  # another app of this process runs them; this one only shares the modules
+    names = sorted(
+        task.handler_spec.name
+        for task in list(app.tasks.values())
+        if isinstance(task, DomainEventTask)
+    )
+    if names:
+        log.warning(
+            "Celery app %r has domain event handlers (%s) but no DomainEvents, so this worker "
+            "consumes none of their queues: if it should run them, call "
+            "DomainEvents(app, service=...)",
+            app.main,
+            ", ".join(names),
         )
-        if names:
-            log.error(
-                "Celery app %r has domain event handlers (%s) but no DomainEvents, so this "
-                "worker consumes none of their queues: call DomainEvents(app, service=...)",
-                app.main,
-                ", ".join(names),
-            )

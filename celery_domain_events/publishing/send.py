@@ -8,16 +8,16 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 from pydantic import ValidationError
-from pydantic_core import PydanticSerializationError, to_json
+from pydantic_core import PydanticSerializationError, from_json, to_json
 
 from celery_domain_events import metrics, tracing
 from celery_domain_events.config import ContentMode, KeyFormat
 from celery_domain_events.events import (
-    METADATA_FIELDS,
     AnyEvent,
     DomainEvent,
     GenericEvent,
     default_events,
+    input_keys,
     validation_summary,
 )
 from celery_domain_events.exceptions import EventDefinitionError, PublishError
@@ -90,7 +90,10 @@ def _check_declared(event: GenericEvent) -> None:
     model = default_events.get(event.event_name, event.event_version)
     if model is None:
         return
-    fields = {k: v for k, v in event.data.items() if k not in METADATA_FIELDS}
+    # As a consumer reads it: the JSON the data becomes (a UUID is a string there), and only
+    # the keys the model reads (a producer may add fields before its consumers know them).
+    keys = input_keys(model)
+    fields = {k: v for k, v in from_json(to_json(event.data)).items() if k in keys}
     try:
         model.__pydantic_validator__.validate_python(fields)
     except ValidationError as exc:
