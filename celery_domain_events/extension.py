@@ -56,14 +56,19 @@ def _on_configure(sender: Celery, **_: Any) -> None:
     # domain_events_publish_timeout. Turning confirm_publish on for all of Celery made a
     # worker's heartbeat wait for a confirm without a deadline, and a broker memory alarm
     # stopped every handler of the worker until it cleared.
+    _mask_urls(sender)
+
+
+def _mask_urls(app: Celery) -> None:
     # Celery's report and inspect conf mask only the settings they know: hide our URL's
-    # password from them too.
-    for key in [k for k in list(sender.conf) if isinstance(k, str)]:
-        if setting_name(key, getattr(sender, "namespace", None)) != "management_url":
+    # password from them too. Also when the settings are read, for a URL set after the app
+    # was configured.
+    for key in [k for k in list(app.conf) if isinstance(k, str)]:
+        if setting_name(key, getattr(app, "namespace", None)) != "management_url":
             continue
-        url = sender.conf.get(key)
+        url = app.conf.get(key)
         if isinstance(url, str):
-            sender.conf[key] = RedactedURL(url)
+            app.conf[key] = RedactedURL(url)
 
 
 def _published(publishes: Iterable[Any], events: EventRegistry) -> tuple[type[DomainEvent], ...]:
@@ -307,6 +312,7 @@ class DomainEvents:
     @cached_property
     def settings(self) -> Settings:
         """The validated settings (read from ``app.conf`` on first access)."""
+        _mask_urls(self.app)
         return Settings.from_conf(
             self.app.conf, namespace=getattr(self.app, "namespace", None), **self._overrides
         )

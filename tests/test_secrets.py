@@ -89,3 +89,17 @@ def test_inspect_conf_of_a_running_worker_masks_the_management_password(
     assert conf["domain_events_management_url"] == "'http://admin:********@127.0.0.1:15672/'"
     assert "m4nagement" not in result.stdout + result.stderr
     assert "m4nagement" not in worker.log()
+
+
+def test_a_management_url_set_after_the_app_was_configured_is_masked_once_read() -> None:
+    from celery.utils.serialization import jsonify
+
+    app = Celery("late", set_as_current=False)
+    DomainEvents(app, service="late")
+    app.conf.broker_url  # noqa: B018 (configures the app)
+    app.conf.domain_events_management_url = "http://u:l4te@h:15672"
+    assert DomainEvents.of(app).settings.management_url == "http://u:l4te@h:15672"
+    # What a worker's `inspect conf` sends (celery.worker.control.conf), and `celery report`.
+    sent = json.dumps(jsonify(app.conf.table(), unknown_type_filter=repr))
+    assert "l4te" not in sent
+    assert "l4te" not in app.conf.humanize()
