@@ -220,15 +220,16 @@ class Settings(BaseModel):
 
 
 def _problem(error: Any, given_as: Mapping[str, str]) -> str:
+    message = str(error["msg"]).removeprefix("Value error, ")
     field = str(error["loc"][0]) if error["loc"] else ""
     if not field:  # a rule across settings: its message names them
-        return str(error["msg"]).removeprefix("Value error, ")
+        return message
     key = given_as.get(field, PREFIX + field)
     if error["type"] == "missing":
         return f"{key} is required" + (
             ' (DomainEvents(app, service="billing"), or the setting)' if field == "service" else ""
         )
-    return f"{key}: {str(error['msg']).removeprefix('Value error, ')}"
+    return f"{key}: {message}"
 
 
 #: ``DOMAIN_EVENTS_*`` names that are not settings of ours but Django settings read elsewhere

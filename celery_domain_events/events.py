@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import Any, ClassVar
@@ -36,6 +36,7 @@ __all__ = [
     "GenericEvent",
     "default_events",
     "input_keys",
+    "readable",
     "utcnow",
     "validation_summary",
 ]
@@ -116,6 +117,15 @@ def input_keys(model: type[DomainEvent]) -> frozenset[str]:
             if isinstance(alias, str):
                 keys.add(alias)
     return frozenset(keys - METADATA_FIELDS)
+
+
+def readable(model: type[DomainEvent], data: Mapping[str, Any]) -> dict[str, Any]:
+    """Return the part of an event's ``data`` that ``model`` reads (:func:`input_keys`).
+
+    What every reader keeps: the rest is ignored, not refused.
+    """
+    keys = input_keys(model)
+    return {k: v for k, v in data.items() if k in keys}
 
 
 def validation_summary(exc: ValidationError) -> str:

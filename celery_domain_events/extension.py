@@ -339,7 +339,7 @@ class DomainEvents:
         return bool(_installed)
 
     def _consume_only(self, names: Iterable[str]) -> None:
-        # A worker started with -Q naming handler queues runs those handlers only.
+        # A worker whose -Q or -X names handler queues runs only these handlers.
         self._handler_names = sorted(set(names))
 
     @property

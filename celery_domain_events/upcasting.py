@@ -31,7 +31,7 @@ from typing import Any, TypeVar, overload
 
 from pydantic import ValidationError
 
-from .events import DomainEvent, EventRegistry, input_keys, validation_summary
+from .events import DomainEvent, EventRegistry, readable, validation_summary
 from .exceptions import (
     ConfigurationError,
     EventValidationError,
@@ -248,8 +248,7 @@ def _typed_step(fn: Callable[..., Any]) -> Upcaster:
         )
 
     def step(data: dict[str, Any]) -> dict[str, Any]:
-        keys = input_keys(source)
-        old = source.model_validate({k: v for k, v in data.items() if k in keys})
+        old = source.model_validate(readable(source, data))
         new = fn(old)
         if not isinstance(new, target):
             raise TypeError(f"returned {type(new).__name__}, not {target.__name__}")

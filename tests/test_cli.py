@@ -190,6 +190,7 @@ def test_a_worker_given_handler_queues_with_q_runs_only_those_handlers(
     transmit(topology.app("pub"))
     wait_for(lambda: bool(worker.marker_lines("sibling", event.event_id)), timeout=30)
     assert worker.marker_lines("flaky", event.event_id) == []  # not this worker's handler
+    assert not queue_exists(topology, worker.queue("flaky"))  # nor declared by it
     assert worker.proc is not None
     assert worker.proc.poll() is None
     assert "PRECONDITION_FAILED" not in worker.log()
@@ -210,3 +211,13 @@ def test_a_worker_given_a_handler_queue_with_x_runs_the_other_handlers(
     transmit(topology.app("pub"))
     wait_for(lambda: bool(worker.marker_lines("sibling", event.event_id)), timeout=30)
     assert worker.marker_lines("flaky", event.event_id) == []
+    assert not queue_exists(topology, worker.queue("flaky"))
+
+
+def queue_exists(topology: Topology, name: str) -> bool:
+    with Connection(topology.broker_url) as conn:
+        try:
+            conn.channel().queue_declare(name, passive=True)
+        except conn.channel_errors:
+            return False
+        return True

@@ -29,6 +29,7 @@ A batch handler (``batch=``) takes a list of events and runs as one Celery task 
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 import types
@@ -81,19 +82,11 @@ _DEFAULT_RETRY = RetryPolicy()
 #: Celery's retry options, and RetryPolicy's own names, given to the decorator by mistake.
 _RETRY_OPTIONS = frozenset(
     {
-        "max_retries",
-        "autoretry_for",
+        *RetryPolicy().task_options(),
+        *(field.name for field in dataclasses.fields(RetryPolicy)),
         "dont_autoretry_for",
-        "retry_backoff",
-        "retry_backoff_max",
-        "retry_jitter",
         "default_retry_delay",
         "retry_kwargs",
-        "dont_retry_for",
-        "backoff",
-        "backoff_max",
-        "jitter",
-        "countdown",
     }
 )
 

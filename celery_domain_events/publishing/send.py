@@ -17,7 +17,7 @@ from celery_domain_events.events import (
     DomainEvent,
     GenericEvent,
     default_events,
-    input_keys,
+    readable,
     validation_summary,
 )
 from celery_domain_events.exceptions import EventDefinitionError, PublishError
@@ -92,10 +92,9 @@ def _check_declared(event: GenericEvent) -> None:
         return
     # As a consumer reads it: the JSON the data becomes (a UUID is a string there), and only
     # the keys the model reads (a producer may add fields before its consumers know them).
-    keys = input_keys(model)
-    fields = {k: v for k, v in from_json(to_json(event.data)).items() if k in keys}
+    read = readable(model, from_json(to_json(event.data)))
     try:
-        model.__pydantic_validator__.validate_python(fields)
+        model.__pydantic_validator__.validate_python(read)
     except ValidationError as exc:
         # Not chained: pydantic's own text repeats the data's values.
         raise EventDefinitionError(

@@ -26,7 +26,7 @@ from celery_domain_events.events import (
     AnyEvent,
     DomainEvent,
     GenericEvent,
-    input_keys,
+    readable,
     validation_summary,
 )
 from celery_domain_events.exceptions import (
@@ -401,9 +401,7 @@ def to_event(
             f"{envelope.type!r} v{envelope.eventversion} (id {envelope.id}) fails validation: "
             f"data must be a JSON object, got {type(data).__name__}"
         )
-    known_keys = input_keys(model)
-    fields = {k: v for k, v in data.items() if k in known_keys}
-    return _validated(model, {**fields, **metadata}, envelope, version, via)
+    return _validated(model, {**readable(model, data), **metadata}, envelope, version, via)
 
 
 def _validated(
